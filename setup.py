@@ -1,0 +1,19 @@
+from setuptools import setup
+
+# kernels/ and bench/ sit at the repo root but install as steerops.kernels and
+# steerops.bench: top-level "kernels" and "bench" are taken on PyPI.
+setup(
+    name="steerops",
+    version="0.1.0",
+    description="Fused Triton kernels for steering vectors and activation patching",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["steerops", "steerops.kernels", "steerops.bench"],
+    package_dir={"steerops": "steerops", "steerops.kernels": "kernels", "steerops.bench": "bench"},
+    install_requires=["torch>=2.5", "triton>=3.2", "numpy"],
+    extras_require={
+        "hf": ["transformers>=4.40", "safetensors", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "safetensors", "tqdm"],
+    },
+)

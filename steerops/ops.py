@@ -1,0 +1,220 @@
+"""Public ops: steer, steer_, patch, patch_, intervene (SPEC.md sections 1-3)."""
+import torch
+
+from . import _custom_ops as cops
+from . import validation as V
+from .reference import compute_dtype
+
+_STEER_DOC_MATH = """
+    Per selected row, with h = hidden + residual (the add is fused),
+    u = v / ||v|| and a = alpha for that row:
+
+        mode          out
+        add           h + a v                 (v not normalised)
+        norm_scaled   h + a ||h|| u           (strength relative to the token's norm)
+        ablate        h - a (h.u) u           (a = 1 removes the direction)
+        clamp         h + (a - h.u) u         (sets the component along u to a)
+
+    Rows outside ``mask`` get h unchanged. Computed in fp32 (fp64 for fp64
+    inputs), stored in hidden's dtype. Differentiable in hidden, residual,
+    vector and alpha (deterministic reductions for vector and alpha).
+"""
+
+
+def _steer_call(hidden, vector, alpha, mode, residual, mask, vector_index):
+    V.check_hidden(hidden)
+    V.check_residual(residual, hidden)
+    checks = V.ValueChecks()
+    vec, alpha_rows, alpha_scalar, mask, vidx = V.steer_args(
+        hidden, vector, alpha, mode, residual, mask, vector_index, checks)
+    checks.run()
+    D = hidden.shape[-1]
+    x = V.rows_2d("hidden", hidden, D)
+    res = None if residual is None else V.rows_2d("residual", residual, D)
+    return x, (res, None, None, None, vec, alpha_rows, alpha_scalar, mask, vidx, mode)
+
+
+def steer(hidden, vector, alpha=1.0, *, mode="add", residual=None, mask=None, vector_index=None):
+    """Steer hidden states along a direction; returns a new tensor.
+
+    Args:
+        hidden: (..., D) float16/bfloat16/float32/float64.
+        vector: (D,) or (K, D) steering vector(s).
+        alpha: float, 0-d tensor, or a tensor of shape hidden.shape[:-1] / (N,)
+            (per-row strength, e.g. an alpha sweep in one batch). May require grad.
+        mode: 'add', 'norm_scaled', 'ablate' or 'clamp'.
+        residual: optional tensor like hidden, added first (fused).
+        mask: optional bool tensor over rows (hidden.shape[:-1] or (N,)).
+        vector_index: (N,) integer, row -> vector row; required when K > 1.
+    """
+    x, args = _steer_call(hidden, vector, alpha, mode, residual, mask, vector_index)
+    return cops.intervene_op(x, *args).view(hidden.shape)
+
+
+steer.__doc__ += _STEER_DOC_MATH
+
+
+def _reject_grad(name, *tensors):
+    if torch.is_grad_enabled() and any(t is not None and isinstance(t, torch.Tensor)
+                                       and t.requires_grad for t in tensors):
+        raise RuntimeError(f"steerops.{name} works in place and does not record gradients; "
+                           f"use steerops.{name.rstrip('_')} (out of place) or torch.no_grad()")
+
+
+def _inplace_rows(hidden):
+    """(N, D) view of hidden that shares its memory, or None when impossible."""
+    D = hidden.shape[-1]
+    try:
+        rows = hidden.view(-1, D)
+    except RuntimeError:
+        return None
+    return rows if rows.stride(-1) == 1 else None
+
+
+def steer_(hidden, vector, alpha=1.0, *, mode="add", residual=None, mask=None, vector_index=None):
+    """In-place :func:`steer`: writes the result into ``hidden`` and returns it.
+
+    For inference hooks (no autograd): raises if grad mode is on and any input
+    requires grad.
+    """
+    _reject_grad("steer_", hidden, vector, alpha, residual)
+    x, args = _steer_call(hidden, vector, alpha, mode, residual, mask, vector_index)
+    rows = _inplace_rows(hidden)
+    if rows is None:  # not viewable as rows: compute out of place, copy back
+        hidden.copy_(cops.intervene_op(x, *args).view(hidden.shape))
+    else:
+        cops.intervene_inplace_op(rows, *args)
+    return hidden
+
+
+steer_.__doc__ += _STEER_DOC_MATH
+
+_PATCH_DOC_MATH = """
+    Site m copies source row s = src_index[m] into hidden row d = dst_index[m]
+    (h = hidden + residual when residual is given; w = weight[m], default 1;
+    u = direction / ||direction||):
+
+        variant     out[d]
+        full        (1 - w) h + w s
+        direction   h + w ((s - h).u) u
+
+    Rows not named in dst_index pass through. The kernel's grid runs over the
+    M sites, so work scales with M, not with N. Differentiable in hidden,
+    residual and source (source gradients summed deterministically when several
+    sites read one row); no gradient for weight, direction or the indices.
+"""
+
+
+def _patch_call(hidden, source, dst_index, src_index, weight, direction, residual):
+    checks = V.ValueChecks()
+    src_rows, dst, src, w, u = V.patch_args(hidden, source, dst_index, src_index, weight,
+                                            direction, residual, checks)
+    checks.run()
+    D = hidden.shape[-1]
+    x = V.rows_2d("hidden", hidden, D)
+    res = None if residual is None else V.rows_2d("residual", residual, D)
+    return x, src_rows, dst, src, w, u, res
+
+
+def patch(hidden, source, dst_index, src_index, *, weight=None, direction=None, residual=None):
+    """Batched multi-site activation patching; returns a new tensor.
+
+    Args:
+        hidden: (N, D) or (B, T, D), viewed as N rows.
+        source: (M_src, D) or (B_src, T, D) rows to copy from (e.g. a clean cache).
+        dst_index, src_index: (M,) integer row indices, one pair per site;
+            dst_index must not repeat.
+        weight: optional (M,) in [0, 1] (interpolated patching).
+        direction: optional (D,): patch only the component along it.
+        residual: optional tensor like hidden, added first.
+    """
+    x, src_rows, dst, src, w, u, res = _patch_call(hidden, source, dst_index, src_index, weight,
+                                                   direction, residual)
+    return cops.patch_op(x, src_rows, dst, src, w, u, res).view(hidden.shape)
+
+
+patch.__doc__ += _PATCH_DOC_MATH
+
+
+def _shares_memory(a, b):
+    if torch.compiler.is_compiling():
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def patch_(hidden, source, dst_index, src_index, *, weight=None, direction=None, residual=None):
+    """In-place :func:`patch` on ``hidden``; returns it. Moves only the M sites'
+    rows (plus one pass for the residual add when given). No autograd."""
+    _reject_grad("patch_", hidden, source, residual)
+    x, src_rows, dst, src, w, u, res = _patch_call(hidden, source, dst_index, src_index, weight,
+                                                   direction, residual)
+    if _shares_memory(src_rows, hidden):  # sites would read rows other sites already wrote
+        src_rows = src_rows.clone()
+    rows = _inplace_rows(hidden)
+    if rows is None:
+        hidden.copy_(cops.patch_op(x, src_rows, dst, src, w, u, res).view(hidden.shape))
+    else:
+        cops.patch_inplace_op(rows, src_rows, dst, src, w, u, res)
+    return hidden
+
+
+patch_.__doc__ += _PATCH_DOC_MATH
+
+
+def intervene(hidden, *, residual=None, source=None, patch_src=None, patch_weight=None,
+              vector=None, alpha=1.0, mode="add", mask=None, vector_index=None):
+    """Residual add -> patch -> steer in one read and one write of each row.
+
+    Args:
+        hidden: (..., D).
+        residual: optional, like hidden; added first.
+        source: rows to patch from ((M_src, D) or (..., D)); needs patch_src.
+        patch_src: (N,) or hidden.shape[:-1] integer: source row for each hidden
+            row, -1 for none.
+        patch_weight: optional per-row weight in [0, 1] (default 1).
+        vector, alpha, mode, mask, vector_index: as in :func:`steer`; steering
+            is skipped when vector is None.
+
+    Per row: h = hidden + residual; if patch_src >= 0: h = (1 - w) h + w s;
+    then the steering of :func:`steer` on h. Differentiable in hidden,
+    residual, source, vector and alpha.
+    """
+    V.check_hidden(hidden)
+    V.check_residual(residual, hidden)
+    D = hidden.shape[-1]
+    N = hidden.numel() // D if D else 0
+    checks = V.ValueChecks()
+    src_rows = psrc = pw = None
+    if (source is None) != (patch_src is None):
+        raise ValueError("source and patch_src go together: give both to patch, or neither")
+    if patch_weight is not None and patch_src is None:
+        raise ValueError("patch_weight needs patch_src and source")
+    if patch_src is not None:
+        src_rows = V.check_source(source, hidden, D)
+        V.require_tensor("patch_src", patch_src, integer=True)
+        V.require_device("patch_src", patch_src, hidden.device)
+        psrc = V.per_row("patch_src", patch_src, hidden, N)
+        V.check_range(checks, "patch_src", psrc, -1, src_rows.shape[0],
+                      f"-1 or a row of source, which has {src_rows.shape[0]} rows")
+        if patch_weight is not None:
+            V.require_tensor("patch_weight", patch_weight, floating=True)
+            V.require_device("patch_weight", patch_weight, hidden.device)
+            pw = V.per_row("patch_weight", patch_weight.detach(), hidden, N)
+            V.check_unit_range(checks, "patch_weight", pw)
+    if vector is None:
+        if mask is not None or vector_index is not None:
+            raise ValueError("mask and vector_index select steering rows; they need vector")
+        V.check_mode(mode)
+        steer_args = (None, None, 1.0, None, None)
+    else:
+        steer_args = V.steer_args(hidden, vector, alpha, mode, residual, mask, vector_index,
+                                  checks)
+    checks.run()
+    x = V.rows_2d("hidden", hidden, D)
+    res = None if residual is None else V.rows_2d("residual", residual, D)
+    vec, alpha_rows, alpha_scalar, m, vidx = steer_args
+    if alpha_rows is not None and alpha_rows.dtype != compute_dtype(hidden.dtype):
+        alpha_rows = alpha_rows.to(compute_dtype(hidden.dtype))
+    out = cops.intervene_op(x, res, src_rows, psrc, pw, vec, alpha_rows, alpha_scalar, m, vidx,
+                            mode)
+    return out.view(hidden.shape)

@@ -1,0 +1,237 @@
+"""Argument validation for the public ops (SPEC.md section 4).
+
+Every check runs before any kernel launch. Static checks (types, shapes,
+dtypes, devices, mode) always run. Value checks are gathered and evaluated
+with a single host sync per call; ``steerops.unchecked()`` skips them.
+"""
+import numbers
+
+import torch
+
+from . import backend
+from .reference import MODES
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _is_tracing():
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class ValueChecks:
+    """Deferred checks on tensor values, evaluated with one host sync."""
+
+    def __init__(self):
+        self._items = []
+
+    def add(self, bad, exc_type, message):
+        """``bad``: 0-d bool tensor; ``message``: str or callable giving one."""
+        self._items.append((bad, exc_type, message))
+
+    def run(self):
+        if not self._items or not backend.value_checks_enabled():
+            return
+        if _is_tracing():
+            raise RuntimeError(
+                "steerops: value checks (index ranges, norms, weights) need a host sync and "
+                "cannot run inside torch.compile or CUDA-graph capture; validate the inputs once, "
+                "then run the traced code under `with steerops.unchecked():`")
+        flags = torch.stack([b.reshape(()) for b, _, _ in self._items]).tolist()
+        for flag, (_, exc_type, message) in zip(flags, self._items):
+            if flag:
+                raise exc_type(message() if callable(message) else message)
+
+
+def require_tensor(name, t, *, floating=False, integer=False, allow_none=False):
+    if t is None:
+        if allow_none:
+            return
+        raise TypeError(f"{name} must be a torch.Tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or "
+                        f"float64), got {t.dtype}")
+    if integer and t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def require_device(name, t, device):
+    if t is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+
+
+def rows_2d(name, t, D):
+    """View (..., D) as contiguous rows (N, D)."""
+    if t.dim() == 0 or t.shape[-1] != D:
+        raise ValueError(f"{name} must have last dim {D}, got shape {tuple(t.shape)}")
+    rows = t.reshape(-1, D)
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < D):
+        rows = rows.contiguous()
+    return rows
+
+
+def check_hidden(hidden, name="hidden"):
+    require_tensor(name, hidden, floating=True)
+    if hidden.dim() == 0:
+        raise ValueError(f"{name} must have at least 1 dim (..., D), got a 0-d tensor")
+
+
+def check_residual(residual, hidden):
+    if residual is None:
+        return
+    require_tensor("residual", residual, floating=True)
+    require_device("residual", residual, hidden.device)
+    if residual.shape != hidden.shape:
+        raise ValueError(f"residual must have the shape of hidden {tuple(hidden.shape)}, "
+                         f"got {tuple(residual.shape)}")
+    if residual.dtype != hidden.dtype:
+        raise TypeError(f"residual must have hidden's dtype {hidden.dtype}, got {residual.dtype}")
+
+
+def per_row(name, t, hidden, N):
+    """A per-row tensor of shape hidden.shape[:-1] or (N,), flattened to (N,)."""
+    if tuple(t.shape) not in (tuple(hidden.shape[:-1]), (N,)):
+        raise ValueError(f"{name} must have shape {tuple(hidden.shape[:-1])} or ({N},), "
+                         f"got {tuple(t.shape)}")
+    return t.reshape(N).contiguous()
+
+
+def check_range(checks, name, index, low, high, what):
+    """Values of ``index`` must lie in [low, high)."""
+    if index.numel() == 0:
+        return
+    bad = (index.min() < low) | (index.max() >= high)
+    checks.add(bad, ValueError, lambda: (
+        f"{name} out of range: values must be in [{low}, {high}) ({what}), "
+        f"got min {int(index.min())} max {int(index.max())}"))
+
+
+def check_unit_range(checks, name, w):
+    bad = ~torch.isfinite(w).all() | (w < 0).any() | (w > 1).any()
+    checks.add(bad, ValueError, f"{name} must be finite and in [0, 1]")
+
+
+def check_nonzero_rows(checks, name, v, why):
+    bad = (v.to(torch.float32 if v.dtype != torch.float64 else v.dtype).norm(dim=-1) == 0).any()
+    checks.add(bad, ValueError, f"{name} has a zero-norm row, which {why}")
+
+
+def check_mode(mode):
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def alpha_arg(alpha, hidden, N, compute_dtype):
+    """Returns (alpha_rows or None, alpha_scalar) for the op."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"alpha must be a float or a floating tensor, got {type(alpha).__name__}")
+    if not isinstance(alpha, torch.Tensor):
+        if hidden.dtype == torch.float64:  # keep full precision for float64 compute
+            return torch.full((N,), float(alpha), dtype=compute_dtype, device=hidden.device), 1.0
+        return None, float(alpha)
+    require_tensor("alpha", alpha, floating=True)
+    require_device("alpha", alpha, hidden.device)
+    if alpha.numel() == 1:
+        return alpha.to(compute_dtype).reshape(1).expand(N), 1.0
+    try:
+        rows = alpha.expand(hidden.shape[:-1]).reshape(N) if alpha.shape != (N,) else alpha
+    except RuntimeError:
+        raise ValueError(f"alpha must be a scalar, ({N},) or broadcastable to "
+                         f"{tuple(hidden.shape[:-1])}, got shape {tuple(alpha.shape)}") from None
+    return rows.to(compute_dtype), 1.0
+
+
+def steer_args(hidden, vector, alpha, mode, residual, mask, vector_index, checks):
+    """Validates steering arguments; returns (vector (K,D), alpha_rows, alpha_scalar,
+    mask (N,) bool or None, vector_index (N,) or None)."""
+    check_mode(mode)
+    D = hidden.shape[-1]
+    N = hidden.numel() // D if D else 0
+    require_tensor("vector", vector, floating=True)
+    require_device("vector", vector, hidden.device)
+    if vector.dim() not in (1, 2) or vector.shape[-1] != D or vector.numel() == 0:
+        raise ValueError(f"vector must have shape ({D},) or (K, {D}), got {tuple(vector.shape)}")
+    vec = vector.reshape(-1, D).contiguous()
+    K = vec.shape[0]
+    from .reference import compute_dtype
+    alpha_rows, alpha_scalar = alpha_arg(alpha, hidden, N, compute_dtype(hidden.dtype))
+    if mask is not None:
+        require_tensor("mask", mask)
+        require_device("mask", mask, hidden.device)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        mask = per_row("mask", mask, hidden, N)
+    if vector_index is not None:
+        require_tensor("vector_index", vector_index, integer=True)
+        require_device("vector_index", vector_index, hidden.device)
+        vector_index = per_row("vector_index", vector_index, hidden, N)
+        check_range(checks, "vector_index", vector_index, 0, K, f"vector has {K} rows")
+    elif K > 1:
+        raise ValueError(f"vector has {K} rows, so vector_index (one vector row per hidden "
+                         f"row, shape ({N},)) is required")
+    if mode != "add":
+        check_nonzero_rows(checks, "vector", vec, f"mode {mode!r} cannot normalise")
+    return vec, alpha_rows, alpha_scalar, mask, vector_index
+
+
+def index_arg(name, index, device, length=None):
+    require_tensor(name, index, integer=True)
+    require_device(name, index, device)
+    if index.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(index.shape)}")
+    if length is not None and index.shape[0] != length:
+        raise ValueError(f"{name} must have {length} entries (as dst_index), got {index.shape[0]}")
+    return index.contiguous()
+
+
+def check_source(source, hidden, D):
+    require_tensor("source", source, floating=True)
+    require_device("source", source, hidden.device)
+    if source.dtype != hidden.dtype:
+        raise TypeError(f"source must have hidden's dtype {hidden.dtype}, got {source.dtype}")
+    return rows_2d("source", source, D)
+
+
+def check_duplicates(checks, name, index):
+    if index.numel() < 2:
+        return
+    s = index.sort().values
+    checks.add((s[1:] == s[:-1]).any(), ValueError,
+               f"{name} has duplicate entries; each destination row may be patched once per call")
+
+
+def patch_args(hidden, source, dst_index, src_index, weight, direction, residual, checks):
+    """Validates patch arguments; returns (source_rows, dst, src, weight, direction)."""
+    check_hidden(hidden)
+    check_residual(residual, hidden)
+    D = hidden.shape[-1]
+    N = hidden.numel() // D if D else 0
+    src_rows = check_source(source, hidden, D)
+    dst = index_arg("dst_index", dst_index, hidden.device)
+    M = dst.shape[0]
+    src = index_arg("src_index", src_index, hidden.device, M)
+    check_range(checks, "dst_index", dst, 0, N, f"hidden has {N} rows")
+    check_range(checks, "src_index", src, 0, src_rows.shape[0],
+                f"source has {src_rows.shape[0]} rows")
+    check_duplicates(checks, "dst_index", dst)
+    if weight is not None:
+        require_tensor("weight", weight, floating=True)
+        require_device("weight", weight, hidden.device)
+        if tuple(weight.shape) != (M,):
+            raise ValueError(f"weight must have shape ({M},) (one per site), "
+                             f"got {tuple(weight.shape)}")
+        weight = weight.detach().contiguous()
+        check_unit_range(checks, "weight", weight)
+    if direction is not None:
+        require_tensor("direction", direction, floating=True)
+        require_device("direction", direction, hidden.device)
+        if tuple(direction.shape) != (D,):
+            raise ValueError(f"direction must have shape ({D},), got {tuple(direction.shape)}")
+        direction = direction.detach().contiguous()
+        check_nonzero_rows(checks, "direction", direction.reshape(1, D),
+                           "directional patching cannot normalise")
+    return src_rows, dst, src, weight, direction
