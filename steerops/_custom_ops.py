@@ -32,6 +32,14 @@ def _empty(t):
     return t.new_empty((0,))
 
 
+def _not_aliasing(result, t):
+    """A custom op may not return (a view of) an input; the reference path can
+    (identity forward, add-mode backward), so copy in that case only."""
+    if result.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+        return result.clone(memory_format=torch.contiguous_format)
+    return result.contiguous()
+
+
 # --------------------------------------------------------------------------- intervene
 
 
@@ -45,7 +53,7 @@ def _intervene_run(x, residual, source, patch_src, patch_weight, vector, alpha, 
     res = reference.intervene_forward(x, residual, source, patch_src, patch_weight, vector, alpha,
                                       alpha_scalar, mask, vector_index, mode)
     if out is None:
-        return res.contiguous()
+        return _not_aliasing(res, x)
     return out.copy_(res)
 
 
@@ -112,7 +120,7 @@ def intervene_backward_op(
         dx, dsource, dvector, dalpha = reference.intervene_backward(
             g, x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar, mask,
             vector_index, mode)
-        dx = dx.to(x.dtype)
+        dx = _not_aliasing(dx.to(x.dtype), g)
     dsource = dsource.to(source.dtype) if need_dsource and dsource is not None else _empty(x)
     dvector = dvector.to(vector.dtype) if need_dvector and dvector is not None else _empty(x)
     dalpha = dalpha.to(alpha.dtype) if need_dalpha and dalpha is not None else _empty(x)

@@ -1,0 +1,30 @@
+import torch
+
+MODES = ["add", "norm_scaled", "ablate", "clamp"]
+
+
+def rand(*shape, dtype=torch.float64, requires_grad=False):
+    t = torch.randn(*shape, dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def tol(dtype):
+    """(rtol, atol) against a float64 reference."""
+    return {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)}[dtype]
+
+
+def assert_close(actual, expected, dtype, msg=""):
+    rtol, atol = tol(dtype)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=msg)
+
+
+def grads(out, inputs, g):
+    """Gradients of <out, g> wrt the inputs that are tensors requiring grad."""
+    live = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    got = torch.autograd.grad(out, live, g, allow_unused=True)
+    return list(got)
+
+
+def leaf64(t):
+    """float64 detached copy that requires grad iff t does."""
+    return t.detach().double().requires_grad_(t.requires_grad)
