@@ -61,14 +61,14 @@ def _intervene_run(x, residual, source, patch_src, patch_weight, vector, alpha, 
 def intervene_op(x: Tensor, residual: Optional[Tensor], source: Optional[Tensor],
                  patch_src: Optional[Tensor], patch_weight: Optional[Tensor],
                  vector: Optional[Tensor], alpha: Optional[Tensor], alpha_scalar: float,
-                 mask: Optional[Tensor], vector_index: Optional[Tensor], mode: str) -> Tensor:
+                 mask: Optional[Tensor], vector_index: Optional[Tensor], steer_mode: str) -> Tensor:
     return _intervene_run(x, residual, source, patch_src, patch_weight, vector, alpha,
-                          alpha_scalar, mask, vector_index, mode, None)
+                          alpha_scalar, mask, vector_index, steer_mode, None)
 
 
 @intervene_op.register_fake
 def _(x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar, mask,
-      vector_index, mode):
+      vector_index, steer_mode):
     return x.new_empty(x.shape)
 
 
@@ -77,14 +77,14 @@ def intervene_inplace_op(x: Tensor, residual: Optional[Tensor], source: Optional
                          patch_src: Optional[Tensor], patch_weight: Optional[Tensor],
                          vector: Optional[Tensor], alpha: Optional[Tensor], alpha_scalar: float,
                          mask: Optional[Tensor], vector_index: Optional[Tensor],
-                         mode: str) -> None:
+                         steer_mode: str) -> None:
     _intervene_run(x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar,
-                   mask, vector_index, mode, x)
+                   mask, vector_index, steer_mode, x)
 
 
 @intervene_inplace_op.register_fake
 def _(x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar, mask,
-      vector_index, mode):
+      vector_index, steer_mode):
     return None
 
 
@@ -93,7 +93,7 @@ def intervene_backward_op(
         g: Tensor, x: Tensor, residual: Optional[Tensor], source: Optional[Tensor],
         patch_src: Optional[Tensor], patch_weight: Optional[Tensor], vector: Optional[Tensor],
         alpha: Optional[Tensor], alpha_scalar: float, mask: Optional[Tensor],
-        vector_index: Optional[Tensor], mode: str, need_dsource: bool, need_dvector: bool,
+        vector_index: Optional[Tensor], steer_mode: str, need_dsource: bool, need_dvector: bool,
         need_dalpha: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dsource, dvector, dalpha_rows); an entry not needed is an empty tensor."""
     g = g.contiguous()
@@ -101,7 +101,7 @@ def intervene_backward_op(
         dx, dsrc_rows, part, dalpha = ksteer.steer_bwd(
             g, x, residual=residual, source=source, patch_src=patch_src,
             patch_weight=patch_weight, vector=vector, vector_index=vector_index, alpha=alpha,
-            alpha_scalar=alpha_scalar, mask=_mask_u8(mask), mode=mode,
+            alpha_scalar=alpha_scalar, mask=_mask_u8(mask), mode=steer_mode,
             need_dsource=need_dsource, need_dvector=need_dvector, need_dalpha=need_dalpha)
         dsource = dvector = None
         if dsrc_rows is not None:
@@ -109,7 +109,7 @@ def intervene_backward_op(
             kseg.segment_sum_rows(dsrc_rows, patch_src, dsource)
         if part is not None:
             G = part.sum(0)  # second stage of the deterministic reduction
-            if mode == "add":
+            if steer_mode == "add":
                 dvector = G
             else:
                 v = vector.to(G.dtype)
@@ -119,7 +119,7 @@ def intervene_backward_op(
     else:
         dx, dsource, dvector, dalpha = reference.intervene_backward(
             g, x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar, mask,
-            vector_index, mode)
+            vector_index, steer_mode)
         dx = _not_aliasing(dx.to(x.dtype), g)
     dsource = dsource.to(source.dtype) if need_dsource and dsource is not None else _empty(x)
     dvector = dvector.to(vector.dtype) if need_dvector and dvector is not None else _empty(x)
@@ -129,7 +129,7 @@ def intervene_backward_op(
 
 @intervene_backward_op.register_fake
 def _(g, x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar, mask,
-      vector_index, mode, need_dsource, need_dvector, need_dalpha):
+      vector_index, steer_mode, need_dsource, need_dvector, need_dalpha):
     return (x.new_empty(x.shape),
             source.new_empty(source.shape) if need_dsource and patch_src is not None else _empty(x),
             vector.new_empty(vector.shape) if need_dvector and vector is not None else _empty(x),
@@ -138,11 +138,11 @@ def _(g, x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scal
 
 def _intervene_setup(ctx, inputs, output):
     (x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar, mask,
-     vector_index, mode) = inputs
+     vector_index, steer_mode) = inputs
     ctx.save_for_backward(x, residual, source, patch_src, patch_weight, vector, alpha, mask,
                           vector_index)
     ctx.alpha_scalar = alpha_scalar
-    ctx.mode = mode
+    ctx.mode = steer_mode
 
 
 def _intervene_backward(ctx, g):
