@@ -79,7 +79,7 @@ def _row_params(row, psrc_ptr, pw_ptr, vidx_ptr, alpha_ptr, alpha_scalar, stride
     if HAS_ALPHA:
         a = tl.load(alpha_ptr + row * stride_alpha).to(ACC)
     else:
-        a = tl.full([], alpha_scalar, ACC)
+        a = tl.zeros([], ACC) + alpha_scalar  # works whether the JIT passes a scalar or a constexpr
     sel = row >= 0
     if HAS_MASK:
         sel = tl.load(mask_ptr + row) != 0
