@@ -1,16 +1,23 @@
-"""Test setup: the Triton interpreter runs the real kernels on CPU tensors.
+"""Test setup.
 
+CPU machine (CI): the Triton interpreter runs the real kernels on CPU tensors.
 TRITON_INTERPRET must be set before triton compiles anything, so it is set
-here, before steerops is imported. Tests parametrised over ``backend`` run
-each case through the Triton kernels (forced backend) and through the
-plain-PyTorch CPU path.
+here, before steerops is imported. Tests parametrised over ``backend`` run each
+case through the Triton kernels (forced backend) and the plain-PyTorch path.
+
+GPU machine: the interpreter is left off; the ``triton`` parametrisation makes
+CUDA the default device, so the same tests run the compiled kernels on the GPU
+(``tests/test_cuda.py`` adds bf16/fp16 and large shapes).
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import steerops  # noqa: E402
 from steerops.kernels import config  # noqa: E402
@@ -20,8 +27,13 @@ BACKENDS = ["triton", "torch"]
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    with steerops.use_backend(request.param):
-        yield request.param
+    if request.param == "triton" and ON_GPU:
+        torch.set_default_device("cuda")
+    try:
+        with steerops.use_backend(request.param if not ON_GPU else "auto"):
+            yield request.param
+    finally:
+        torch.set_default_device(None)
 
 
 @pytest.fixture
