@@ -1,0 +1,379 @@
+"""Activation caching, batched activation-patching sweeps, attribution patching.
+
+Sites are residual-stream (layer, position) pairs, layers numbered as in
+``output_hidden_states`` (0 = embeddings .. L = output of the last block).
+
+A metric is a callable ``metric(logits, pair_index) -> (rows,)`` where
+``pair_index`` (rows,) says which prompt pair each batch row belongs to (a
+patching batch holds many copies of one pair, each with a different site
+patched). Callables of ``logits`` alone are accepted too. See
+:func:`logit_diff` and :func:`prob_diff`.
+"""
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+from .backend import unchecked
+from .models import StopForward, register_site_hook, resolve_layers
+
+
+# --------------------------------------------------------------------------- inputs, metrics
+
+def as_inputs(inputs, device):
+    """input_ids tensor, or a dict / BatchEncoding of model inputs, on ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return {"input_ids": inputs.to(device)}
+    if hasattr(inputs, "items"):
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                for k, v in inputs.items()}
+    raise TypeError("inputs must be an input_ids tensor or a dict of model inputs, got "
+                    f"{type(inputs).__name__}")
+
+
+def _batch_shape(inputs):
+    t = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    if t is None:
+        raise ValueError("inputs need input_ids or inputs_embeds")
+    return tuple(t.shape[:2])
+
+
+def select_rows(inputs, index):
+    return {k: (v[index] if isinstance(v, torch.Tensor) and v.dim() >= 1 else v)
+            for k, v in inputs.items()}
+
+
+def model_output(out):
+    """Logits when the model has an LM head, else its last hidden state."""
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def as_metric(metric):
+    if not callable(metric):
+        raise TypeError("metric must be callable: metric(logits, pair_index) or metric(logits)")
+    try:
+        params = [p for p in inspect.signature(metric).parameters.values()
+                  if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                                         p.POSITIONAL_OR_KEYWORD)]
+        takes_index = len(params) >= 2
+    except (TypeError, ValueError):
+        takes_index = True
+    if takes_index:
+        return metric
+    return lambda logits, pair_index: metric(logits)
+
+
+def _answer_logits(logits, pair_index, position, tokens):
+    """logits[row, position, token] with per-pair (or shared) tokens/positions."""
+    B = logits.shape[0]
+    rows = torch.arange(B, device=logits.device)
+    tok = tokens.to(logits.device)
+    tok = tok.expand(B) if tok.dim() == 0 else tok[pair_index]
+    if not isinstance(position, int):
+        position = position.to(logits.device)[pair_index]
+    return logits[rows, position, tok]
+
+
+def logit_diff(answer, wrong, position=-1):
+    """metric: logit(answer) - logit(wrong) at ``position`` (int, or one per pair).
+
+    ``answer`` / ``wrong``: (pairs,) token ids (or ints shared by all pairs).
+    """
+    answer, wrong = _pair_tensor(answer), _pair_tensor(wrong)
+    position = position if isinstance(position, int) else torch.as_tensor(position)
+
+    def metric(logits, pair_index):
+        return (_answer_logits(logits, pair_index, position, answer)
+                - _answer_logits(logits, pair_index, position, wrong))
+    return metric
+
+
+def prob_diff(answer, wrong, position=-1):
+    """metric: p(answer) - p(wrong) at ``position`` (softmax over the vocabulary)."""
+    answer, wrong = _pair_tensor(answer), _pair_tensor(wrong)
+    position = position if isinstance(position, int) else torch.as_tensor(position)
+
+    def metric(logits, pair_index):
+        probs = logits.float().softmax(-1)
+        return (_answer_logits(probs, pair_index, position, answer)
+                - _answer_logits(probs, pair_index, position, wrong))
+    return metric
+
+
+def _pair_tensor(tokens):
+    return torch.as_tensor(tokens).long()
+
+
+def resolve_positions(positions, T, device):
+    """Column indices (P,) of the requested positions; None = all, negatives from the end."""
+    if positions is None:
+        return torch.arange(T, device=device)
+    pos = torch.as_tensor(positions if not isinstance(positions, int) else [positions])
+    if pos.dim() != 1 or pos.is_floating_point():
+        raise ValueError("positions must be None, an int or a 1-D list of ints")
+    pos = torch.where(pos < 0, pos + T, pos)
+    if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= T):
+        raise ValueError(f"positions out of range for sequence length {T}")
+    return pos.long().to(device)
+
+
+def _device(model):
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- caching
+
+@dataclass
+class ActivationCache:
+    """Residual activations: ``acts`` (batch, len(layers), len(positions), D)."""
+    acts: torch.Tensor
+    layers: list
+    positions: torch.Tensor
+    output: torch.Tensor = None  # logits (or last hidden state) when the forward completed
+
+    def __getitem__(self, layer):
+        return self.acts[:, self.layers.index(layer)]
+
+
+def _capture(model, inputs, layers, pos, layers_path, stop_early):
+    store = {}
+    last = max(layers)
+
+    def make(layer):
+        def fn(hidden):
+            store[layer] = hidden.detach().index_select(1, pos)
+            if stop_early and layer == last:
+                raise StopForward
+        return fn
+
+    handles = [register_site_hook(model, l, make(l), layers_path) for l in layers]
+    output = None
+    try:
+        with torch.no_grad():
+            output = model_output(model(**inputs))
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return store, output
+
+
+def cache_activations(model, inputs, layers=None, positions=None, *, layers_path=None,
+                      stop_early=True):
+    """Residual-stream activations at the requested sites, from one forward pass.
+
+    Only the requested positions are kept, and with ``stop_early`` the forward
+    stops after the last requested layer (no later blocks, no LM head).
+    Returns an :class:`ActivationCache`; ``cache[layer]`` is (batch, P, D).
+    """
+    layers = resolve_layers(model, layers, layers_path)
+    inputs = as_inputs(inputs, _device(model))
+    B, T = _batch_shape(inputs)
+    pos = resolve_positions(positions, T, _device(model))
+    store, output = _capture(model, inputs, layers, pos, layers_path, stop_early)
+    return ActivationCache(torch.stack([store[l] for l in layers], 1), layers, pos, output)
+
+
+# --------------------------------------------------------------------------- patching sweep
+
+@dataclass
+class PatchingResult:
+    """effects[l, p]: normalised patching effect per site (PROTOCOL.md ratio of means);
+    raw[i, l, p]: the metric with that site patched, per pair."""
+    effects: torch.Tensor
+    raw: torch.Tensor
+    clean_metric: torch.Tensor
+    corrupt_metric: torch.Tensor
+    layers: list
+    positions: torch.Tensor
+    noising: bool = False
+    forwards: int = 0  # batched forward passes run, caches included
+    rows: int = 0      # sequences forwarded, caches included
+    batch_size: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _auto_batch_size(model, T, memory_budget_mb):
+    cfg = getattr(model, "config", None)
+    D = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
+    V = getattr(cfg, "vocab_size", 0) or 0
+    inter = getattr(cfg, "intermediate_size", None) or 4 * D
+    elem = next(model.parameters()).element_size()
+    # live activations per sequence at inference: a few D-wide and one MLP-wide
+    # tensor per token, plus fp32 logits
+    per_row = T * ((6 * D + 2 * inter) * elem + 4 * V)
+    return max(1, int(memory_budget_mb * 2**20 // max(per_row, 1)))
+
+
+def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *,
+                   noising=False, batch_size=None, memory_budget_mb=1024, progress=True,
+                   layers_path=None):
+    """Activation patching over every requested site and prompt pair.
+
+    Denoising (default): run ``corrupt`` with h_s <- h_s(clean), one site at a
+    time; noising: run ``clean`` with h_s <- h_s(corrupt). Each batched
+    forward holds many (pair, site) rows, and one fused multi-site ``patch_``
+    launch per layer writes all of that layer's sites.
+
+    Args:
+        clean, corrupt: (pairs, T) input_ids, or dicts of inputs of equal shape.
+        metric: ``metric(logits, pair_index) -> (rows,)`` (or of logits only).
+        layers: site layers (default all, 0..L); positions: columns (default all).
+        batch_size: rows per forward; default chosen from ``memory_budget_mb``.
+
+    Returns a :class:`PatchingResult`: effects normalised as in PROTOCOL.md,
+    g_s = E[m(patched) - m(corrupt)] / E[m(clean) - m(corrupt)] (denoising) or
+    E[m(clean) - m(patched)] / E[m(clean) - m(corrupt)] (noising).
+    """
+    from tqdm.auto import tqdm
+
+    device = _device(model)
+    layers = resolve_layers(model, layers, layers_path)
+    metric = as_metric(metric)
+    clean, corrupt = as_inputs(clean, device), as_inputs(corrupt, device)
+    if _batch_shape(clean) != _batch_shape(corrupt):
+        raise ValueError(f"clean and corrupt must have the same shape (aligned pairs), got "
+                         f"{_batch_shape(clean)} and {_batch_shape(corrupt)}")
+    pairs, T = _batch_shape(clean)
+    pos = resolve_positions(positions, T, device)
+    P = pos.numel()
+    source, target = (corrupt, clean) if noising else (clean, corrupt)
+    every = torch.arange(pairs, device=device)
+    store, source_out = _capture(model, source, layers, pos, layers_path, stop_early=False)
+    with torch.no_grad():
+        target_metric = metric(model_output(model(**target)), every).float()
+    source_metric = metric(source_out, every).float()
+    # clean cache rows: pair i, position index j -> row i * P + j
+    caches = {l: store[l].reshape(pairs * P, -1) for l in layers}
+    sites = [(li, j) for li in range(len(layers)) for j in range(P)]
+    S = len(sites)
+    if batch_size is None:
+        batch_size = _auto_batch_size(model, T, memory_budget_mb)
+    batch_size = max(1, min(batch_size, pairs * S))
+    raw = torch.empty(pairs, len(layers), P, device=device)
+    pos_list = pos.tolist()
+    n_batches = math.ceil(pairs * S / batch_size)
+    state = {}
+
+    def make(li, layer):
+        def fn(hidden):
+            dst, src = state["plan"].get(li, (None, None))
+            if dst is not None:
+                with unchecked():  # indices built here, in range by construction
+                    ops.patch_(hidden, caches[layer], dst, src)
+        return fn
+
+    handles = [register_site_hook(model, l, make(li, l), layers_path)
+               for li, l in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for b in tqdm(range(n_batches), disable=not progress, desc="patching sweep",
+                          unit="batch"):
+                items = range(b * batch_size, min((b + 1) * batch_size, pairs * S))
+                pair_ids = [k // S for k in items]
+                plan = {}
+                for row, k in enumerate(items):
+                    li, j = sites[k % S]
+                    d, s = plan.setdefault(li, ([], []))
+                    d.append(row * T + pos_list[j])
+                    s.append(pair_ids[row] * P + j)
+                state["plan"] = {li: (torch.tensor(d, device=device), torch.tensor(s, device=device))
+                                 for li, (d, s) in plan.items()}
+                pair_index = torch.tensor(pair_ids, device=device)
+                logits = model_output(model(**select_rows(target, pair_index)))
+                values = metric(logits, pair_index).float()
+                site_ids = torch.tensor([k % S for k in items], device=device)
+                raw[pair_index, site_ids // P, site_ids % P] = values
+    finally:
+        for h in handles:
+            h.remove()
+    clean_metric, corrupt_metric = ((target_metric, source_metric) if noising
+                                    else (source_metric, target_metric))
+    denom = (clean_metric - corrupt_metric).mean()
+    if noising:
+        effects = (clean_metric.mean() - raw.mean(0)) / denom
+    else:
+        effects = (raw.mean(0) - corrupt_metric.mean()) / denom
+    return PatchingResult(effects, raw, clean_metric, corrupt_metric, layers, pos, noising,
+                          forwards=2 + n_batches, rows=2 * pairs + pairs * S,
+                          batch_size=batch_size)
+
+
+# --------------------------------------------------------------------------- attribution patching
+
+@dataclass
+class AttributionResult:
+    """AtP: scores[l, p] ~ E[(h_clean - h_corrupt) . dm/dh] / E[m(clean) - m(corrupt)]
+    (comparable to patching effects); raw[i, l, p] per pair, unnormalised."""
+    scores: torch.Tensor
+    raw: torch.Tensor
+    clean_metric: torch.Tensor
+    corrupt_metric: torch.Tensor
+    layers: list
+    positions: torch.Tensor
+
+
+def attribution_patching(model, clean, corrupt, metric, layers=None, positions=None, *,
+                         batch_size=None, layers_path=None):
+    """Attribution patching (AtP) for every requested residual site.
+
+    Two forwards (clean cache; corrupt with gradients) and one backward per
+    micro-batch of pairs: a_s = (h_s(clean) - h_s(corrupt)) . dm/dh_s evaluated
+    on the corrupt run. Gradients flow to the activations even when the
+    model's parameters are frozen.
+    """
+    device = _device(model)
+    layers = resolve_layers(model, layers, layers_path)
+    metric = as_metric(metric)
+    clean, corrupt = as_inputs(clean, device), as_inputs(corrupt, device)
+    if _batch_shape(clean) != _batch_shape(corrupt):
+        raise ValueError("clean and corrupt must have the same shape (aligned pairs)")
+    pairs, T = _batch_shape(clean)
+    pos = resolve_positions(positions, T, device)
+    batch_size = pairs if batch_size is None else batch_size
+    raw, m_clean, m_corrupt = [], [], []
+    for start in range(0, pairs, batch_size):
+        index = torch.arange(start, min(start + batch_size, pairs), device=device)
+        c_in, x_in = select_rows(clean, index), select_rows(corrupt, index)
+        store, out = _capture(model, c_in, layers, pos, layers_path, stop_early=False)
+        m_clean.append(metric(out, index).float())
+        captured = {}
+
+        def make(layer):
+            def fn(hidden):
+                if layer == 0:  # a leaf, so that gradients reach every site
+                    hidden = hidden.detach().requires_grad_(True)
+                captured[layer] = hidden
+                return hidden if layer == 0 else None
+            return fn
+
+        hook_layers = sorted(set(layers) | {0})
+        handles = [register_site_hook(model, l, make(l), layers_path) for l in hook_layers]
+        try:
+            with torch.enable_grad():
+                m = metric(model_output(model(**x_in)), index).float()
+                grads = torch.autograd.grad(m.sum(), [captured[l] for l in layers],
+                                            allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        m_corrupt.append(m.detach())
+        per_layer = []
+        for l, g in zip(layers, grads):
+            h_corrupt = captured[l].detach().index_select(1, pos)
+            g = torch.zeros_like(h_corrupt) if g is None else g.index_select(1, pos)
+            per_layer.append(((store[l] - h_corrupt).float() * g.float()).sum(-1))
+        raw.append(torch.stack(per_layer, 1))
+    raw = torch.cat(raw)
+    m_clean, m_corrupt = torch.cat(m_clean), torch.cat(m_corrupt)
+    scores = raw.mean(0) / (m_clean - m_corrupt).mean()
+    return AttributionResult(scores, raw, m_clean, m_corrupt, layers, pos)

@@ -1,0 +1,222 @@
+"""Steering Hugging Face models during forward and generate."""
+import numbers
+
+import torch
+
+from . import ops
+from .backend import unchecked
+from .models import ForwardInfo, find_layers, hidden_size, register_site_hook, resolve_layers
+from .reference import MODES
+
+POSITION_MODES = ("all", "prompt", "generated")
+
+
+class Steering:
+    """Applies the fused steering op to the residual stream at one or more layers.
+
+    Args:
+        model: a Hugging Face model (or any model whose blocks steerops finds).
+        layer: site layer(s): 0 = embedding output, l = output of block l.
+        vector: (D,) or (K, D) tensor, a :class:`~steerops.SteeringVector`, or a
+            dict {layer: vector} for different vectors per layer.
+        alpha: float, 0-d tensor, or (B,) tensor (one strength per batch row).
+            May require grad (the op's backward is used).
+        mode: 'add', 'norm_scaled', 'ablate' or 'clamp' (see ``steerops.steer``).
+        positions: 'all', 'prompt' (tokens of the first forward inside the
+            context: the prompt under ``generate``), 'generated' (every later
+            token), explicit positions (int or list; absolute column indices,
+            negative ones count back from the end of the prompt, -1 = last
+            prompt token), or a bool (batch, seq) mask over absolute positions.
+            Positions stay correct under the KV cache; padding tokens
+            (attention_mask == 0) are never steered.
+        vector_index: (B,) integer, the vector row of each batch row (K > 1).
+        layers_path: the dotted path of the model's block list, if not found.
+
+    Use as a context manager (``with Steering(...): model.generate(...)``) or
+    with :meth:`attach` / :meth:`detach`. The plan is validated once when
+    attached; the per-forward work is building the row mask (a few tiny
+    tensor ops, no host sync) and one fused kernel per steered layer, in place
+    unless gradients are needed.
+    """
+
+    def __init__(self, model, layer, vector, alpha=1.0, *, mode="add", positions="all",
+                 vector_index=None, layers_path=None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.layers_path = layers_path
+        layers = sorted(vector.keys()) if isinstance(vector, dict) else layer
+        self.layers = resolve_layers(model, layers, layers_path)
+        find_layers(model, layers_path)
+        D = hidden_size(model)
+        device = _model_device(model)
+        self.vectors = {}
+        for l in self.layers:
+            v = vector[l] if isinstance(vector, dict) else vector
+            v = getattr(v, "vector", v)  # SteeringVector
+            if hasattr(vector, "check_model"):
+                vector.check_model(model)
+            self.vectors[l] = self._check_vector(v, D, device)
+        K = max(v.shape[0] if v.dim() == 2 else 1 for v in self.vectors.values())
+        self.vector_index = self._check_vector_index(vector_index, K, device)
+        self.alpha = self._check_alpha(alpha, device)
+        self.positions = self._check_positions(positions, device)
+        self._handles = []
+        self._info = None
+        self._prompt_len = None
+        self._rows_cache = (None, None)
+
+    # ------------------------------------------------------------------ validation (once)
+    def _check_vector(self, v, D, device):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise TypeError(f"vector must be a floating tensor, got {type(v).__name__}")
+        if v.dim() not in (1, 2) or v.shape[-1] != D:
+            raise ValueError(f"vector must have shape ({D},) or (K, {D}) for this model "
+                             f"(hidden size {D}), got {tuple(v.shape)}")
+        if self.mode != "add" and bool((v.detach().float().norm(dim=-1) == 0).any()):
+            raise ValueError(f"vector has a zero-norm row, which mode {self.mode!r} cannot "
+                             f"normalise")
+        return v.to(device)
+
+    @staticmethod
+    def _check_vector_index(vector_index, K, device):
+        if vector_index is None:
+            if K > 1:
+                raise ValueError(f"vector has {K} rows, so vector_index (one row per batch "
+                                 f"element) is required")
+            return None
+        vi = torch.as_tensor(vector_index, device=device)
+        if vi.dim() != 1 or vi.is_floating_point() or vi.dtype == torch.bool:
+            raise ValueError("vector_index must be a 1-D integer tensor (one per batch row)")
+        if vi.numel() and (int(vi.min()) < 0 or int(vi.max()) >= K):
+            raise ValueError(f"vector_index values must be in [0, {K})")
+        return vi.long()
+
+    @staticmethod
+    def _check_alpha(alpha, device):
+        if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+            return float(alpha)
+        if isinstance(alpha, torch.Tensor) and alpha.is_floating_point() and alpha.dim() <= 1:
+            return alpha.to(device)
+        raise TypeError("alpha must be a float, a 0-d tensor or a (batch,) floating tensor")
+
+    @staticmethod
+    def _check_positions(positions, device):
+        if isinstance(positions, str):
+            if positions not in POSITION_MODES:
+                raise ValueError(f"positions must be one of {POSITION_MODES}, explicit "
+                                 f"positions or a (batch, seq) bool mask; got {positions!r}")
+            return positions
+        if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
+            if positions.dim() != 2:
+                raise ValueError("a positions mask must be (batch, seq) bool")
+            return positions.to(device)
+        if isinstance(positions, int) and not isinstance(positions, bool):
+            positions = [positions]
+        pos = torch.as_tensor(positions, device=device)
+        if pos.dim() != 1 or pos.is_floating_point() or pos.dtype == torch.bool:
+            raise ValueError("positions must be 'all', 'prompt', 'generated', ints, or a "
+                             "(batch, seq) bool mask")
+        return pos.long()
+
+    # ------------------------------------------------------------------ per forward
+    def _position_mask(self, B, T, past, device):
+        """(B, T) or (1, T) bool of steered tokens, or None for all."""
+        p = self.positions
+        if isinstance(p, str) and p == "all":
+            return None
+        pos = torch.arange(past, past + T, device=device)
+        if isinstance(p, str):
+            sel = pos < self._prompt_len if p == "prompt" else pos >= self._prompt_len
+            return sel.unsqueeze(0)
+        if p.dtype == torch.bool:
+            cols = p[:, past:past + T]
+            if cols.shape[0] != B:
+                raise ValueError(f"positions mask has {cols.shape[0]} rows, batch has {B}")
+            if cols.shape[1] < T:
+                cols = torch.cat([cols, cols.new_zeros(B, T - cols.shape[1])], 1)
+            return cols
+        absolute = torch.where(p < 0, p + self._prompt_len, p)
+        return (pos.unsqueeze(1) == absolute.unsqueeze(0)).any(1).unsqueeze(0)
+
+    def _row_args(self, hidden):
+        key = (self._info.calls if self._info else None, tuple(hidden.shape[:2]))
+        if self._rows_cache[0] == key:
+            return self._rows_cache[1]
+        B, T = hidden.shape[:2]
+        past, attn = self._info.current(hidden)
+        if self._prompt_len is None:
+            self._prompt_len = past + T
+        sel = self._position_mask(B, T, past, hidden.device)
+        if attn is not None:
+            keep = attn != 0
+            sel = keep if sel is None else sel & keep
+        mask = None if sel is None else sel.expand(B, T)
+        vi = alpha = None
+        if self.vector_index is not None:
+            if self.vector_index.shape[0] != B:
+                raise ValueError(f"vector_index has {self.vector_index.shape[0]} entries, "
+                                 f"batch has {B} rows")
+            vi = self.vector_index.unsqueeze(1).expand(B, T)
+        alpha = self.alpha
+        if isinstance(alpha, torch.Tensor) and alpha.dim() == 1:
+            if alpha.shape[0] != B:
+                raise ValueError(f"alpha has {alpha.shape[0]} entries, batch has {B} rows")
+            alpha = alpha.unsqueeze(1).expand(B, T)
+        args = (mask, vi, alpha)
+        self._rows_cache = (key, args)
+        return args
+
+    def _make_hook(self, layer):
+        vector = self.vectors[layer]
+
+        def steer_site(hidden):
+            mask, vi, alpha = self._row_args(hidden)
+            needs_grad = torch.is_grad_enabled() and (
+                hidden.requires_grad or vector.requires_grad
+                or (isinstance(alpha, torch.Tensor) and alpha.requires_grad))
+            with unchecked():  # validated once in __init__
+                if needs_grad or layer == 0:  # layer 0: never write into the caller's embeds
+                    return ops.steer(hidden, vector, alpha, mode=self.mode, mask=mask,
+                                     vector_index=vi)
+                ops.steer_(hidden, vector, alpha, mode=self.mode, mask=mask, vector_index=vi)
+            return None
+        return steer_site
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self):
+        if self._handles:
+            return self
+        self._info = ForwardInfo(self.model)
+        self._prompt_len = None
+        for layer in self.layers:
+            self._handles.append(register_site_hook(self.model, layer, self._make_hook(layer),
+                                                    self.layers_path))
+        return self
+
+    def detach(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._info is not None:
+            self._info.remove()
+            self._info = None
+        self._rows_cache = (None, None)
+
+    def reset(self):
+        """Forget the prompt length (the next forward is a new prompt)."""
+        self._prompt_len = None
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+        return False
+
+
+def _model_device(model):
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

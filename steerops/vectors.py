@@ -1,0 +1,139 @@
+"""Steering vectors: learning from contrastive pairs, and storage."""
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from .models import hidden_size, model_name, resolve_layers
+from .patching import as_inputs, as_metric, cache_activations, model_output
+from .steering import Steering
+
+METHODS = ("mean_diff", "pca", "optimize")
+
+
+@dataclass
+class SteeringVector:
+    """A steering vector with what it takes to use it correctly.
+
+    ``vector`` is (D,) or (K, D); ``layer`` the site layer it was read at (0 =
+    embeddings, l = output of block l); ``settings`` records how it was learned.
+    """
+    vector: torch.Tensor
+    layer: int
+    hidden_size: int
+    model_name: str = None
+    method: str = "mean_diff"
+    settings: dict = field(default_factory=dict)
+
+    def check_model(self, model):
+        D = hidden_size(model)
+        if D != self.hidden_size:
+            raise ValueError(f"this steering vector is for hidden size {self.hidden_size} "
+                             f"(model {self.model_name!r}); the model has hidden size {D}")
+
+    def steer(self, model, alpha=1.0, **kwargs):
+        """A :class:`~steerops.Steering` of ``model`` with this vector at its layer."""
+        self.check_model(model)
+        return Steering(model, self.layer, self.vector, alpha, **kwargs)
+
+    def save(self, path):
+        """safetensors file with the tensor; the metadata as JSON in its header."""
+        from safetensors.torch import save_file
+        meta = {"layer": self.layer, "hidden_size": self.hidden_size,
+                "model_name": self.model_name, "method": self.method, "settings": self.settings,
+                "format": "steerops.SteeringVector/1"}
+        save_file({"vector": self.vector.detach().cpu().contiguous()}, str(path),
+                  metadata={"steerops": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path, device=None):
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            if "steerops" not in header:
+                raise ValueError(f"{path} is not a steerops steering vector (no metadata)")
+            meta = json.loads(header["steerops"])
+            vector = f.get_tensor("vector")
+        if device is not None:
+            vector = vector.to(device)
+        return cls(vector, meta["layer"], meta["hidden_size"], meta.get("model_name"),
+                   meta.get("method", "unknown"), meta.get("settings", {}))
+
+
+def contrastive_differences(model, positive, negative, layer, position=-1, layers_path=None):
+    """h(positive) - h(negative) at (layer, position) per pair: (pairs, D) float32."""
+    pos = cache_activations(model, positive, [layer], [position], layers_path=layers_path)
+    neg = cache_activations(model, negative, [layer], [position], layers_path=layers_path)
+    if pos.acts.shape != neg.acts.shape:
+        raise ValueError("positive and negative must have the same number of pairs")
+    return (pos[layer][:, 0] - neg[layer][:, 0]).float()
+
+
+def learn_steering_vector(model, positive, negative, layer, *, method="mean_diff", position=-1,
+                          metric=None, mode="add", alpha=1.0, steps=50, lr=0.05,
+                          weight_decay=0.0, steer_positions="all", layers_path=None,
+                          progress=False):
+    """Learn a steering vector at ``layer`` from contrastive prompt pairs.
+
+    Methods:
+        mean_diff: mean over pairs of h(positive) - h(negative) at ``position``.
+        pca: the first principal direction of those (uncentred) differences,
+            signed to agree with their mean and scaled to the mean projection.
+        optimize: gradient ascent on ``metric(logits, pair_index)`` of the
+            *negative* prompts steered at ``layer`` (``mode``, ``alpha``,
+            ``steer_positions``), starting from mean_diff; gradients flow through
+            the fused steering op's backward. Adam, ``steps`` full-batch steps,
+            optional L2 ``weight_decay`` on the vector.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    resolve_layers(model, [layer], layers_path)
+    diffs = contrastive_differences(model, positive, negative, layer, position, layers_path)
+    mean = diffs.mean(0)
+    settings = {"position": position, "pairs": int(diffs.shape[0])}
+    if method == "mean_diff":
+        vector = mean
+    elif method == "pca":
+        _, _, vh = torch.linalg.svd(diffs, full_matrices=False)
+        u = vh[0]
+        if torch.dot(u, mean) < 0:
+            u = -u
+        vector = u * (diffs @ u).mean()
+        settings["explained"] = float((diffs @ u).pow(2).sum() / diffs.pow(2).sum())
+    else:
+        if metric is None:
+            raise ValueError("method 'optimize' needs a metric(logits, pair_index) to maximise")
+        vector, history = _optimize(model, negative, layer, mean, as_metric(metric), mode, alpha,
+                                    steps, lr, weight_decay, steer_positions, layers_path,
+                                    progress)
+        settings.update(mode=mode, alpha=alpha, steps=steps, lr=lr, weight_decay=weight_decay,
+                        steer_positions=steer_positions if isinstance(steer_positions, str)
+                        else list(map(int, steer_positions)), metric_history=history)
+    return SteeringVector(vector.detach(), layer, hidden_size(model), model_name(model), method,
+                          settings)
+
+
+def _optimize(model, negative, layer, init, metric, mode, alpha, steps, lr, weight_decay,
+              positions, layers_path, progress):
+    from tqdm.auto import tqdm
+
+    device = init.device
+    inputs = as_inputs(negative, next(model.parameters()).device)
+    n = next(iter(inputs.values())).shape[0]
+    pair_index = torch.arange(n, device=device)
+    v = init.clone().requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=lr)
+    history = []
+    steering = Steering(model, layer, v, alpha, mode=mode, positions=positions,
+                        layers_path=layers_path)
+    with steering, torch.enable_grad():
+        for _ in tqdm(range(steps), disable=not progress, desc="optimising vector"):
+            steering.reset()
+            m = metric(model_output(model(**inputs)), pair_index).float().mean()
+            loss = -m + weight_decay * v.pow(2).sum()
+            (grad,) = torch.autograd.grad(loss, [v])  # no gradients into the model
+            opt.zero_grad()
+            v.grad = grad
+            opt.step()
+            history.append(float(m))
+    return v, history
