@@ -43,7 +43,7 @@ def _not_aliasing(result, t):
 # --------------------------------------------------------------------------- intervene
 
 
-def _intervene_run(x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar,
+def intervene_impl(x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar,
                    mask, vector_index, mode, out):
     if backend.use_triton(x):
         return ksteer.steer_fwd(
@@ -62,7 +62,7 @@ def intervene_op(x: Tensor, residual: Optional[Tensor], source: Optional[Tensor]
                  patch_src: Optional[Tensor], patch_weight: Optional[Tensor],
                  vector: Optional[Tensor], alpha: Optional[Tensor], alpha_scalar: float,
                  mask: Optional[Tensor], vector_index: Optional[Tensor], steer_mode: str) -> Tensor:
-    return _intervene_run(x, residual, source, patch_src, patch_weight, vector, alpha,
+    return intervene_impl(x, residual, source, patch_src, patch_weight, vector, alpha,
                           alpha_scalar, mask, vector_index, steer_mode, None)
 
 
@@ -78,7 +78,7 @@ def intervene_inplace_op(x: Tensor, residual: Optional[Tensor], source: Optional
                          vector: Optional[Tensor], alpha: Optional[Tensor], alpha_scalar: float,
                          mask: Optional[Tensor], vector_index: Optional[Tensor],
                          steer_mode: str) -> None:
-    _intervene_run(x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar,
+    intervene_impl(x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar,
                    mask, vector_index, steer_mode, x)
 
 
@@ -167,7 +167,10 @@ intervene_op.register_autograd(_intervene_backward, setup_context=_intervene_set
 # --------------------------------------------------------------------------- patch
 
 
-def _patch_into(out, source, dst_index, src_index, weight, direction):
+def patch_into(out, source, dst_index, src_index, weight, direction, residual=None):
+    """Patches ``out`` in place (after adding ``residual``); the body of both patch ops."""
+    if residual is not None:
+        out.add_(residual)
     if backend.use_triton(out):
         kpatch.patch_fwd(out, source, dst_index, src_index, weight=weight, direction=direction)
     else:
@@ -179,8 +182,8 @@ def _patch_into(out, source, dst_index, src_index, weight, direction):
 def patch_op(x: Tensor, source: Tensor, dst_index: Tensor, src_index: Tensor,
              weight: Optional[Tensor], direction: Optional[Tensor],
              residual: Optional[Tensor]) -> Tensor:
-    out = x + residual if residual is not None else x.clone(memory_format=torch.contiguous_format)
-    return _patch_into(out, source, dst_index, src_index, weight, direction)
+    return patch_into(x.clone(memory_format=torch.contiguous_format), source, dst_index,
+                      src_index, weight, direction, residual)
 
 
 @patch_op.register_fake
@@ -192,9 +195,7 @@ def _(x, source, dst_index, src_index, weight, direction, residual):
 def patch_inplace_op(x: Tensor, source: Tensor, dst_index: Tensor, src_index: Tensor,
                      weight: Optional[Tensor], direction: Optional[Tensor],
                      residual: Optional[Tensor]) -> None:
-    if residual is not None:
-        x.add_(residual)
-    _patch_into(x, source, dst_index, src_index, weight, direction)
+    patch_into(x, source, dst_index, src_index, weight, direction, residual)
 
 
 @patch_inplace_op.register_fake

@@ -24,11 +24,13 @@ def _alpha_rows(alpha, alpha_scalar, N, cd, device):
     return alpha.to(cd).expand(N)
 
 
+def _rows_of(per_vector, vector_index):
+    """Row i's entry of a (K, ...) tensor: broadcast row 0 without an index."""
+    return per_vector[0] if vector_index is None else per_vector[vector_index.long()]
+
+
 def _vector_rows(vector, vector_index, N, cd):
-    v = vector.to(cd)
-    if vector_index is None:
-        return v[0].expand(N, -1)
-    return v[vector_index.long()]
+    return _rows_of(vector.to(cd), vector_index).expand(N, -1)
 
 
 def _patched_input(x, residual, source, patch_src, patch_weight, cd):
@@ -47,25 +49,27 @@ def _patched_input(x, residual, source, patch_src, patch_weight, cd):
 
 
 def _safe_norm(h):
-    """||h|| per row whose gradient is 0 (not NaN) at h = 0."""
-    sq = (h * h).sum(-1)
-    pos = sq > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))),
-                       torch.zeros_like(sq))
+    """||h|| per row; torch's norm has gradient 0 (not NaN) at h = 0."""
+    return torch.linalg.vector_norm(h, dim=-1)
 
 
-def steering_delta(h, v_rows, a, mode):
-    """The steering term added to each row of h (before masking)."""
+def steering_delta(h, vector, vector_index, a, mode):
+    """The steering term added to each row of h (before masking).
+
+    vector (K, D) in the compute dtype; a: (N,) tensor or a python float.
+    Normalises the K vectors once, then selects rows.
+    """
+    a = a.unsqueeze(-1) if isinstance(a, torch.Tensor) else a
     if mode == "add":
-        return a.unsqueeze(-1) * v_rows
-    u = v_rows / v_rows.norm(dim=-1, keepdim=True)
+        return a * _rows_of(vector, vector_index)
+    u = _rows_of(vector / vector.norm(dim=-1, keepdim=True), vector_index)
     if mode == "norm_scaled":
-        return (a * _safe_norm(h)).unsqueeze(-1) * u
-    hu = (h * u).sum(-1)
+        return a * _safe_norm(h).unsqueeze(-1) * u
+    hu = (h * u).sum(-1, keepdim=True)
     if mode == "ablate":
-        return (-a * hu).unsqueeze(-1) * u
+        return -a * hu * u
     if mode == "clamp":
-        return (a - hu).unsqueeze(-1) * u
+        return (a - hu) * u
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
@@ -77,8 +81,8 @@ def intervene_forward(x, residual=None, source=None, patch_src=None, patch_weigh
     cd = compute_dtype(x.dtype)
     h = _patched_input(x, residual, source, patch_src, patch_weight, cd)
     if vector is not None:
-        a = _alpha_rows(alpha, alpha_scalar, N, cd, x.device)
-        delta = steering_delta(h, _vector_rows(vector, vector_index, N, cd), a, mode)
+        a = float(alpha_scalar) if alpha is None else alpha.to(cd)
+        delta = steering_delta(h, vector.to(cd), vector_index, a, mode)
         if mask is not None:
             delta = torch.where(mask.bool().unsqueeze(-1), delta, torch.zeros_like(delta))
         h = h + delta

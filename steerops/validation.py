@@ -26,13 +26,16 @@ class ValueChecks:
 
     def __init__(self):
         self._items = []
+        self.enabled = backend.value_checks_enabled()
 
     def add(self, bad, exc_type, message):
-        """``bad``: 0-d bool tensor; ``message``: str or callable giving one."""
-        self._items.append((bad, exc_type, message))
+        """``bad``: callable giving a 0-d bool tensor (not evaluated when checks are off);
+        ``message``: str or callable giving one."""
+        if self.enabled:
+            self._items.append((bad(), exc_type, message))
 
     def run(self):
-        if not self._items or not backend.value_checks_enabled():
+        if not self._items:
             return
         if _is_tracing():
             raise RuntimeError(
@@ -104,20 +107,20 @@ def check_range(checks, name, index, low, high, what):
     """Values of ``index`` must lie in [low, high)."""
     if index.numel() == 0:
         return
-    bad = (index.min() < low) | (index.max() >= high)
-    checks.add(bad, ValueError, lambda: (
+    checks.add(lambda: (index.min() < low) | (index.max() >= high), ValueError, lambda: (
         f"{name} out of range: values must be in [{low}, {high}) ({what}), "
         f"got min {int(index.min())} max {int(index.max())}"))
 
 
 def check_unit_range(checks, name, w):
-    bad = ~torch.isfinite(w).all() | (w < 0).any() | (w > 1).any()
-    checks.add(bad, ValueError, f"{name} must be finite and in [0, 1]")
+    checks.add(lambda: ~torch.isfinite(w).all() | (w < 0).any() | (w > 1).any(), ValueError,
+               f"{name} must be finite and in [0, 1]")
 
 
 def check_nonzero_rows(checks, name, v, why):
-    bad = (v.to(torch.float32 if v.dtype != torch.float64 else v.dtype).norm(dim=-1) == 0).any()
-    checks.add(bad, ValueError, f"{name} has a zero-norm row, which {why}")
+    checks.add(lambda: (v.to(torch.float32 if v.dtype != torch.float64 else v.dtype)
+                        .norm(dim=-1) == 0).any(),
+               ValueError, f"{name} has a zero-norm row, which {why}")
 
 
 def check_mode(mode):
@@ -199,8 +202,10 @@ def check_source(source, hidden, D):
 def check_duplicates(checks, name, index):
     if index.numel() < 2:
         return
-    s = index.sort().values
-    checks.add((s[1:] == s[:-1]).any(), ValueError,
+    def has_duplicates():
+        s = index.sort().values
+        return (s[1:] == s[:-1]).any()
+    checks.add(has_duplicates, ValueError,
                f"{name} has duplicate entries; each destination row may be patched once per call")
 
 
