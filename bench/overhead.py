@@ -67,11 +67,19 @@ def measure(hidden=256, layers=4, batch=4, seq=64, mode="norm_scaled", repeats=3
         hooked = _time(forward, repeats, device)
     finally:
         handle.remove()
+    # the steering work alone, per call, on a hidden state of the same shape: a
+    # whole forward on a CPU is too noisy to resolve it
+    h = torch.randn(batch, seq, hidden, device=device, dtype=dtype)
+    with torch.no_grad(), steerops.unchecked():
+        op_call = _time(lambda: steerops.steer_(h, v, 1e-3, mode=mode), 20 * repeats, device)
+        plain_call = _time(lambda: h + 1e-3 * h.norm(dim=-1, keepdim=True) * u, 20 * repeats,
+                           device)
     return {"device": str(device), "dtype": str(dtype), "hidden": hidden, "layers": layers,
             "batch": batch, "seq": seq, "mode": mode, "unsteered_ms": base * 1e3,
             "steerops_ms": ours * 1e3, "plain_hook_ms": hooked * 1e3,
             "steerops_overhead_ms": (ours - base) * 1e3,
-            "plain_hook_overhead_ms": (hooked - base) * 1e3}
+            "plain_hook_overhead_ms": (hooked - base) * 1e3,
+            "steerops_call_us": op_call * 1e6, "plain_math_call_us": plain_call * 1e6}
 
 
 def main(argv=None):
