@@ -135,5 +135,5 @@ def _optimize(model, negative, layer, init, metric, mode, alpha, steps, lr, weig
             opt.zero_grad()
             v.grad = grad
             opt.step()
-            history.append(float(m))
+            history.append(float(m.detach()))
     return v, history

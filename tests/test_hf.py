@@ -443,3 +443,23 @@ def test_steering_vector_save_load(tmp_path):
         wrong.steer(model)
     with pytest.raises(ValueError, match="hidden size 48"):
         steerops.Steering(model, 1, wrong)
+
+
+def test_right_padding_is_never_steered():
+    model = causal_lm("llama")
+    ids = prompts(batch=2)
+    attn = torch.ones_like(ids)
+    attn[1, 5:] = 0  # right padding on row 1
+    seen = {}
+    with steerops.Steering(model, 2, torch.randn(32) * 3, 1.0):
+        handle = _plain_hook(model, 2, lambda h: seen.setdefault("steered", h.clone()))
+        with torch.no_grad():
+            model(ids, attention_mask=attn)
+        handle.remove()
+    with torch.no_grad():
+        handle = _plain_hook(model, 2, lambda h: seen.setdefault("plain", h.clone()))
+        model(ids, attention_mask=attn)
+        handle.remove()
+    torch.testing.assert_close(seen["steered"][1, 5:], seen["plain"][1, 5:])
+    assert not torch.allclose(seen["steered"][1, :5], seen["plain"][1, :5])
+    assert not torch.allclose(seen["steered"][0], seen["plain"][0])
