@@ -12,9 +12,12 @@ setup(
     packages=["steerops", "steerops.kernels", "steerops.bench"],
     package_dir={"steerops": "steerops", "steerops.kernels": "kernels", "steerops.bench": "bench"},
     install_requires=["torch>=2.5", "triton>=3.2", "numpy"],
+    package_data={"steerops.bench": ["checkpoints/*.safetensors"]},
     entry_points={"console_scripts": ["steerops=steerops.cli:main"]},
     extras_require={
         "hf": ["transformers>=4.40", "safetensors", "tqdm"],
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "safetensors", "tqdm"],
+        "bench": ["transformers>=4.40", "safetensors", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "safetensors", "tqdm",
+                 "matplotlib"],
     },
 )

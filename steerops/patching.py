@@ -350,8 +350,10 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
 
         def make(layer):
             def fn(hidden):
-                if layer == 0:  # a leaf, so that gradients reach every site
-                    hidden = hidden.detach().requires_grad_(True)
+                if layer == 0:  # gradients must reach every site even with frozen weights;
+                    # a clone of the new leaf (not the leaf itself) keeps hook-based tools
+                    # (FlopCounterMode's module tracker) working with autograd.grad
+                    hidden = hidden.detach().requires_grad_(True).clone()
                 captured[layer] = hidden
                 return hidden if layer == 0 else None
             return fn

@@ -103,9 +103,10 @@ def learn_steering_vector(model, positive, negative, layer, *, method="mean_diff
     else:
         if metric is None:
             raise ValueError("method 'optimize' needs a metric(logits, pair_index) to maximise")
-        vector, history = _optimize(model, negative, layer, mean, as_metric(metric), mode, alpha,
-                                    steps, lr, weight_decay, steer_positions, layers_path,
-                                    progress)
+        vector, history = optimize_vector(model, negative, layer, mean, metric, mode=mode,
+                                          alpha=alpha, steps=steps, lr=lr,
+                                          weight_decay=weight_decay, positions=steer_positions,
+                                          layers_path=layers_path, progress=progress)
         settings.update(mode=mode, alpha=alpha, steps=steps, lr=lr, weight_decay=weight_decay,
                         steer_positions=steer_positions if isinstance(steer_positions, str)
                         else list(map(int, steer_positions)), metric_history=history)
@@ -113,10 +114,17 @@ def learn_steering_vector(model, positive, negative, layer, *, method="mean_diff
                           settings)
 
 
-def _optimize(model, negative, layer, init, metric, mode, alpha, steps, lr, weight_decay,
-              positions, layers_path, progress):
+def optimize_vector(model, inputs, layer, init, metric, *, mode="add", alpha=1.0, steps=50,
+                    lr=0.05, weight_decay=0.0, positions="all", layers_path=None,
+                    progress=False):
+    """Gradient ascent of ``metric(logits, pair_index)`` on ``inputs`` steered at
+    ``layer`` by a vector starting at ``init``; gradients reach the vector
+    through the fused steering op's backward (none reach the model).
+    Returns (vector, metric history)."""
     from tqdm.auto import tqdm
 
+    metric = as_metric(metric)
+    negative = inputs
     device = init.device
     inputs = as_inputs(negative, next(model.parameters()).device)
     n = next(iter(inputs.values())).shape[0]

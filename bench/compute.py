@@ -1,0 +1,107 @@
+"""Compute accounting: FLOPs counted by FlopCounterMode, analytic FLOPs, wall time.
+
+A :class:`Ledger` records each stage of a method (how many sequences of how
+many tokens went forward / backward, whether the LM head ran) with the FLOPs
+FlopCounterMode counted for it and its wall time.
+"""
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def analytic_forward_flops(config, tokens, lm_head=True):
+    """2 x multiply-adds of one forward over ``tokens`` positions of one sequence.
+
+    Llama/Mistral-style (q, k, v, o projections, gated MLP) or GPT-2 style
+    (fused qkv, 4x MLP); attention scores and the weighted sum included.
+    """
+    T = tokens
+    d = getattr(config, "hidden_size", None) or config.n_embd
+    L = getattr(config, "num_hidden_layers", None) or config.n_layer
+    V = config.vocab_size
+    if getattr(config, "model_type", "") == "gpt2":
+        inter = config.n_inner or 4 * d
+        per_layer = 2 * T * d * (3 * d) + 2 * T * d * d + 2 * (2 * T * d * inter)
+    else:
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", heads) or heads
+        head_dim = getattr(config, "head_dim", None) or d // heads
+        inter = config.intermediate_size
+        per_layer = (2 * T * d * (heads * head_dim) + 2 * 2 * T * d * (kv * head_dim)
+                     + 2 * T * (heads * head_dim) * d + 3 * 2 * T * d * inter)
+    attention = 2 * 2 * T * T * d
+    flops = L * (per_layer + attention)
+    if lm_head:
+        flops += 2 * T * d * V
+    return flops
+
+
+@dataclass
+class Stage:
+    name: str
+    sequences: int          # sequences forwarded
+    tokens: int             # tokens per sequence
+    lm_head: bool = True
+    backward: bool = False  # a backward pass per forward (x2 forward FLOPs)
+    counted_flops: int = 0  # FlopCounterMode
+    seconds: float = 0.0    # median wall time
+    side: str = ""
+    extra_forwards: int = 0  # further forward-only sequences in the same stage (e.g. AtP's clean run)
+
+
+@dataclass
+class Ledger:
+    config: object
+    stages: list = field(default_factory=list)
+
+    def run(self, name, fn, *, sequences, tokens, lm_head=True, backward=False, side="",
+            repeats=1, device=None, extra_forwards=0):
+        """Runs ``fn`` once under FlopCounterMode (its result is returned), then
+        ``repeats`` more times for the median wall time."""
+        with FlopCounterMode(display=False) as counter:
+            result = fn()
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        self.stages.append(Stage(name, sequences, tokens, lm_head, backward,
+                                 int(counter.get_total_flops()),
+                                 statistics.median(times) if times else float("nan"), side,
+                                 extra_forwards))
+        return result
+
+    def analytic(self, stage):
+        per = analytic_forward_flops(self.config, stage.tokens, stage.lm_head)
+        return stage.sequences * per * (3 if stage.backward else 1) + stage.extra_forwards * per
+
+    def totals(self, side, names=None):
+        chosen = [s for s in self.stages if s.side == side and (names is None or s.name in names)]
+        return {"counted_flops": sum(s.counted_flops for s in chosen),
+                "analytic_flops": sum(self.analytic(s) for s in chosen),
+                "seconds": sum(s.seconds for s in chosen),
+                "stages": [s.name for s in chosen]}
+
+    def as_dicts(self):
+        return [dict(vars(s), analytic_flops=self.analytic(s)) for s in self.stages]
+
+
+def _sync(device):
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def meta_forward_flops(model_factory, tokens):
+    """FlopCounterMode FLOPs of one forward of one sequence, on the meta device
+    (no memory, no time: large configs can be counted on any machine)."""
+    with torch.device("meta"):
+        model = model_factory()
+        ids = torch.zeros(1, tokens, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids)
+    return int(counter.get_total_flops())

@@ -1,0 +1,122 @@
+"""Train the 12 task models from scratch (fixed seeds) and save them as checkpoints.
+
+    python -m steerops.bench.train                 # all tasks, into bench/checkpoints/
+    python -m steerops.bench.train --tasks ioi sorting --out /tmp/ckpt
+
+Each model is a small LlamaForCausalLM built from a config (2 layers,
+d_model 64), trained on freshly sampled prompts (clean and corrupt prompts are
+both task instances) with the loss on the answer token only, until held-out
+accuracy reaches the target (checked on prompts from a separate generator
+stream) or the step budget runs out. The checkpoint is a safetensors file
+with the config, seed, steps and measured held-out accuracy in its metadata.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from .tasks import TASKS, VOCAB
+
+CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+MODEL_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+                    max_position_embeddings=16, tie_word_embeddings=False, bos_token_id=1,
+                    eos_token_id=1, pad_token_id=0)
+TRAIN_SEED, EVAL_SEED, TEST_SEED = 0, 10_000, 20_000
+
+
+def build_model(config=None):
+    import transformers as T
+    cfg = T.LlamaConfig(**(config or MODEL_CONFIG))
+    return T.LlamaForCausalLM(cfg)
+
+
+def _examples(task, n_pairs, gen):
+    p = task.sample(n_pairs, gen)
+    return torch.cat([p.clean, p.corrupt]), torch.cat([p.answer, p.wrong])
+
+
+@torch.no_grad()
+def accuracy(model, task, n_pairs, seed):
+    model.eval()
+    ids, labels = _examples(task, n_pairs, torch.Generator().manual_seed(seed))
+    pred = model(ids).logits[:, -1].argmax(-1)
+    return float((pred == labels).float().mean())
+
+
+def train_task(task, *, seed=0, max_steps=6000, batch_pairs=128, lr=3e-3, target=0.99,
+               eval_every=250, progress=True):
+    from tqdm.auto import tqdm
+    torch.manual_seed(seed)
+    model = build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    gen = torch.Generator().manual_seed(TRAIN_SEED + seed)
+    t0 = time.time()
+    step, held_out = 0, 0.0
+    bar = tqdm(total=max_steps, disable=not progress, desc=f"train {task.name}", leave=False)
+    while step < max_steps:
+        model.train()
+        ids, labels = _examples(task, batch_pairs, gen)
+        loss = torch.nn.functional.cross_entropy(model(ids).logits[:, -1], labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        if step % eval_every == 0:
+            held_out = accuracy(model, task, 500, EVAL_SEED + seed)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{held_out:.3f}")
+            if held_out >= target:
+                break
+    bar.close()
+    test = accuracy(model, task, 2000, TEST_SEED + seed)
+    return model.eval(), {"task": task.name, "seed": seed, "steps": step, "lr": lr,
+                          "batch_pairs": batch_pairs, "held_out_accuracy": test,
+                          "train_seconds": round(time.time() - t0, 1)}
+
+
+def save_checkpoint(model, info, path):
+    from safetensors.torch import save_file
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = dict(info, config=MODEL_CONFIG, torch=torch.__version__)
+    save_file(state, path, metadata={"steerops": json.dumps(meta)})
+
+
+def load_checkpoint(task_name, directory=CHECKPOINT_DIR, device="cpu"):
+    """(model, info) for a shipped (or freshly trained) task checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = os.path.join(directory, f"{task_name}.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint for task {task_name!r} at {path}; train it with "
+                                f"python -m steerops.bench.train --tasks {task_name}")
+    with safe_open(path, framework="pt") as f:
+        info = json.loads(f.metadata()["steerops"])
+    model = build_model(info["config"])
+    model.load_state_dict(load_file(path))
+    return model.to(device).eval(), info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train the attribution-benchmark task models.")
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--out", default=CHECKPOINT_DIR)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=6000)
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    for name in args.tasks:
+        model, info = train_task(TASKS[name], seed=args.seed, max_steps=args.max_steps)
+        save_checkpoint(model, info, os.path.join(args.out, f"{name}.safetensors"))
+        flag = "" if info["held_out_accuracy"] >= 0.95 else "  BELOW 95%"
+        print(f"{name:18s} steps {info['steps']:5d}  held-out acc {info['held_out_accuracy']:.4f}"
+              f"  ({info['train_seconds']} s){flag}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
