@@ -111,7 +111,7 @@ def choose_layer(model, val, vectors, device):
         with steerops.Steering(model, layer, vectors[layer], 1.0, positions=mask), \
                 torch.no_grad():
             m = metric(model(val.corrupt.to(device)).logits, every)
-        recovery.append(float((m - m_corrupt).mean() / (m_clean - m_corrupt).mean()))
+        recovery.append(F.recovery(m.cpu(), m_clean.cpu(), m_corrupt.cpu()))
     return int(np.argmax(recovery)), recovery
 
 
@@ -135,7 +135,7 @@ def steering_recovery(model, ev, sites, vectors, fit_diffs, fit_corrupt, device)
         with steerops.Steering(model, layer, v, a, mode="norm_scaled", positions=mask.to(device)), \
                 torch.no_grad():
             m = metric(model(ev.corrupt.to(device)).logits, every)
-        out.append(float((m - m_corrupt).mean() / (m_clean - m_corrupt).mean()))
+        out.append(F.recovery(m.cpu(), m_clean.cpu(), m_corrupt.cpu()))
     return out
 
 

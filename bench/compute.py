@@ -45,7 +45,7 @@ class Stage:
     sequences: int          # sequences forwarded
     tokens: int             # tokens per sequence
     lm_head: bool = True
-    backward: bool = False  # a backward pass per forward (x2 forward FLOPs)
+    backward: bool = False  # a backward pass per forward, to the activations only
     counted_flops: int = 0  # FlopCounterMode
     seconds: float = 0.0    # median wall time
     side: str = ""
@@ -78,7 +78,9 @@ class Ledger:
 
     def analytic(self, stage):
         per = analytic_forward_flops(self.config, stage.tokens, stage.lm_head)
-        return stage.sequences * per * (3 if stage.backward else 1) + stage.extra_forwards * per
+        # the backward passes here take gradients w.r.t. activations or a steering vector,
+        # never the weights: about one forward's worth of FLOPs (not two)
+        return stage.sequences * per * (2 if stage.backward else 1) + stage.extra_forwards * per
 
     def totals(self, side, names=None):
         chosen = [s for s in self.stages if s.side == side and (names is None or s.name in names)]

@@ -77,6 +77,13 @@ def top_recall(a, g, fraction=0.10):
     return len(set(_top(a, k).tolist()) & set(_top(g, k).tolist())) / k
 
 
+def recovery(m_intervened, m_clean, m_corrupt):
+    """(E[m(intervened)] - E[m(corrupt)]) / (E[m(clean)] - E[m(corrupt)]) (ratio of means)."""
+    mi, mc, mx = (float(np.mean(np.asarray(v, dtype=np.float64)))
+                  for v in (m_intervened, m_clean, m_corrupt))
+    return (mi - mx) / (mc - mx) if mc != mx else float("nan")
+
+
 def summarize(a, g):
     R, Rr = faithfulness_R(a, g), random_R(g)
     return {"R": R, "R_prime": chance_corrected(R, Rr), "spearman": spearman(a, g),

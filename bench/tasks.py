@@ -5,6 +5,14 @@ the answer is the next token after the last position. A pair is a clean and a
 corrupt prompt of equal length that differ by a symmetric token replacement;
 ``answer`` is right for clean, ``wrong`` for corrupt, and ``contrast`` is the
 (first) position where they differ.
+
+Binary-variable tasks (greater-than, brackets, pronoun, agreement) give
+*oriented* pairs: clean always holds the same value of the variable (yes /
+balanced / he / singular) and corrupt the other, so that a contrastive mean
+h(clean) - h(corrupt) is a direction for that variable. High-cardinality tasks
+cannot be oriented (each pair contrasts different values); that is part of
+what the benchmark tests. Training uses clean and corrupt prompts alike, so
+the answer classes stay balanced.
 """
 from dataclasses import dataclass
 
@@ -103,21 +111,18 @@ class GreaterThan(Task):
     description = "[x > y ?] -> yes/no"
 
     def sample(self, n, gen):
-        x = _randint(gen, NUM_COUNT, (n,))
+        # oriented pairs: clean always has x > y (yes), corrupt moves x below y (no);
+        # y in [1, 62] leaves room on both sides
         y = _randint(gen, NUM_COUNT - 2, (n,)) + 1
-        y = torch.where(x == y, (y + 1) % NUM_COUNT, y)
+        u, u2 = torch.rand(n, generator=gen), torch.rand(n, generator=gen)
+        x = y + 1 + (u * (NUM_COUNT - 1 - y)).long()
+        x2 = (u2 * y).long()
         clean = torch.stack([torch.full((n,), BOS), num(x), torch.full((n,), GT), num(y),
                              torch.full((n,), QUERY)], 1)
-        # corrupt: move x to the other side of y (symmetric single-token replacement);
-        # y in [1, 62] leaves room on both sides
-        u = torch.rand(n, generator=gen)
-        below = (u * y).long()
-        above = y + 1 + (u * (NUM_COUNT - 1 - y)).long()
-        x2 = torch.where(x > y, below, above)
         corrupt = clean.clone()
         corrupt[:, 1] = num(x2)
-        ans = torch.where(x > y, YES, NO)
-        return Pairs(clean, corrupt, ans, torch.where(x2 > y, YES, NO), torch.full((n,), 1))
+        return Pairs(clean, corrupt, torch.full((n,), YES), torch.full((n,), NO),
+                     torch.full((n,), 1))
 
     def rule(self, p):
         return YES if p[1] > p[3] else NO
@@ -165,16 +170,14 @@ class Brackets(Task):
         flip = _randint(gen, 8, (n,))
         flipped = seqs.clone()
         flipped[torch.arange(n), flip] = 1 - flipped[torch.arange(n), flip]
-        # half the pairs have the balanced prompt as clean, half as corrupt
-        swap = torch.rand(n, generator=gen) < 0.5
-        clean_b = torch.where(swap[:, None], flipped, seqs)
-        corrupt_b = torch.where(swap[:, None], seqs, flipped)
+        # oriented pairs: clean balanced (yes), corrupt one bracket flipped (no)
+        clean_b, corrupt_b = seqs, flipped
 
         def encode(bits):
             body = torch.where(bits == 1, OPEN, CLOSE)
             return torch.cat([torch.full((n, 1), BOS), body, torch.full((n, 1), QUERY)], 1)
-        return Pairs(encode(clean_b), encode(corrupt_b), torch.where(swap, NO, YES),
-                     torch.where(swap, YES, NO), flip + 1)
+        return Pairs(encode(clean_b), encode(corrupt_b), torch.full((n,), YES),
+                     torch.full((n,), NO), flip + 1)
 
     def rule(self, p):
         depth = 0
@@ -313,8 +316,9 @@ class Pronoun(Task):
     description = "[name verb f1 f2 ?] -> he/she by the name's gender"
 
     def sample(self, n, gen):
-        s = _randint(gen, SYM_COUNT, (n,))
-        s2 = _other_with(gen, _FEMALE, ~_FEMALE[s], n)
+        # oriented pairs: clean name male (he), corrupt name female (she)
+        s = _other_with(gen, _FEMALE, torch.zeros(n, dtype=torch.bool), n)
+        s2 = _other_with(gen, _FEMALE, torch.ones(n, dtype=torch.bool), n)
         f = num(_randint(gen, NUM_COUNT, (n, 2)))
         clean = torch.cat([torch.full((n, 1), BOS), sym(s)[:, None], torch.full((n, 1), VERB), f,
                            torch.full((n, 1), QUERY)], 1)
@@ -332,8 +336,9 @@ class Agreement(Task):
     description = "[noun a1 a2 a3 ?] -> verb form by the noun's number (attractors a_i)"
 
     def sample(self, n, gen):
-        s = _randint(gen, SYM_COUNT, (n,))
-        s2 = _other_with(gen, _PLURAL, ~_PLURAL[s], n)
+        # oriented pairs: clean noun singular, corrupt noun plural
+        s = _other_with(gen, _PLURAL, torch.zeros(n, dtype=torch.bool), n)
+        s2 = _other_with(gen, _PLURAL, torch.ones(n, dtype=torch.bool), n)
         attractors = sym(_randint(gen, SYM_COUNT, (n, 3)))
         clean = torch.cat([torch.full((n, 1), BOS), sym(s)[:, None], attractors,
                            torch.full((n, 1), QUERY)], 1)

@@ -1,0 +1,143 @@
+"""The attribution benchmark: task generators, faithfulness measures on
+hand-made cases, compute accounting, training, and a small end-to-end run."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from steerops.bench import attribution as A
+from steerops.bench import faithfulness as F
+from steerops.bench.tasks import NO, YES, TASKS
+from steerops.bench.train import accuracy, load_checkpoint, train_task
+
+BINARY = {"greater_than", "brackets", "pronoun", "agreement"}
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_task_pairs_are_aligned_and_follow_the_rule(name):
+    task = TASKS[name]
+    p = task.sample(300, torch.Generator().manual_seed(3))
+    assert p.clean.shape == p.corrupt.shape == (300, task.seq_len)
+    diff = p.clean != p.corrupt
+    assert (diff.sum(1) == 1).all()  # one symmetric token replacement
+    assert diff[torch.arange(300), p.contrast].all()
+    assert (p.answer != p.wrong).all()
+    for i in range(300):
+        assert task.rule(p.clean[i]) == int(p.answer[i])
+        assert task.rule(p.corrupt[i]) == int(p.wrong[i])
+    assert task.binary == (name in BINARY)
+    if task.binary:  # oriented: every clean prompt holds the same value of the variable
+        assert p.answer.unique().numel() == 1 and p.wrong.unique().numel() == 1
+    else:
+        assert p.answer.unique().numel() > 2
+    same_seed = task.sample(300, torch.Generator().manual_seed(3))
+    assert torch.equal(same_seed.clean, p.clean)
+
+
+def test_capture_on_hand_made_sites():
+    g = np.array([5.0, 3.0, 1.0, 0.0, -1.0] + [0.0] * 95)  # 100 sites
+    perfect = g.copy()
+    assert F.capture(perfect, g, 0.01) == 1.0
+    assert F.faithfulness_R(perfect, g) == 1.0
+    second = np.zeros(100)
+    second[1] = 10.0  # top-1 picks the site worth 3 of 5
+    assert F.capture(second, g, 0.01) == pytest.approx(3 / 5)
+    worst = -g
+    assert F.capture(worst, g, 0.01) == pytest.approx(-1 / 5)  # the harmful site comes first
+    # top 2%: 2 sites, best sum 8
+    assert F.capture(np.arange(100.0), g, 0.02) == pytest.approx(0 / 8)
+    assert F.top_k_count(100, 0.5) == 50 and F.top_k_count(7, 0.01) == 1
+
+
+def test_random_expectation_and_chance_correction():
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=40)
+    exact = F.expected_random_capture(g, 0.1)
+    sims = np.mean([F.capture(rng.normal(size=40), g, 0.1) for _ in range(20000)])
+    assert sims == pytest.approx(exact, abs=0.03)
+    assert F.chance_corrected(1.0, 0.3) == 1.0
+    assert F.chance_corrected(0.3, 0.3) == 0.0
+    assert F.chance_corrected(0.65, 0.3) == pytest.approx(0.5)
+
+
+def test_spearman_and_recall():
+    x = np.arange(10.0)
+    assert F.spearman(x, x ** 3) == pytest.approx(1.0)
+    assert F.spearman(x, -x) == pytest.approx(-1.0)
+    # ties take the average rank: [1, 2.5, 2.5, 4] vs [1, 2, 3, 4] -> 0.9486...
+    assert F.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    g = np.arange(20.0)
+    assert F.top_recall(g, g, 0.1) == 1.0
+    assert F.top_recall(-g, g, 0.1) == 0.0
+
+
+def test_recovery_ratio_of_means():
+    assert F.recovery([3.0, 5.0], [10.0, 10.0], [0.0, 0.0]) == pytest.approx(0.4)
+    assert F.recovery([1.0], [2.0], [0.0]) == 0.5
+    assert math.isnan(F.recovery([1.0], [1.0], [1.0]))
+
+
+def test_bootstrap_interval_contains_the_statistic():
+    values = np.random.default_rng(1).normal(2.0, 1.0, size=200)
+    lo, hi = F.bootstrap_interval(lambda idx: values[idx].mean(), 200, n_boot=300)
+    assert lo < values.mean() < hi and hi - lo < 0.6
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_shipped_checkpoints_reach_95_percent(name):
+    model, info = load_checkpoint(name)
+    assert info["held_out_accuracy"] >= 0.95
+    assert accuracy(model, TASKS[name], 200, seed=987) >= 0.95  # fresh prompts
+
+
+def test_training_is_reproducible():
+    a, info_a = train_task(TASKS["successor"], seed=0, max_steps=15, eval_every=1000,
+                           progress=False)
+    b, _ = train_task(TASKS["successor"], seed=0, max_steps=15, eval_every=1000,
+                      progress=False)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert info_a["steps"] == 15
+
+
+TINY = dict(n_fit=8, n_val=4, n_eval=6, s2_steps=2, n_boot=10, repeats=1, realistic_pairs=1)
+
+
+def test_compute_accounting_covers_every_stage():
+    model, _ = load_checkpoint("ioi")
+    result = A.run_task(TASKS["ioi"], model, TINY, torch.device("cpu"), progress=False)
+    c = result["compute"]
+    assert c["steering_S1"]["stages"] == ["S1_fit_caches", "eval_caches"]
+    assert c["steering_S2_extra"]["stages"] == ["S2_val_choice", "S2_optimise"]
+    assert c["patching"]["stages"] == ["patching_sweep"]
+    assert c["atp"]["stages"] == ["AtP"]
+    for stage in c["stages"]:
+        assert stage["counted_flops"] > 0, stage["name"]
+        # the analytic count and FlopCounterMode agree (no stage forgotten on either side)
+        assert stage["analytic_flops"] == pytest.approx(stage["counted_flops"], rel=0.25), \
+            stage["name"]
+    sites, pairs = result["sites"], result["pairs"]
+    sweep = next(s for s in c["stages"] if s["name"] == "patching_sweep")
+    assert sweep["sequences"] == pairs["eval"] * (2 + sites)
+    assert 0 < c["ratio_S1"]["counted_flops"] < 1
+
+
+def test_end_to_end_small_run(tmp_path):
+    results, table = A.run(["successor", "pronoun"], out_dir=str(tmp_path), progress=False,
+                           with_realistic=False, settings=TINY)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [t["task"] for t in data["tasks"]] == ["successor", "pronoun"]
+    for key in ("device", "torch", "triton", "transformers", "commit"):
+        assert key in data["environment"]
+    h = data["headline"]
+    assert 0 <= h["compute_ratio_flops"] < 1 and math.isfinite(h["faithfulness_ratio"])
+    assert "Faithfulness ratio" in table and "mean over 2 tasks of R_S1" in table
+    for png in ("cap_curves.png", "compute_ratio.png", "heatmaps.png"):
+        assert os.path.getsize(tmp_path / png) > 1000
+    for t in data["tasks"]:
+        for m in A.METHODS:
+            assert len(t["methods"][m]["cap"]) == len(F.K_FRACTIONS)
+        assert np.asarray(t["effects"]).shape == (3, TASKS[t["task"]].seq_len)
