@@ -14,8 +14,6 @@ Headline numbers (printed and saved exactly with these definitions):
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 
 import numpy as np
@@ -25,6 +23,7 @@ import steerops
 
 from . import faithfulness as F
 from .compute import Ledger, analytic_forward_flops, meta_forward_flops
+from .provenance import environment, save_results
 from .tasks import TASKS
 from .train import load_checkpoint
 
@@ -60,8 +59,12 @@ def make_splits(task, model, n_fit, n_val, n_eval, seed, device):
                                   pool.wrong.to(device))
     keep = ((pred.cpu() == pool.answer) & ((m_clean - m_corrupt).cpu() > 1))
     kept = pool.select(torch.nonzero(keep).flatten())
-    if len(kept) < need:
-        raise RuntimeError(f"task {task.name}: only {len(kept)} usable pairs for {need}")
+    if len(kept) < need:  # a small task space: shrink the three splits in proportion
+        scale = len(kept) / need
+        n_fit, n_val = max(2, int(n_fit * scale)), max(2, int(n_val * scale))
+        n_eval = max(2, len(kept) - n_fit - n_val)
+        if n_fit + n_val + n_eval > len(kept):
+            raise RuntimeError(f"task {task.name}: only {len(kept)} usable pairs")
     cuts = np.cumsum([0, n_fit, n_val, n_eval])
     splits = {name: kept.select(torch.arange(cuts[i], cuts[i + 1]))
               for i, name in enumerate(("fit", "val", "eval"))}
@@ -317,23 +320,6 @@ def realistic(settings, device, T=10, progress=True):
 
 # ----------------------------------------------------------------------------- reporting
 
-def environment():
-    def commit():
-        try:
-            here = os.path.dirname(os.path.abspath(__file__))
-            return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here,
-                                           stderr=subprocess.DEVNULL).decode().strip()
-        except Exception:
-            return None
-    import transformers
-    import triton
-    dev = ("cuda: " + torch.cuda.get_device_name()) if torch.cuda.is_available() else \
-        f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "commit": commit(), "steerops": steerops.__version__}
-
-
 def headline(results):
     tasks = results["tasks"]
     R_s1 = np.mean([t["methods"]["S1"]["R"] for t in tasks])
@@ -469,11 +455,8 @@ def run(tasks, *, quick=False, device="cpu", out_dir="results/attribution", prog
     if with_realistic:
         results["realistic"] = realistic(settings, device, progress=progress)
     results["headline"] = headline(results)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
     table = markdown(results)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
+    save_results(out_dir, "results", results, table)
     plots(results, out_dir)
     return results, table
 

@@ -144,30 +144,36 @@ class Docstring(Task):
         return int(p[4])
 
 
-_BALANCED8 = []
+_BALANCED = {}
 
 
-def _balanced(length=8):
-    if not _BALANCED8:
+def _balanced(length):
+    """All balanced bracket strings of ``length`` (1 = open), as a (count, length) tensor."""
+    if length not in _BALANCED:
+        rows = []
         for code in range(1 << length):
-            seq = [(code >> i) & 1 for i in range(length)]  # 1 = open
+            seq = [(code >> i) & 1 for i in range(length)]
             depth, ok = 0, True
             for bit in seq:
                 depth += 1 if bit else -1
                 ok &= depth >= 0
             if ok and depth == 0:
-                _BALANCED8.append(seq)
-    return torch.tensor(_BALANCED8)
+                rows.append(seq)
+        _BALANCED[length] = torch.tensor(rows)
+    return _BALANCED[length]
 
 
 class Brackets(Task):
     name, seq_len, binary = "brackets", 10, True
+    # 14 balanced strings x 8 flips = 112 distinct pairs: the benchmark shrinks its splits
+    # in proportion for this task (length 10 did not train to 95% in 6000 steps)
+    body = 8
     description = "balanced brackets: [( ) ( ( ) ) ( ) ?] -> yes/no"
 
     def sample(self, n, gen):
-        bal = _balanced()
+        bal = _balanced(self.body)
         seqs = bal[_randint(gen, bal.shape[0], (n,))]
-        flip = _randint(gen, 8, (n,))
+        flip = _randint(gen, self.body, (n,))
         flipped = seqs.clone()
         flipped[torch.arange(n), flip] = 1 - flipped[torch.arange(n), flip]
         # oriented pairs: clean balanced (yes), corrupt one bracket flipped (no)
@@ -181,7 +187,7 @@ class Brackets(Task):
 
     def rule(self, p):
         depth = 0
-        for t in p[1:9].tolist():
+        for t in p[1:1 + self.body].tolist():
             depth += 1 if t == OPEN else -1
             if depth < 0:
                 return NO
@@ -278,6 +284,13 @@ _FEMALE = torch.arange(SYM_COUNT) % 2 == 1
 _PLURAL = (torch.arange(SYM_COUNT) // 2) % 2 == 1
 
 
+def _oriented_symbols(gen, cls, n):
+    """(clean, corrupt) symbol indices: clean from the class cls == False, corrupt from
+    cls == True (oriented pairs of a binary variable)."""
+    return (_other_with(gen, cls, torch.zeros(n, dtype=torch.bool), n),
+            _other_with(gen, cls, torch.ones(n, dtype=torch.bool), n))
+
+
 def _other_with(gen, cls, want, n):
     """For each row, a random symbol j with cls[j] == want[row]."""
     pick = torch.empty(n, dtype=torch.long)
@@ -316,9 +329,7 @@ class Pronoun(Task):
     description = "[name verb f1 f2 ?] -> he/she by the name's gender"
 
     def sample(self, n, gen):
-        # oriented pairs: clean name male (he), corrupt name female (she)
-        s = _other_with(gen, _FEMALE, torch.zeros(n, dtype=torch.bool), n)
-        s2 = _other_with(gen, _FEMALE, torch.ones(n, dtype=torch.bool), n)
+        s, s2 = _oriented_symbols(gen, _FEMALE, n)  # clean: he, corrupt: she
         f = num(_randint(gen, NUM_COUNT, (n, 2)))
         clean = torch.cat([torch.full((n, 1), BOS), sym(s)[:, None], torch.full((n, 1), VERB), f,
                            torch.full((n, 1), QUERY)], 1)
@@ -336,9 +347,7 @@ class Agreement(Task):
     description = "[noun a1 a2 a3 ?] -> verb form by the noun's number (attractors a_i)"
 
     def sample(self, n, gen):
-        # oriented pairs: clean noun singular, corrupt noun plural
-        s = _other_with(gen, _PLURAL, torch.zeros(n, dtype=torch.bool), n)
-        s2 = _other_with(gen, _PLURAL, torch.ones(n, dtype=torch.bool), n)
+        s, s2 = _oriented_symbols(gen, _PLURAL, n)  # clean: singular, corrupt: plural
         attractors = sym(_randint(gen, SYM_COUNT, (n, 3)))
         clean = torch.cat([torch.full((n, 1), BOS), sym(s)[:, None], attractors,
                            torch.full((n, 1), QUERY)], 1)

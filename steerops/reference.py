@@ -77,7 +77,6 @@ def intervene_forward(x, residual=None, source=None, patch_src=None, patch_weigh
                       vector=None, alpha=None, alpha_scalar=1.0, mask=None, vector_index=None,
                       mode="add"):
     """residual add -> patch -> steer on rows (N, D). Differentiable."""
-    N = x.shape[0]
     cd = compute_dtype(x.dtype)
     h = _patched_input(x, residual, source, patch_src, patch_weight, cd)
     if vector is not None:

@@ -10,7 +10,7 @@ import torch
 
 from steerops.bench import attribution as A
 from steerops.bench import faithfulness as F
-from steerops.bench.tasks import NO, YES, TASKS
+from steerops.bench.tasks import TASKS
 from steerops.bench.train import accuracy, load_checkpoint, train_task
 
 BINARY = {"greater_than", "brackets", "pronoun", "agreement"}
@@ -141,3 +141,10 @@ def test_end_to_end_small_run(tmp_path):
         for m in A.METHODS:
             assert len(t["methods"][m]["cap"]) == len(F.K_FRACTIONS)
         assert np.asarray(t["effects"]).shape == (3, TASKS[t["task"]].seq_len)
+
+
+def test_kernel_benchmark_refuses_without_a_gpu_or_under_the_interpreter(capsys):
+    from steerops.bench import kernels
+    assert kernels.refuse_reason() is not None  # CI: interpreter on, no CUDA
+    assert kernels.main(["--quick"]) == 2
+    assert "refusing" in capsys.readouterr().err

@@ -6,7 +6,6 @@ import torch
 
 import steerops
 from hf_models import CAUSAL, V, bert, causal_lm, prompts
-from steerops import reference as R
 from steerops.models import find_layers
 
 ARCHS = list(CAUSAL)
