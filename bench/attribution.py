@@ -27,10 +27,11 @@ from .provenance import environment, save_results
 from .tasks import TASKS
 from .train import load_checkpoint
 
+# realistic_pairs: eval pairs timed on GPT-2-small / on the 1.1B config (0 = not timed)
 QUICK = dict(n_fit=32, n_val=16, n_eval=24, s2_steps=15, n_boot=100, repeats=1,
-             realistic_pairs=2)
+             realistic_pairs=2, realistic_pairs_1b=0)
 FULL = dict(n_fit=128, n_val=64, n_eval=96, s2_steps=50, n_boot=1000, repeats=3,
-            realistic_pairs=8)
+            realistic_pairs=8, realistic_pairs_1b=1)
 SEED = 1234
 METHODS = ("S1", "S2", "AtP", "norm", "random")
 
@@ -265,7 +266,8 @@ def compute_curves(config, T, n_fit, n_eval, max_sites):
         return n * (2 + sites) * head
 
     sites = sorted({1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, max_sites})
-    return {"sites": sites, "ratio_vs_sites": [steer / patch(s, n_eval) for s in sites],
+    return {"max_sites": max_sites, "sites": sites,
+            "ratio_vs_sites": [steer / patch(s, n_eval) for s in sites],
             "pairs": [8, 16, 32, 64, 128, 256],
             "ratio_vs_pairs": [(2 * n_fit + 2 * n) * cache / patch(max_sites, n)
                                for n in [8, 16, 32, 64, 128, 256]]}
@@ -293,29 +295,39 @@ def realistic(settings, device, T=10, progress=True):
         out[name] = {"sites": sites, "tokens": T, "forward_flops_meta": fwd,
                      "analytic_forward_flops": analytic_forward_flops(cfg, T),
                      "flops_ratio_S1": steer / patch}
-    # measured time on GPT-2-small
-    torch.manual_seed(0)
-    model = Tf.GPT2LMHeadModel(configs["gpt2-small"]).to(device).eval()
-    n = settings["realistic_pairs"]
-    clean = torch.randint(0, 50257, (n, T), device=device)
+    # measured time of both sides, random tokens; D_fit as large as D_eval here
+    pairs = {"gpt2-small": settings["realistic_pairs"],
+             "llama-1.1b": settings.get("realistic_pairs_1b", 0)}
+    for name, n in pairs.items():
+        out[name]["measured"] = None
+        if n <= 0:
+            continue
+        torch.manual_seed(0)
+        model = Tf.AutoModelForCausalLM.from_config(configs[name]).to(device).eval()
+        out[name]["measured"] = _time_both_sides(model, n, T, out[name]["sites"], device,
+                                                 progress)
+        del model
+    return out
+
+
+def _time_both_sides(model, n, T, sites, device, progress):
+    V = model.config.vocab_size
+    clean = torch.randint(0, V, (n, T), device=device)
     corrupt = clean.clone()
-    corrupt[:, 2] = (corrupt[:, 2] + 1) % 50257
-    metric = steerops.logit_diff(torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long))
+    corrupt[:, 2] = (corrupt[:, 2] + 1) % V
+    metric = steerops.logit_diff(torch.zeros(n, dtype=torch.long),
+                                 torch.ones(n, dtype=torch.long))
     ledger = Ledger(model.config)
     ledger.run("patching_sweep", lambda: steerops.patching_sweep(
         model, clean, corrupt, metric, progress=progress, batch_size=256),
-        sequences=2 * n + n * 13 * T, tokens=T, side="patching", device=device)
-    # steering side at the same eval pairs; D_fit of the same size as D_eval here
+        sequences=2 * n + n * sites, tokens=T, side="patching", device=device)
     ledger.run("S1_caches", lambda: [steerops.cache_activations(model, x)
                                      for x in (clean, corrupt, clean, corrupt)],
                sequences=4 * n, tokens=T, lm_head=False, side="steering", device=device)
     s, p = ledger.totals("steering"), ledger.totals("patching")
-    out["gpt2-small"]["measured"] = {
-        "pairs": n, "device": str(device), "steering_seconds": s["seconds"],
-        "patching_seconds": p["seconds"], "time_ratio_S1": s["seconds"] / p["seconds"],
-        "counted_flops_ratio_S1": s["counted_flops"] / p["counted_flops"]}
-    out["llama-1.1b"]["measured"] = None  # time not measured on this run (see README)
-    return out
+    return {"pairs": n, "device": str(device), "steering_seconds": s["seconds"],
+            "patching_seconds": p["seconds"], "time_ratio_S1": s["seconds"] / p["seconds"],
+            "counted_flops_ratio_S1": s["counted_flops"] / p["counted_flops"]}
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -368,10 +380,14 @@ def markdown(results):
                   "pairs): FLOPs ratio S1/patching " + ", ".join(
                       f"{k}: {v['flops_ratio_S1']:.4f} (|S| = {v['sites']})"
                       for k, v in real.items()) + "."]
-        meas = real["gpt2-small"]["measured"]
-        lines.append(f"Measured time on gpt2-small ({meas['device']}, {meas['pairs']} pairs): "
-                     f"steering {meas['steering_seconds']:.2f} s vs patching "
-                     f"{meas['patching_seconds']:.2f} s, ratio {meas['time_ratio_S1']:.4f}.")
+        for name, r in real.items():
+            meas = r["measured"]
+            if meas is None:
+                lines.append(f"Time on {name}: not measured in this run (--quick).")
+                continue
+            lines.append(f"Measured time on {name} ({meas['device']}, {meas['pairs']} eval "
+                         f"pairs): steering {meas['steering_seconds']:.2f} s vs patching "
+                         f"{meas['patching_seconds']:.2f} s, ratio {meas['time_ratio_S1']:.4f}.")
     lines += ["", f"Run on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
               f"transformers {env['transformers']}, commit {env['commit']}; settings "
               f"{json.dumps(results['settings'])}."]
@@ -408,7 +424,7 @@ def plots(results, out_dir):
     axes[1].plot(curves["pairs"], curves["ratio_vs_pairs"], marker="o")
     axes[1].set(xscale="log", yscale="log", xlabel="eval pairs",
                 ylabel="compute ratio S1 / patching",
-                title=f"vs eval pairs (|S| = {curves['sites'][-1]})")
+                title=f"vs eval pairs (|S| = {curves['max_sites']})")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "compute_ratio.png"), dpi=120)
     plt.close(fig)

@@ -17,8 +17,9 @@ class Steering:
     Args:
         model: a Hugging Face model (or any model whose blocks steerops finds).
         layer: site layer(s): 0 = embedding output, l = output of block l.
-        vector: (D,) or (K, D) tensor, a :class:`~steerops.SteeringVector`, or a
-            dict {layer: vector} for different vectors per layer.
+        vector: (D,) or (K, D) tensor, a dict {layer: vector} for different
+            vectors per layer, or a :class:`~steerops.SteeringVector` (which
+            carries its layer(s): pass ``layer=None`` or the same layers).
         alpha: float, 0-d tensor, or (B,) tensor (one strength per batch row).
             May require grad (the op's backward is used).
         mode: 'add', 'norm_scaled', 'ablate' or 'clamp' (see ``steerops.steer``).
@@ -46,6 +47,13 @@ class Steering:
         self.model = model
         self.mode = mode
         self.layers_path = layers_path
+        if hasattr(vector, "per_layer"):  # a SteeringVector carries its layer(s)
+            vector.check_model(model)
+            if layer is not None and sorted(resolve_layers(model, layer, layers_path)) != \
+                    sorted(vector.layers):
+                raise ValueError(f"this SteeringVector is for layer(s) {vector.layers}, "
+                                 f"not {layer}")
+            vector = vector.per_layer()
         layers = sorted(vector.keys()) if isinstance(vector, dict) else layer
         self.layers = resolve_layers(model, layers, layers_path)
         find_layers(model, layers_path)
@@ -54,9 +62,6 @@ class Steering:
         self.vectors = {}
         for l in self.layers:
             v = vector[l] if isinstance(vector, dict) else vector
-            v = getattr(v, "vector", v)  # SteeringVector
-            if hasattr(vector, "check_model"):
-                vector.check_model(model)
             self.vectors[l] = self._check_vector(v, D, device)
         K = max(v.shape[0] if v.dim() == 2 else 1 for v in self.vectors.values())
         self.vector_index = self._check_vector_index(vector_index, K, device)

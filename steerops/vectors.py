@@ -15,8 +15,10 @@ METHODS = ("mean_diff", "pca", "optimize")
 class SteeringVector:
     """A steering vector with what it takes to use it correctly.
 
-    ``vector`` is (D,) or (K, D); ``layer`` the site layer it was read at (0 =
-    embeddings, l = output of block l); ``settings`` records how it was learned.
+    ``vector`` is (D,) or (K, D) for one ``layer`` (the site layer it was read
+    at: 0 = embeddings, l = output of block l), or (len(layer), D) when
+    ``layer`` is a list (one vector per layer); ``settings`` records how it was
+    learned.
     """
     vector: torch.Tensor
     layer: int
@@ -25,6 +27,23 @@ class SteeringVector:
     method: str = "mean_diff"
     settings: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if isinstance(self.layer, (list, tuple)):
+            self.layer = [int(l) for l in self.layer]
+            if self.vector.dim() != 2 or self.vector.shape[0] != len(self.layer):
+                raise ValueError(f"a SteeringVector for layers {self.layer} needs a vector of "
+                                 f"shape ({len(self.layer)}, D), got {tuple(self.vector.shape)}")
+
+    @property
+    def layers(self):
+        return list(self.layer) if isinstance(self.layer, list) else [self.layer]
+
+    def per_layer(self):
+        """{layer: vector} (the form ``Steering`` takes for several layers)."""
+        if isinstance(self.layer, list):
+            return {l: self.vector[i] for i, l in enumerate(self.layer)}
+        return {self.layer: self.vector}
+
     def check_model(self, model):
         D = hidden_size(model)
         if D != self.hidden_size:
@@ -32,9 +51,9 @@ class SteeringVector:
                              f"(model {self.model_name!r}); the model has hidden size {D}")
 
     def steer(self, model, alpha=1.0, **kwargs):
-        """A :class:`~steerops.Steering` of ``model`` with this vector at its layer."""
+        """A :class:`~steerops.Steering` of ``model`` with this vector at its layer(s)."""
         self.check_model(model)
-        return Steering(model, self.layer, self.vector, alpha, **kwargs)
+        return Steering(model, None, self.per_layer(), alpha, **kwargs)
 
     def save(self, path):
         """safetensors file with the tensor; the metadata as JSON in its header."""

@@ -14,11 +14,15 @@ CAUSAL = {
     "llama": lambda: T.LlamaConfig(**KV),
     "mistral": lambda: T.MistralConfig(**KV),
     "qwen2": lambda: T.Qwen2Config(**KV),
-    "qwen3": lambda: T.Qwen3Config(**KV, head_dim=8),
+    "qwen3": lambda: T.Qwen3Config(**KV, head_dim=8),  # transformers >= 4.51
     "gemma": lambda: T.GemmaConfig(**KV, head_dim=8),
     "gemma2": lambda: T.Gemma2Config(**KV, head_dim=8),
     "phi3": lambda: T.Phi3Config(**KV, pad_token_id=0),
 }
+
+# architectures the installed transformers has (Qwen3 arrived in 4.51)
+CAUSAL = {k: v for k, v in CAUSAL.items()
+          if k != "qwen3" or hasattr(T, "Qwen3Config")}
 
 
 def causal_lm(arch, seed=0, dtype=torch.float32):
@@ -27,7 +31,7 @@ def causal_lm(arch, seed=0, dtype=torch.float32):
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(cfg, key, None) is not None and getattr(cfg, key) >= V:
             setattr(cfg, key, 0)
-    model = T.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = T.AutoModelForCausalLM.from_config(cfg).to(dtype)  # 4.x and 5.x alike
     return model.eval()
 
 

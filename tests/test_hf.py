@@ -462,3 +462,23 @@ def test_right_padding_is_never_steered():
     torch.testing.assert_close(seen["steered"][1, 5:], seen["plain"][1, 5:])
     assert not torch.allclose(seen["steered"][1, :5], seen["plain"][1, :5])
     assert not torch.allclose(seen["steered"][0], seen["plain"][0])
+
+
+def test_multi_layer_steering_vector(tmp_path):
+    model = causal_lm("llama")
+    vs = torch.randn(2, 32)
+    sv = steerops.SteeringVector(vs, [1, 3], 32, "tiny", "mean_diff")
+    sv.save(tmp_path / "multi.safetensors")
+    back = steerops.SteeringVector.load(tmp_path / "multi.safetensors")
+    assert back.layer == [1, 3] and torch.equal(back.vector, vs)
+    with back.steer(model, 0.5, mode="clamp"), torch.no_grad():
+        got = model(prompts()).logits
+    with steerops.Steering(model, None, {1: vs[0], 3: vs[1]}, 0.5, mode="clamp"), \
+            torch.no_grad():
+        torch.testing.assert_close(model(prompts()).logits, got)
+    with steerops.Steering(model, None, back, 0.5, mode="clamp"), torch.no_grad():
+        torch.testing.assert_close(model(prompts()).logits, got)
+    with pytest.raises(ValueError, match="for layer"):
+        steerops.Steering(model, 2, back)
+    with pytest.raises(ValueError, match="needs a vector of shape"):
+        steerops.SteeringVector(torch.randn(3, 32), [1, 2], 32)
