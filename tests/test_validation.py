@@ -82,6 +82,9 @@ PATCH_BAD = [
     (dict(direction=torch.randn(D + 2)), ValueError, "direction"),
     (dict(residual=torch.randn(N + 1, D)), ValueError, "residual"),
     (dict(hidden=torch.randn(N, D).to(torch.int32)), TypeError, "hidden"),
+    (dict(source=torch.randn(4, D, device="meta")), ValueError, "source is on meta"),
+    (dict(dst_index=torch.tensor([0, 3, 5], device="meta")), ValueError, "dst_index is on meta"),
+    (dict(weight=torch.rand(3, device="meta")), ValueError, "weight is on meta"),
 ]
 
 
@@ -107,6 +110,8 @@ INTERVENE_BAD = [
     (dict(vector=None, mask=torch.ones(N, dtype=torch.bool)), ValueError, "need vector"),
     (dict(vector=torch.zeros(D), mode="clamp"), ValueError, "zero-norm"),
     (dict(mode="nope"), ValueError, "mode"),
+    (dict(source=torch.randn(4, D, device="meta")), ValueError, "source is on meta"),
+    (dict(vector=torch.randn(D, device="meta")), ValueError, "vector is on meta"),
 ]
 
 
