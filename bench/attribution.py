@@ -450,6 +450,7 @@ def run(tasks, *, quick=False, device="cpu", out_dir="results/attribution", prog
         checkpoint_dir=None, with_realistic=True, settings=None):
     from tqdm.auto import tqdm
     settings = dict(settings or (QUICK if quick else FULL))
+    env = environment()  # at the start: the commit the run's code came from
     device = torch.device(device)
     torch.manual_seed(SEED)
     os.makedirs(out_dir, exist_ok=True)
@@ -464,7 +465,7 @@ def run(tasks, *, quick=False, device="cpu", out_dir="results/attribution", prog
                            "train_steps": info["steps"], "seed": info["seed"]}
         per_task.append(result)
     cfg, T = first_cfg
-    results = {"protocol": "PROTOCOL.md (steerops shared/)", "environment": environment(),
+    results = {"protocol": "PROTOCOL.md (steerops shared/)", "environment": env,
                "settings": dict(settings, seed=SEED, quick=quick), "tasks": per_task,
                "curves": compute_curves(cfg, T, settings["n_fit"], settings["n_eval"],
                                         max_sites=(cfg.num_hidden_layers + 1) * 128)}

@@ -55,6 +55,12 @@ def find_layers(model, layers_path=None):
         f"{', '.join(LAYER_PATHS)}. Pass layers_path='...' naming its nn.ModuleList of blocks.")
 
 
+def model_device(model):
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def hidden_size(model):
     cfg = getattr(model, "config", None)
     for key in ("hidden_size", "n_embd", "d_model"):

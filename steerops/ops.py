@@ -3,7 +3,6 @@ import torch
 
 from . import _custom_ops as cops
 from . import validation as V
-from .reference import compute_dtype
 
 _STEER_DOC_MATH = """
     Per selected row, with h = hidden + residual (the add is fused),
@@ -36,7 +35,7 @@ def _steer_call(hidden, vector, alpha, mode, residual, mask, vector_index):
     V.check_residual(residual, hidden)
     checks = V.ValueChecks()
     vec, alpha_rows, alpha_scalar, mask, vidx = V.steer_args(
-        hidden, vector, alpha, mode, residual, mask, vector_index, checks)
+        hidden, vector, alpha, mode, mask, vector_index, checks)
     checks.run()
     D = hidden.shape[-1]
     x = V.rows_2d("hidden", hidden, D)
@@ -228,14 +227,11 @@ def intervene(hidden, *, residual=None, source=None, patch_src=None, patch_weigh
         V.check_mode(mode)
         steer_args = (None, None, 1.0, None, None)
     else:
-        steer_args = V.steer_args(hidden, vector, alpha, mode, residual, mask, vector_index,
-                                  checks)
+        steer_args = V.steer_args(hidden, vector, alpha, mode, mask, vector_index, checks)
     checks.run()
     x = V.rows_2d("hidden", hidden, D)
     res = None if residual is None else V.rows_2d("residual", residual, D)
     vec, alpha_rows, alpha_scalar, m, vidx = steer_args
-    if alpha_rows is not None and alpha_rows.dtype != compute_dtype(hidden.dtype):
-        alpha_rows = alpha_rows.to(compute_dtype(hidden.dtype))
     args = (res, src_rows, psrc, pw, vec, alpha_rows, alpha_scalar, m, vidx, mode)
     if _dispatch_directly(hidden, residual, source, vector, alpha):
         return cops.intervene_impl(x, *args, None).view(hidden.shape)

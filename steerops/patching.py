@@ -17,7 +17,7 @@ import torch
 
 from . import ops
 from .backend import unchecked
-from .models import StopForward, register_site_hook, resolve_layers
+from .models import StopForward, model_device, register_site_hook, resolve_layers
 
 
 # --------------------------------------------------------------------------- inputs, metrics
@@ -123,12 +123,6 @@ def resolve_positions(positions, T, device):
     return pos.long().to(device)
 
 
-def _device(model):
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 # --------------------------------------------------------------------------- caching
 
 @dataclass
@@ -176,9 +170,9 @@ def cache_activations(model, inputs, layers=None, positions=None, *, layers_path
     Returns an :class:`ActivationCache`; ``cache[layer]`` is (batch, P, D).
     """
     layers = resolve_layers(model, layers, layers_path)
-    inputs = as_inputs(inputs, _device(model))
+    inputs = as_inputs(inputs, model_device(model))
     B, T = _batch_shape(inputs)
-    pos = resolve_positions(positions, T, _device(model))
+    pos = resolve_positions(positions, T, model_device(model))
     store, output = _capture(model, inputs, layers, pos, layers_path, stop_early)
     return ActivationCache(torch.stack([store[l] for l in layers], 1), layers, pos, output)
 
@@ -236,7 +230,7 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
     """
     from tqdm.auto import tqdm
 
-    device = _device(model)
+    device = model_device(model)
     layers = resolve_layers(model, layers, layers_path)
     metric = as_metric(metric)
     clean, corrupt = as_inputs(clean, device), as_inputs(corrupt, device)
@@ -331,7 +325,7 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
     on the corrupt run. Gradients flow to the activations even when the
     model's parameters are frozen.
     """
-    device = _device(model)
+    device = model_device(model)
     layers = resolve_layers(model, layers, layers_path)
     metric = as_metric(metric)
     clean, corrupt = as_inputs(clean, device), as_inputs(corrupt, device)

@@ -5,7 +5,8 @@ import torch
 
 from . import ops
 from .backend import unchecked
-from .models import ForwardInfo, find_layers, hidden_size, register_site_hook, resolve_layers
+from .models import (ForwardInfo, hidden_size, model_device, register_site_hook,
+                     resolve_layers)
 from .reference import MODES
 
 POSITION_MODES = ("all", "prompt", "generated")
@@ -56,9 +57,8 @@ class Steering:
             vector = vector.per_layer()
         layers = sorted(vector.keys()) if isinstance(vector, dict) else layer
         self.layers = resolve_layers(model, layers, layers_path)
-        find_layers(model, layers_path)
         D = hidden_size(model)
-        device = _model_device(model)
+        device = model_device(model)
         self.vectors = {}
         for l in self.layers:
             v = vector[l] if isinstance(vector, dict) else vector
@@ -220,8 +220,3 @@ class Steering:
         self.detach()
         return False
 
-
-def _model_device(model):
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

@@ -9,7 +9,7 @@ import numbers
 import torch
 
 from . import backend
-from .reference import MODES
+from .reference import MODES, compute_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -148,7 +148,7 @@ def alpha_arg(alpha, hidden, N, compute_dtype):
     return rows.to(compute_dtype), 1.0
 
 
-def steer_args(hidden, vector, alpha, mode, residual, mask, vector_index, checks):
+def steer_args(hidden, vector, alpha, mode, mask, vector_index, checks):
     """Validates steering arguments; returns (vector (K,D), alpha_rows, alpha_scalar,
     mask (N,) bool or None, vector_index (N,) or None)."""
     check_mode(mode)
@@ -160,7 +160,6 @@ def steer_args(hidden, vector, alpha, mode, residual, mask, vector_index, checks
         raise ValueError(f"vector must have shape ({D},) or (K, {D}), got {tuple(vector.shape)}")
     vec = vector.reshape(-1, D).contiguous()
     K = vec.shape[0]
-    from .reference import compute_dtype
     alpha_rows, alpha_scalar = alpha_arg(alpha, hidden, N, compute_dtype(hidden.dtype))
     if mask is not None:
         require_tensor("mask", mask)

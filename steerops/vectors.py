@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .models import hidden_size, model_name, resolve_layers
+from .models import hidden_size, model_device, model_name, resolve_layers
 from .patching import as_inputs, as_metric, cache_activations, model_output
 from .steering import Steering
 
@@ -145,7 +145,7 @@ def optimize_vector(model, inputs, layer, init, metric, *, mode="add", alpha=1.0
     metric = as_metric(metric)
     negative = inputs
     device = init.device
-    inputs = as_inputs(negative, next(model.parameters()).device)
+    inputs = as_inputs(negative, model_device(model))
     n = next(iter(inputs.values())).shape[0]
     pair_index = torch.arange(n, device=device)
     v = init.clone().requires_grad_(True)
