@@ -177,12 +177,56 @@ def cache_activations(model, inputs, layers=None, positions=None, *, layers_path
     return ActivationCache(torch.stack([store[l] for l in layers], 1), layers, pos, output)
 
 
+# --------------------------------------------------------------------------- site maps
+
+
+class SiteMap:
+    """Shared views of a (layers, positions) map of per-site values."""
+
+    def _values(self):
+        raise NotImplementedError
+
+    def top_sites(self, k=10):
+        """The k sites with the largest values: [(layer, position, value), ...]."""
+        values = self._values().detach().float().cpu()
+        flat = values.flatten()
+        order = torch.argsort(flat, descending=True, stable=True)[:k]
+        P = values.shape[1]
+        pos = self.positions.tolist()
+        return [(self.layers[i // P], pos[i % P], float(flat[i])) for i in order.tolist()]
+
+    def plot(self, path=None, title=None, ax=None):
+        """Heatmap of the map (layers x positions); saved to ``path`` if given."""
+        import matplotlib
+        if path is not None and ax is None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        values = self._values().detach().float().cpu().numpy()
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(1.2 + 0.45 * values.shape[1],
+                                            1.2 + 0.35 * values.shape[0]))
+        lim = float(abs(values).max()) or 1.0
+        im = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_xticks(range(values.shape[1]), self.positions.tolist())
+        ax.set_yticks(range(values.shape[0]), self.layers)
+        ax.set(xlabel="position", ylabel="layer", title=title or type(self).__name__)
+        ax.figure.colorbar(im, ax=ax)
+        if fig is not None:
+            fig.tight_layout()
+            if path is not None:
+                fig.savefig(path, dpi=120)
+                plt.close(fig)
+        return ax
+
+
 # --------------------------------------------------------------------------- patching sweep
 
 @dataclass
-class PatchingResult:
+class PatchingResult(SiteMap):
     """effects[l, p]: normalised patching effect per site (PROTOCOL.md ratio of means);
-    raw[i, l, p]: the metric with that site patched, per pair."""
+    raw[i, l, p]: the metric with that site patched, per pair. ``top_sites(k)``
+    and ``plot(path)`` show the map."""
     effects: torch.Tensor
     raw: torch.Tensor
     clean_metric: torch.Tensor
@@ -194,6 +238,9 @@ class PatchingResult:
     rows: int = 0      # sequences forwarded, caches included
     batch_size: int = 0
     extra: dict = field(default_factory=dict)
+
+    def _values(self):
+        return self.effects
 
 
 def _auto_batch_size(model, T, memory_budget_mb):
@@ -305,15 +352,19 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
 # --------------------------------------------------------------------------- attribution patching
 
 @dataclass
-class AttributionResult:
+class AttributionResult(SiteMap):
     """AtP: scores[l, p] ~ E[(h_clean - h_corrupt) . dm/dh] / E[m(clean) - m(corrupt)]
-    (comparable to patching effects); raw[i, l, p] per pair, unnormalised."""
+    (comparable to patching effects); raw[i, l, p] per pair, unnormalised.
+    ``top_sites(k)`` and ``plot(path)`` show the map."""
     scores: torch.Tensor
     raw: torch.Tensor
     clean_metric: torch.Tensor
     corrupt_metric: torch.Tensor
     layers: list
     positions: torch.Tensor
+
+    def _values(self):
+        return self.scores
 
 
 def attribution_patching(model, clean, corrupt, metric, layers=None, positions=None, *,

@@ -482,3 +482,20 @@ def test_multi_layer_steering_vector(tmp_path):
         steerops.Steering(model, 2, back)
     with pytest.raises(ValueError, match="needs a vector of shape"):
         steerops.SteeringVector(torch.randn(3, 32), [1, 2], 32)
+
+
+def test_result_top_sites_and_plot(tmp_path):
+    model = causal_lm("llama")
+    clean, corrupt, metric = _pairs()
+    res = steerops.patching_sweep(model, clean, corrupt, metric, layers=[0, 2],
+                                  positions=[1, 3, 5], progress=False)
+    top = res.top_sites(2)
+    flat = res.effects.flatten()
+    assert [v for _, _, v in top] == pytest.approx(sorted(flat.tolist(), reverse=True)[:2])
+    assert all(layer in (0, 2) and pos in (1, 3, 5) for layer, pos, _ in top)
+    res.plot(tmp_path / "patching.png")
+    atp = steerops.attribution_patching(model, clean, corrupt, metric)
+    atp.plot(tmp_path / "atp.png", title="AtP")
+    assert (tmp_path / "patching.png").stat().st_size > 1000
+    assert (tmp_path / "atp.png").stat().st_size > 1000
+    assert len(atp.top_sites(3)) == 3
