@@ -159,11 +159,11 @@ def run_task(task, model, settings, device, progress=True):
     metric = steerops.logit_diff(ev.answer.to(device), ev.wrong.to(device))
 
     # --- patching (ground truth): clean + corrupt runs, then one patched forward per site
-    # per pair, many sites per batched forward (batch = all sites of a pair x pairs)
+    # per pair, many (pair, site) rows per batched forward; the sweep's own batching
+    # (sized from its memory budget) is what users get, so that is what is timed
     sweep = ledger.run(
         "patching_sweep", lambda: steerops.patching_sweep(
-            model, ev.clean.to(device), ev.corrupt.to(device), metric, progress=False,
-            batch_size=n_sites * 4),
+            model, ev.clean.to(device), ev.corrupt.to(device), metric, progress=False),
         sequences=2 * n_ev + n_ev * n_sites, tokens=T, side="patching", repeats=rep,
         device=device)
     raw = sweep.raw.cpu().double()
@@ -319,7 +319,7 @@ def _time_both_sides(model, n, T, sites, device, progress):
                                  torch.ones(n, dtype=torch.long))
     ledger = Ledger(model.config)
     ledger.run("patching_sweep", lambda: steerops.patching_sweep(
-        model, clean, corrupt, metric, progress=progress, batch_size=256),
+        model, clean, corrupt, metric, progress=progress),
         sequences=2 * n + n * sites, tokens=T, side="patching", device=device)
     ledger.run("S1_caches", lambda: [steerops.cache_activations(model, x)
                                      for x in (clean, corrupt, clean, corrupt)],
