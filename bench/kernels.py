@@ -9,7 +9,7 @@ must move (reads + writes of the rows it touches); GB/s is reported beside the
 copy bandwidth measured in the same run (a large device-to-device copy, bytes
 read + written), so "% of copy" compares like with like. Providers: steerops,
 eager PyTorch (the plain-PyTorch reference, standard ops), torch.compile of
-that same function (max-autotune off, and on with --autotune).
+that same function (default, and mode="max-autotune" with --autotune).
 
 Refuses to run under TRITON_INTERPRET or without CUDA: interpreter timings mean
 nothing.
@@ -33,6 +33,7 @@ QUICK_N = (64, 4096, 16384)
 QUICK_D = (2048, 4096, 5120)
 QUICK_M = (64, 4096)
 MAX_BYTES = 6 * 2**30  # skip cases whose tensors would not fit comfortably
+DEVICE = "cuda"  # tests build the providers on the CPU to check their logic
 
 
 def refuse_reason():
@@ -52,21 +53,28 @@ def copy_bandwidth(do_bench):
 
 
 def _steer_case(N, D, dtype, mode, K):
-    h = torch.randn(N, D, device="cuda", dtype=dtype)
-    v = torch.randn(K, D, device="cuda", dtype=torch.float32)
-    vi = torch.randint(0, K, (N,), device="cuda") if K > 1 else None
-    alpha = torch.rand(N, device="cuda")
+    h = torch.randn(N, D, device=DEVICE, dtype=dtype)
+    v = torch.randn(K, D, device=DEVICE, dtype=torch.float32)
+    vi = torch.randint(0, K, (N,), device=DEVICE) if K > 1 else None
+    alpha = torch.rand(N, device=DEVICE)
     return h, v, vi, alpha
 
 
-def steer_cases(N, D, dtype, mode, K, which):
+def _compiled(fn, autotune):
+    """torch.compile providers of the same eager function: default, and max-autotune."""
+    out = {"compile": torch.compile(fn)}
+    if autotune:
+        out["compile_max_autotune"] = torch.compile(fn, mode="max-autotune")
+    return out
+
+
+def steer_cases(N, D, dtype, mode, K, which, autotune=False):
     """{provider: fn} for one steering case and the bytes it must move."""
     h, v, vi, alpha = _steer_case(N, D, dtype, mode, K)
     s = h.element_size()
     eager = lambda h, v, a: R.intervene_forward(h, vector=v, alpha=a, mode=mode,  # noqa: E731
                                                 vector_index=vi)
     ours = lambda h, v, a: steerops.steer(h, v, a, mode=mode, vector_index=vi)  # noqa: E731
-    compiled = torch.compile(eager)
     vec_bytes = K * D * 4 + N * 4 + (N * 8 if vi is not None else 0)
     if which == "fwd":
         def make(fn):
@@ -87,28 +95,27 @@ def steer_cases(N, D, dtype, mode, K, which):
             return lambda: torch.autograd.grad(fn(hg, vg, ag), [hg, vg, ag], g)
         bwd_bytes = 3 * N * D * s + vec_bytes  # read g and h, write dh
         nbytes = bwd_bytes if which == "bwd" else bwd_bytes + 2 * N * D * s + vec_bytes
-    providers = {"steerops": make(ours), "eager": make(eager), "compile": make(compiled)}
+    providers = {"steerops": make(ours), "eager": make(eager)}
+    providers.update({name: make(fn) for name, fn in _compiled(eager, autotune).items()})
     return providers, nbytes
 
 
-def patch_cases(N, D, M, dtype):
-    h = torch.randn(N, D, device="cuda", dtype=dtype)
-    src = torch.randn(N, D, device="cuda", dtype=dtype)
-    dst = torch.randperm(N, device="cuda")[:M]
-    si = torch.randint(0, N, (M,), device="cuda")
+def patch_cases(N, D, M, dtype, autotune=False):
+    h = torch.randn(N, D, device=DEVICE, dtype=dtype)
+    src = torch.randn(N, D, device=DEVICE, dtype=dtype)
+    dst = torch.randperm(N, device=DEVICE)[:M]
+    si = torch.randint(0, N, (M,), device=DEVICE)
 
     def eager(h, src):
         h.index_copy_(0, dst, src.index_select(0, si))
-
-    compiled = torch.compile(eager)
 
     def ours(h, src):
         with steerops.unchecked():
             steerops.patch_(h, src, dst, si)
 
     nbytes = 2 * M * D * h.element_size() + 2 * M * 8
-    return {name: (lambda fn=fn: fn(h, src)) for name, fn in
-            (("steerops", ours), ("eager", eager), ("compile", compiled))}, nbytes
+    fns = dict(steerops=ours, eager=eager, **_compiled(eager, autotune))
+    return {name: (lambda fn=fn: fn(h, src)) for name, fn in fns.items()}, nbytes
 
 
 def run(ops, modes, dtypes, Ns, Ds, Ms, Ks, steer_modes, out_dir, autotune=False):
@@ -130,7 +137,8 @@ def run(ops, modes, dtypes, Ns, Ds, Ms, Ks, steer_modes, out_dir, autotune=False
                     for mode in steer_modes:
                         for K in Ks:
                             for which in modes:
-                                providers, nbytes = steer_cases(N, D, dtype, mode, K, which)
+                                providers, nbytes = steer_cases(N, D, dtype, mode, K, which,
+                                                                autotune)
                                 rows += _measure(do_bench, providers, nbytes, copy, op="steer",
                                                  mode=mode, pass_=which, dtype=dname, N=N, D=D,
                                                  K=K)
@@ -138,7 +146,7 @@ def run(ops, modes, dtypes, Ns, Ds, Ms, Ks, steer_modes, out_dir, autotune=False
                     for M in Ms:
                         if M > N:
                             continue
-                        providers, nbytes = patch_cases(N, D, M, dtype)
+                        providers, nbytes = patch_cases(N, D, M, dtype, autotune)
                         rows += _measure(do_bench, providers, nbytes, copy, op="patch_",
                                          mode="full", pass_="fwd", dtype=dname, N=N, D=D, M=M)
     result = {"device": torch.cuda.get_device_name(), "driver": torch.version.cuda,
@@ -211,6 +219,8 @@ def main(argv=None):
     p.add_argument("--steer-modes", nargs="*", default=["norm_scaled", "add"])
     p.add_argument("--K", nargs="*", type=int, default=[1, 8])
     p.add_argument("--out", default=None)
+    p.add_argument("--autotune", action="store_true",
+                   help="add torch.compile(mode='max-autotune') as a provider (slow to compile)")
     args = p.parse_args(argv)
     reason = refuse_reason()
     if reason:
@@ -221,7 +231,7 @@ def main(argv=None):
                                    f"kernels_{name}")
     _, table = run(args.ops, args.modes, args.dtypes, QUICK_N if args.quick else FULL_N,
                    QUICK_D if args.quick else FULL_D, QUICK_M if args.quick else FULL_M,
-                   args.K, args.steer_modes, out)
+                   args.K, args.steer_modes, out, autotune=args.autotune)
     print(table)
     return 0
 

@@ -148,3 +148,27 @@ def test_kernel_benchmark_refuses_without_a_gpu_or_under_the_interpreter(capsys)
     assert kernels.refuse_reason() is not None  # CI: interpreter on, no CUDA
     assert kernels.main(["--quick"]) == 2
     assert "refusing" in capsys.readouterr().err
+
+
+def test_kernel_benchmark_providers_run_and_count_bytes(monkeypatch):
+    """The GPU suite's provider logic, exercised on CPU tensors (no timing)."""
+    from steerops.bench import kernels
+    monkeypatch.setattr(kernels, "DEVICE", "cpu")
+    fake_bench = lambda fn: (fn(), 0.5)[1]  # noqa: E731  (ms)
+    rows = []
+    for which in ("fwd", "bwd", "fwdbwd"):
+        providers, nbytes = kernels.steer_cases(8, 16, torch.float32, "norm_scaled", 3, which)
+        assert set(providers) == {"steerops", "eager", "compile"}
+        rows += kernels._measure(fake_bench, providers, nbytes, 100.0, op="steer",
+                                 mode="norm_scaled", pass_=which, dtype="fp32", N=8, D=16, K=3)
+    providers, nbytes = kernels.patch_cases(16, 16, 4, torch.float32)
+    assert nbytes == 2 * 4 * 16 * 4 + 2 * 4 * 8
+    rows += kernels._measure(fake_bench, providers, nbytes, 100.0, op="patch_", mode="full",
+                             pass_="fwd", dtype="fp32", N=16, D=16, M=4)
+    assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
+    fwd = rows[0]
+    assert fwd["bytes"] == 2 * 8 * 16 * 4 + 3 * 16 * 4 + 8 * 4 + 8 * 8
+    assert fwd["GBps"] == pytest.approx(fwd["bytes"] / 0.5e-3 / 1e9)
+    table = kernels._markdown({"device": "cpu-test", "driver": None, "torch": "x",
+                               "triton": "y", "commit": None, "copy_GBps": 100.0, "rows": rows})
+    assert table.count("\n| steer |") == 9 and "| patch_ |" in table
