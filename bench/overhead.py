@@ -2,9 +2,9 @@
 
 A randomly initialised Llama-style model; one forward of (batch, seq) tokens
 timed unsteered, steered with steerops (fused op, in place), and steered with
-a forward hook doing the same math in plain PyTorch. Medians of repeated runs.
-On CUDA it uses CUDA events; on CPU wall-clock (then it measures the CPU path,
-not the kernels).
+a forward hook doing the same math in plain PyTorch. Medians of repeated runs,
+wall-clock around each call (synchronising the GPU first on CUDA). On the CPU it
+measures the CPU path, not the kernels.
 """
 import argparse
 import json
