@@ -2,6 +2,11 @@ from setuptools import setup
 
 # kernels/ and bench/ sit at the repo root but install as steerops.kernels and
 # steerops.bench: top-level "kernels" and "bench" are taken on PyPI.
+# The supported transformers range; .ci/run tests both ends (the lowest in a
+# second environment). Raise the ceiling after the suite passes on a new release.
+TRANSFORMERS = "transformers>=4.48,<5.25"
+TRANSFORMERS_LOWEST = "4.48.3"
+
 setup(
     name="steerops",
     version="0.1.0",
@@ -15,9 +20,9 @@ setup(
     package_data={"steerops.bench": ["checkpoints/*.safetensors"]},
     entry_points={"console_scripts": ["steerops=steerops.cli:main"]},
     extras_require={
-        "hf": ["transformers>=4.40", "safetensors", "tqdm"],
-        "bench": ["transformers>=4.40", "safetensors", "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "safetensors", "tqdm",
+        "hf": [TRANSFORMERS, "safetensors", "tqdm"],
+        "bench": [TRANSFORMERS, "safetensors", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", TRANSFORMERS, "safetensors", "tqdm",
                  "matplotlib"],
     },
 )

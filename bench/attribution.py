@@ -448,6 +448,9 @@ def plots(results, out_dir):
 
 def run(tasks, *, quick=False, device="cpu", out_dir="results/attribution", progress=True,
         checkpoint_dir=None, with_realistic=True, settings=None):
+    """Runs the benchmark; ``results.json`` is rewritten after every stage (each
+    task, the curves, the realistic configs) with ``"complete": false`` and the
+    stages done, so a failure late in the run loses nothing finished before it."""
     from tqdm.auto import tqdm
     settings = dict(settings or (QUICK if quick else FULL))
     env = environment()  # at the start: the commit the run's code came from
@@ -455,6 +458,15 @@ def run(tasks, *, quick=False, device="cpu", out_dir="results/attribution", prog
     torch.manual_seed(SEED)
     os.makedirs(out_dir, exist_ok=True)
     per_task = []
+    results = {"protocol": "PROTOCOL.md (steerops shared/)", "environment": env,
+               "settings": dict(settings, seed=SEED, quick=quick),
+               "checkpoints": checkpoint_dir or "shipped", "complete": False,
+               "stages_done": [], "tasks": per_task}
+
+    def stage_done(name):
+        results["stages_done"].append(name)
+        save_results(out_dir, "results", results)
+
     first_cfg = None
     for name in tqdm(tasks, desc="attribution benchmark", disable=not progress):
         kwargs = {} if checkpoint_dir is None else {"directory": checkpoint_dir}
@@ -464,34 +476,51 @@ def run(tasks, *, quick=False, device="cpu", out_dir="results/attribution", prog
         result["model"] = {"held_out_accuracy": info["held_out_accuracy"],
                            "train_steps": info["steps"], "seed": info["seed"]}
         per_task.append(result)
+        stage_done(f"task:{name}")
     cfg, T = first_cfg
-    results = {"protocol": "PROTOCOL.md (steerops shared/)", "environment": env,
-               "settings": dict(settings, seed=SEED, quick=quick), "tasks": per_task,
-               "curves": compute_curves(cfg, T, settings["n_fit"], settings["n_eval"],
-                                        max_sites=(cfg.num_hidden_layers + 1) * 128)}
+    results["curves"] = compute_curves(cfg, T, settings["n_fit"], settings["n_eval"],
+                                       max_sites=(cfg.num_hidden_layers + 1) * 128)
+    stage_done("curves")
     if with_realistic:
         results["realistic"] = realistic(settings, device, progress=progress)
+        stage_done("realistic")
     results["headline"] = headline(results)
+    results["complete"] = True
     table = markdown(results)
     save_results(out_dir, "results", results, table)
     plots(results, out_dir)
     return results, table
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="PROTOCOL.md attribution benchmark: patching vs "
-                                "steering faithfulness and compute.")
-    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="steerops bench attribution",
+        description="The PROTOCOL.md attribution benchmark: activation patching vs steering "
+                    "vectors, faithfulness and compute, on the 12 shipped task models.")
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
+                   metavar="TASK", help=f"tasks to run (default: all): {', '.join(TASKS)}")
     p.add_argument("--quick", action="store_true",
-                   help="fewer pairs and bootstrap samples (same protocol)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="results/attribution")
+                   help="fewer pairs and bootstrap samples (same protocol), about a minute on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--out", default="results/attribution",
+                   help="output folder for results.json, results.md and the plots "
+                        "(default: results/attribution)")
+    p.add_argument("--checkpoints", default=None, metavar="DIR",
+                   help="folder of task checkpoints <task>.safetensors, e.g. from "
+                        "python -m steerops.bench.train (default: the shipped ones)")
     p.add_argument("--no-realistic", action="store_true",
                    help="skip the GPT-2-small / 1B compute measurements")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     _, table = run(args.tasks, quick=args.quick, device=args.device, out_dir=args.out,
-                   progress=not args.no_progress, with_realistic=not args.no_realistic)
+                   progress=not args.no_progress, checkpoint_dir=args.checkpoints,
+                   with_realistic=not args.no_realistic)
     print(table)
     print(f"\nwrote {args.out}/results.json, results.md, cap_curves.png, compute_ratio.png, "
           f"heatmaps.png", file=sys.stderr)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -99,11 +100,16 @@ def _sync(device):
 
 
 def meta_forward_flops(model_factory, tokens):
-    """FlopCounterMode FLOPs of one forward of one sequence, on the meta device
-    (no memory, no time: large configs can be counted on any machine)."""
-    with torch.device("meta"):
+    """FlopCounterMode FLOPs of one forward of one sequence, with fake tensors
+    (shapes only: no memory, no time, so large configs count on any machine).
+
+    Fake CPU tensors rather than the meta device: some transformers releases
+    (4.48-4.57 Llama rotary embeddings) enter ``torch.autocast`` on the
+    tensors' device type, which the meta device does not support.
+    """
+    with FakeTensorMode():
         model = model_factory()
         ids = torch.zeros(1, tokens, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(ids)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(ids)
     return int(counter.get_total_flops())

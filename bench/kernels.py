@@ -210,17 +210,32 @@ def _plot(result, out_dir):
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="steerops kernel benchmarks (GPU).")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--ops", nargs="*", default=["steer", "patch"])
-    p.add_argument("--modes", nargs="*", default=["fwd", "bwd", "fwdbwd"])
-    p.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
-    p.add_argument("--steer-modes", nargs="*", default=["norm_scaled", "add"])
-    p.add_argument("--K", nargs="*", type=int, default=[1, 8])
-    p.add_argument("--out", default=None)
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="steerops bench kernels",
+        description="Kernel benchmarks on a CUDA GPU: steerops vs eager PyTorch vs torch.compile, "
+                    "do_bench medians, GB/s and %% of the measured copy bandwidth.")
+    p.add_argument("--quick", action="store_true", help="a smaller shape grid")
+    p.add_argument("--ops", nargs="*", default=["steer", "patch"], choices=["steer", "patch"],
+                   help="ops to time (default: steer patch)")
+    p.add_argument("--modes", nargs="*", default=["fwd", "bwd", "fwdbwd"],
+                   choices=["fwd", "bwd", "fwdbwd"], help="passes to time (default: all)")
+    p.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES),
+                   help="dtypes (default: all)")
+    p.add_argument("--steer-modes", nargs="*", default=["norm_scaled", "add"],
+                   choices=["add", "norm_scaled", "ablate", "clamp"],
+                   help="steering modes (default: norm_scaled add)")
+    p.add_argument("--K", nargs="*", type=int, default=[1, 8],
+                   help="numbers of per-row vectors (default: 1 8)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: bench/results/kernels_<gpu>)")
     p.add_argument("--autotune", action="store_true",
                    help="add torch.compile(mode='max-autotune') as a provider (slow to compile)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     reason = refuse_reason()
     if reason:

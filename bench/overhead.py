@@ -82,14 +82,21 @@ def measure(hidden=256, layers=4, batch=4, seq=64, mode="norm_scaled", repeats=3
             "steerops_call_us": op_call * 1e6, "plain_math_call_us": plain_call * 1e6}
 
 
+def build_parser():
+    p = argparse.ArgumentParser(prog="steerops bench overhead",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--hidden", type=int, default=256, help="d_model (default: 256)")
+    p.add_argument("--layers", type=int, default=4, help="number of blocks (default: 4)")
+    p.add_argument("--batch", type=int, default=4, help="batch size (default: 4)")
+    p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default: 64)")
+    p.add_argument("--repeats", type=int, default=30, help="timed forwards (default: 30)")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=30)
+    p = build_parser()
     args = p.parse_args(argv)
     result = measure(args.hidden, args.layers, args.batch, args.seq, repeats=args.repeats,
                      device=args.device)

@@ -1,4 +1,6 @@
 """Where a result came from: git commit, device and library versions."""
+import json
+import math
 import os
 import platform
 import subprocess
@@ -27,11 +29,33 @@ def environment():
             "commit": git_commit(), "steerops": steerops.__version__}
 
 
-def save_results(out_dir, stem, result, table):
+def strict_json(value):
+    """``value`` with NaN/Inf as None and numpy scalars/arrays as Python: what
+    ``json.dump(allow_nan=False)`` accepts, so any JSON reader can load it."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy / torch
+        return strict_json(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path, result):
+    """Strict JSON, written to a temporary file and renamed: a reader (or a
+    killed run) never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(strict_json(result), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+
+
+def save_results(out_dir, stem, result, table=None):
     """``<stem>.json`` (the full record) and ``<stem>.md`` (the table) in ``out_dir``."""
-    import json
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
-        f.write(table + "\n")
+    write_json(os.path.join(out_dir, f"{stem}.json"), result)
+    if table is not None:
+        with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+            f.write(table + "\n")

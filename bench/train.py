@@ -101,13 +101,29 @@ def load_checkpoint(task_name, directory=CHECKPOINT_DIR, device="cpu"):
     return model.to(device).eval(), info
 
 
+DEFAULT_OUT = "checkpoints/attribution"
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train the attribution-benchmark task models.")
-    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--out", default=CHECKPOINT_DIR)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=6000)
+    p = argparse.ArgumentParser(
+        prog="python -m steerops.bench.train",
+        description="Train the attribution-benchmark task models (one small Llama per task). "
+                    "Use them with: steerops bench attribution --checkpoints OUT")
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
+                   metavar="TASK", help=f"tasks to train (default: all): {', '.join(TASKS)}")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"folder for the checkpoints (default: {DEFAULT_OUT}); the shipped "
+                        f"ones are only replaced with --overwrite-shipped")
+    p.add_argument("--overwrite-shipped", action="store_true",
+                   help=f"write into the package's shipped checkpoints ({CHECKPOINT_DIR})")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    p.add_argument("--max-steps", type=int, default=6000,
+                   help="step budget per task (default: 6000)")
     args = p.parse_args(argv)
+    if args.overwrite_shipped:
+        args.out = CHECKPOINT_DIR
+    elif os.path.abspath(args.out) == os.path.abspath(CHECKPOINT_DIR):
+        p.error("--out names the shipped checkpoints; add --overwrite-shipped to replace them")
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for name in args.tasks:

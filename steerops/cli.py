@@ -1,25 +1,42 @@
-"""``steerops`` command line: ``steerops bench {attribution,kernels,overhead} ...``."""
+"""The ``steerops`` command: ``steerops bench {attribution,kernels,overhead} [options]``."""
+import argparse
 import sys
+
+BENCHMARKS = {
+    "attribution": ("attribution", "the main job: PROTOCOL.md patching-vs-steering benchmark "
+                                   "on the 12 shipped task models"),
+    "kernels": ("kernels", "kernel benchmarks vs eager PyTorch and torch.compile (CUDA GPU)"),
+    "overhead": ("overhead", "per-forward cost of steering vs a plain hook"),
+}
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="steerops", description="steerops: fused steering and activation-patching ops.",
+        epilog="Each command has its own --help, e.g. steerops bench attribution --help")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    bench = sub.add_parser("bench", help="run a benchmark", description="Run a benchmark.",
+                           epilog="Each benchmark has its own --help.")
+    which = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for name, (_, text) in BENCHMARKS.items():
+        # options are parsed by the benchmark's own parser (add_help=False: its --help wins)
+        which.add_parser(name, help=text, add_help=False)
+    return p, bench
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: steerops bench {attribution,kernels,overhead} [options]  (--help for each)"
-    if len(argv) < 2 or argv[0] != "bench":
-        print(usage, file=sys.stderr)
-        return 2
-    what, rest = argv[1], argv[2:]
-    if what == "overhead":
-        from .bench import overhead
-        overhead.main(rest)
-        return 0
-    if what == "attribution":
-        from .bench import attribution
-        return attribution.main(rest)
-    if what == "kernels":
-        from .bench import kernels
-        return kernels.main(rest)
-    print(usage, file=sys.stderr)
+    parser, bench = _parser()
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
+        import importlib
+        module = importlib.import_module(f"steerops.bench.{BENCHMARKS[argv[1]][0]}")
+        code = module.main(argv[2:])
+        return code if isinstance(code, int) else 0
+    args = parser.parse_args(argv)  # --help, or an unknown command: argparse says so
+    if args.command is None:
+        parser.print_help()
+        return 0 if not argv else 2
+    bench.print_help(sys.stderr)
     return 2
 
 

@@ -22,15 +22,29 @@ from .models import StopForward, model_device, register_site_hook, resolve_layer
 
 # --------------------------------------------------------------------------- inputs, metrics
 
-def as_inputs(inputs, device):
+def as_inputs(inputs, device, name="inputs"):
     """input_ids tensor, or a dict / BatchEncoding of model inputs, on ``device``."""
     if isinstance(inputs, torch.Tensor):
-        return {"input_ids": inputs.to(device)}
-    if hasattr(inputs, "items"):
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                for k, v in inputs.items()}
-    raise TypeError("inputs must be an input_ids tensor or a dict of model inputs, got "
-                    f"{type(inputs).__name__}")
+        inputs = {"input_ids": inputs}
+    elif hasattr(inputs, "items"):
+        inputs = dict(inputs.items())
+    else:
+        raise TypeError(f"{name} must be an input_ids tensor or a dict of model inputs, got "
+                        f"{type(inputs).__name__}")
+    ids = inputs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and (ids.is_floating_point() or ids.is_complex()
+                                          or ids.dtype == torch.bool):
+        raise TypeError(f"{name}: input_ids must be integer token ids, got {ids.dtype} "
+                        f"(pass float embeddings as inputs_embeds)")
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def _aligned_pairs(clean, corrupt, device):
+    clean, corrupt = as_inputs(clean, device, "clean"), as_inputs(corrupt, device, "corrupt")
+    if _batch_shape(clean) != _batch_shape(corrupt):
+        raise ValueError(f"clean and corrupt must have the same shape (aligned pairs), got "
+                         f"{_batch_shape(clean)} and {_batch_shape(corrupt)}")
+    return clean, corrupt
 
 
 def _batch_shape(inputs):
@@ -55,8 +69,47 @@ def model_output(out):
 
 
 def as_metric(metric):
+    """``metric(logits, pair_index)``, checked on every call to return one
+    value per row of ``logits``."""
     if not callable(metric):
         raise TypeError("metric must be callable: metric(logits, pair_index) or metric(logits)")
+    raw = _two_argument(metric)
+
+    def checked(logits, pair_index):
+        value = raw(logits, pair_index)
+        rows = logits.shape[0]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (rows,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"metric must return one value per row of logits, shape ({rows},); "
+                             f"got {shape}. Reduce over positions/vocabulary inside the metric, "
+                             f"not over the batch.")
+        return value
+    checked.num_pairs = getattr(metric, "num_pairs", None)
+    return checked
+
+
+def check_metric_pairs(metric, pairs):
+    """A metric built for a number of pairs (logit_diff / prob_diff with one
+    answer per pair) must match the pairs it is given."""
+    n = getattr(metric, "num_pairs", None)
+    if n is not None and n != pairs:
+        raise ValueError(f"metric was built with {n} answers (one per pair) but there are "
+                         f"{pairs} pairs")
+
+
+def check_denominator(clean_metric, corrupt_metric):
+    """m(clean) - m(corrupt), refusing 0 (effects would be 0/0) and non-finite values."""
+    denom = (clean_metric - corrupt_metric).mean()
+    scale = float(clean_metric.abs().mean() + corrupt_metric.abs().mean()) + 1.0
+    if not bool(torch.isfinite(denom)) or abs(float(denom)) <= 1e-7 * scale:
+        raise ValueError(
+            f"mean metric difference m(clean) - m(corrupt) is {float(denom):.3g}: clean and "
+            f"corrupt do not differ on this metric (identical inputs?), so normalised effects "
+            f"would be 0/0. Check the pairs and the metric's answer tokens.")
+    return denom
+
+
+def _two_argument(metric):
     try:
         params = [p for p in inspect.signature(metric).parameters.values()
                   if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
@@ -73,6 +126,10 @@ def _answer_logits(logits, pair_index, position, tokens):
     """logits[row, position, token] with per-pair (or shared) tokens/positions."""
     B = logits.shape[0]
     rows = torch.arange(B, device=logits.device)
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= logits.shape[-1]):
+        raise ValueError(f"answer/wrong token ids must be in [0, {logits.shape[-1]}) (the "
+                         f"vocabulary of these logits), got min {int(tokens.min())} max "
+                         f"{int(tokens.max())}")
     tok = tokens.to(logits.device)
     tok = tok.expand(B) if tok.dim() == 0 else tok[pair_index]
     if not isinstance(position, int):
@@ -85,29 +142,40 @@ def logit_diff(answer, wrong, position=-1):
 
     ``answer`` / ``wrong``: (pairs,) token ids (or ints shared by all pairs).
     """
-    answer, wrong = _pair_tensor(answer), _pair_tensor(wrong)
+    answer, wrong, pairs = _pair_tensors(answer, wrong)
     position = position if isinstance(position, int) else torch.as_tensor(position)
 
     def metric(logits, pair_index):
         return (_answer_logits(logits, pair_index, position, answer)
                 - _answer_logits(logits, pair_index, position, wrong))
+    metric.num_pairs = pairs
     return metric
 
 
 def prob_diff(answer, wrong, position=-1):
     """metric: p(answer) - p(wrong) at ``position`` (softmax over the vocabulary)."""
-    answer, wrong = _pair_tensor(answer), _pair_tensor(wrong)
+    answer, wrong, pairs = _pair_tensors(answer, wrong)
     position = position if isinstance(position, int) else torch.as_tensor(position)
 
     def metric(logits, pair_index):
         probs = logits.float().softmax(-1)
         return (_answer_logits(probs, pair_index, position, answer)
                 - _answer_logits(probs, pair_index, position, wrong))
+    metric.num_pairs = pairs
     return metric
 
 
-def _pair_tensor(tokens):
-    return torch.as_tensor(tokens).long()
+def _pair_tensors(answer, wrong):
+    answer, wrong = torch.as_tensor(answer), torch.as_tensor(wrong)
+    for name, t in (("answer", answer), ("wrong", wrong)):
+        if t.is_floating_point() or t.dim() > 1:
+            raise ValueError(f"{name} must be an int or a 1-D integer tensor of token ids "
+                             f"(one per pair), got {t.dtype} of shape {tuple(t.shape)}")
+    if answer.dim() == 1 and wrong.dim() == 1 and answer.numel() != wrong.numel():
+        raise ValueError(f"answer has {answer.numel()} entries and wrong has {wrong.numel()}; "
+                         f"give one of each per pair")
+    pairs = next((t.numel() for t in (answer, wrong) if t.dim() == 1), None)
+    return answer.long(), wrong.long(), pairs
 
 
 def resolve_positions(positions, T, device):
@@ -280,11 +348,9 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
     device = model_device(model)
     layers = resolve_layers(model, layers, layers_path)
     metric = as_metric(metric)
-    clean, corrupt = as_inputs(clean, device), as_inputs(corrupt, device)
-    if _batch_shape(clean) != _batch_shape(corrupt):
-        raise ValueError(f"clean and corrupt must have the same shape (aligned pairs), got "
-                         f"{_batch_shape(clean)} and {_batch_shape(corrupt)}")
+    clean, corrupt = _aligned_pairs(clean, corrupt, device)
     pairs, T = _batch_shape(clean)
+    check_metric_pairs(metric, pairs)
     pos = resolve_positions(positions, T, device)
     P = pos.numel()
     source, target = (corrupt, clean) if noising else (clean, corrupt)
@@ -339,7 +405,7 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
             h.remove()
     clean_metric, corrupt_metric = ((target_metric, source_metric) if noising
                                     else (source_metric, target_metric))
-    denom = (clean_metric - corrupt_metric).mean()
+    denom = check_denominator(clean_metric, corrupt_metric)
     if noising:
         effects = (clean_metric.mean() - raw.mean(0)) / denom
     else:
@@ -379,10 +445,9 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
     device = model_device(model)
     layers = resolve_layers(model, layers, layers_path)
     metric = as_metric(metric)
-    clean, corrupt = as_inputs(clean, device), as_inputs(corrupt, device)
-    if _batch_shape(clean) != _batch_shape(corrupt):
-        raise ValueError("clean and corrupt must have the same shape (aligned pairs)")
+    clean, corrupt = _aligned_pairs(clean, corrupt, device)
     pairs, T = _batch_shape(clean)
+    check_metric_pairs(metric, pairs)
     pos = resolve_positions(positions, T, device)
     batch_size = pairs if batch_size is None else batch_size
     raw, m_clean, m_corrupt = [], [], []
@@ -422,5 +487,5 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
         raw.append(torch.stack(per_layer, 1))
     raw = torch.cat(raw)
     m_clean, m_corrupt = torch.cat(m_clean), torch.cat(m_corrupt)
-    scores = raw.mean(0) / (m_clean - m_corrupt).mean()
+    scores = raw.mean(0) / check_denominator(m_clean, m_corrupt)
     return AttributionResult(scores, raw, m_clean, m_corrupt, layers, pos)

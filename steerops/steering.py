@@ -1,12 +1,13 @@
 """Steering Hugging Face models during forward and generate."""
+import math
 import numbers
 
 import torch
 
 from . import ops
 from .backend import unchecked
-from .models import (ForwardInfo, hidden_size, model_device, register_site_hook,
-                     resolve_layers)
+from .models import (ForwardInfo, hidden_size, make_hooks_visible_to_compile, model_device,
+                     register_site_hook, resolve_layers)
 from .reference import MODES
 
 POSITION_MODES = ("all", "prompt", "generated")
@@ -24,11 +25,13 @@ class Steering:
         alpha: float, 0-d tensor, or (B,) tensor (one strength per batch row).
             May require grad (the op's backward is used).
         mode: 'add', 'norm_scaled', 'ablate' or 'clamp' (see ``steerops.steer``).
-        positions: 'all', 'prompt' (tokens of the first forward inside the
-            context: the prompt under ``generate``), 'generated' (every later
-            token), explicit positions (int or list; absolute column indices,
-            negative ones count back from the end of the prompt, -1 = last
-            prompt token), or a bool (batch, seq) mask over absolute positions.
+        positions: 'all', 'prompt' (the tokens of a forward that starts a new
+            prompt: the prompt under ``generate``), 'generated' (every later
+            token), explicit prompt positions (int or list; column indices in
+            the prompt, negative ones count back from its end, -1 = last
+            prompt token; a position outside the prompt is an error), or a
+            bool (batch, seq) mask over absolute positions (prompt and
+            generated tokens).
             Positions stay correct under the KV cache; padding tokens
             (attention_mask == 0) are never steered.
         vector_index: (B,) integer, the vector row of each batch row (K > 1).
@@ -67,18 +70,27 @@ class Steering:
         self.vector_index = self._check_vector_index(vector_index, K, device)
         self.alpha = self._check_alpha(alpha, device)
         self.positions = self._check_positions(positions, device)
+        # explicit positions: their range, as ints, checked against each prompt's length
+        self._position_range = (
+            (int(self.positions.min()), int(self.positions.max()))
+            if isinstance(self.positions, torch.Tensor) and self.positions.dtype != torch.bool
+            else None)
         self._handles = []
         self._info = None
-        self._prompt_len = None
         self._rows_cache = (None, None)
 
     # ------------------------------------------------------------------ validation (once)
     def _check_vector(self, v, D, device):
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
             raise TypeError(f"vector must be a floating tensor, got {type(v).__name__}")
+        if v.device.type == "meta":
+            raise ValueError("vector is on the meta device (shape only, no values); "
+                             "materialise it first")
         if v.dim() not in (1, 2) or v.shape[-1] != D:
             raise ValueError(f"vector must have shape ({D},) or (K, {D}) for this model "
                              f"(hidden size {D}), got {tuple(v.shape)}")
+        if not bool(torch.isfinite(v.detach()).all()):
+            raise ValueError("vector has NaN or Inf entries")
         if self.mode != "add" and bool((v.detach().float().norm(dim=-1) == 0).any()):
             raise ValueError(f"vector has a zero-norm row, which mode {self.mode!r} cannot "
                              f"normalise")
@@ -101,8 +113,12 @@ class Steering:
     @staticmethod
     def _check_alpha(alpha, device):
         if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+            if not math.isfinite(float(alpha)):
+                raise ValueError(f"alpha must be finite, got {alpha}")
             return float(alpha)
         if isinstance(alpha, torch.Tensor) and alpha.is_floating_point() and alpha.dim() <= 1:
+            if alpha.device.type == "meta" or not bool(torch.isfinite(alpha.detach()).all()):
+                raise ValueError("alpha has NaN or Inf entries (or is on the meta device)")
             return alpha.to(device)
         raise TypeError("alpha must be a float, a 0-d tensor or a (batch,) floating tensor")
 
@@ -120,6 +136,8 @@ class Steering:
         if isinstance(positions, int) and not isinstance(positions, bool):
             positions = [positions]
         pos = torch.as_tensor(positions, device=device)
+        if pos.numel() == 0:
+            raise ValueError("positions is empty: nothing would be steered")
         if pos.dim() != 1 or pos.is_floating_point() or pos.dtype == torch.bool:
             raise ValueError("positions must be 'all', 'prompt', 'generated', ints, or a "
                              "(batch, seq) bool mask")
@@ -131,9 +149,10 @@ class Steering:
         p = self.positions
         if isinstance(p, str) and p == "all":
             return None
+        prompt_len = self._info.prompt_len
         pos = torch.arange(past, past + T, device=device)
         if isinstance(p, str):
-            sel = pos < self._prompt_len if p == "prompt" else pos >= self._prompt_len
+            sel = pos < prompt_len if p == "prompt" else pos >= prompt_len
             return sel.unsqueeze(0)
         if p.dtype == torch.bool:
             cols = p[:, past:past + T]
@@ -142,7 +161,13 @@ class Steering:
             if cols.shape[1] < T:
                 cols = torch.cat([cols, cols.new_zeros(B, T - cols.shape[1])], 1)
             return cols
-        absolute = torch.where(p < 0, p + self._prompt_len, p)
+        lo, hi = self._position_range
+        if lo < -prompt_len or hi >= prompt_len:
+            raise ValueError(
+                f"positions {self.positions.tolist()} fall outside the {prompt_len}-token prompt "
+                f"(valid: -{prompt_len} .. {prompt_len - 1}); they would steer nothing. Use "
+                f"positions='generated' or a (batch, seq) bool mask for generated tokens.")
+        absolute = torch.where(p < 0, p + prompt_len, p)
         return (pos.unsqueeze(1) == absolute.unsqueeze(0)).any(1).unsqueeze(0)
 
     def _row_args(self, hidden):
@@ -151,8 +176,6 @@ class Steering:
             return self._rows_cache[1]
         B, T = hidden.shape[:2]
         past, attn = self._info.current(hidden)
-        if self._prompt_len is None:
-            self._prompt_len = past + T
         sel = self._position_mask(B, T, past, hidden.device)
         if attn is not None:
             keep = attn != 0
@@ -193,8 +216,8 @@ class Steering:
     def attach(self):
         if self._handles:
             return self
+        make_hooks_visible_to_compile(self.model)
         self._info = ForwardInfo(self.model)
-        self._prompt_len = None
         for layer in self.layers:
             self._handles.append(register_site_hook(self.model, layer, self._make_hook(layer),
                                                     self.layers_path))
@@ -210,8 +233,11 @@ class Steering:
         self._rows_cache = (None, None)
 
     def reset(self):
-        """Forget the prompt length (the next forward is a new prompt)."""
-        self._prompt_len = None
+        """Forget the prompt length: the next forward is a new prompt. Rarely
+        needed: a forward with no cached tokens that does not extend the
+        previous one by a token already starts a new prompt."""
+        if self._info is not None:
+            self._info.reset()
 
     def __enter__(self):
         return self.attach()

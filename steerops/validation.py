@@ -4,6 +4,7 @@ Every check runs before any kernel launch. Static checks (types, shapes,
 dtypes, devices, mode) always run. Value checks are gathered and evaluated
 with a single host sync per call; ``steerops.unchecked()`` skips them.
 """
+import math
 import numbers
 
 import torch
@@ -117,6 +118,11 @@ def check_unit_range(checks, name, w):
                f"{name} must be finite and in [0, 1]")
 
 
+def check_finite(checks, name, t):
+    checks.add(lambda: ~torch.isfinite(t).all(), ValueError,
+               f"{name} has NaN or Inf entries; the output would be NaN/Inf")
+
+
 def check_nonzero_rows(checks, name, v, why):
     checks.add(lambda: (v.to(torch.float32 if v.dtype != torch.float64 else v.dtype)
                         .norm(dim=-1) == 0).any(),
@@ -128,16 +134,19 @@ def check_mode(mode):
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def alpha_arg(alpha, hidden, N, compute_dtype):
+def alpha_arg(alpha, hidden, N, compute_dtype, checks):
     """Returns (alpha_rows or None, alpha_scalar) for the op."""
     if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.Tensor)):
         raise TypeError(f"alpha must be a float or a floating tensor, got {type(alpha).__name__}")
     if not isinstance(alpha, torch.Tensor):
+        if not math.isfinite(float(alpha)):
+            raise ValueError(f"alpha must be finite, got {alpha}")
         if hidden.dtype == torch.float64:  # keep full precision for float64 compute
             return torch.full((N,), float(alpha), dtype=compute_dtype, device=hidden.device), 1.0
         return None, float(alpha)
     require_tensor("alpha", alpha, floating=True)
     require_device("alpha", alpha, hidden.device)
+    check_finite(checks, "alpha", alpha)
     if alpha.numel() == 1:
         return alpha.to(compute_dtype).reshape(1).expand(N), 1.0
     try:
@@ -160,7 +169,8 @@ def steer_args(hidden, vector, alpha, mode, mask, vector_index, checks):
         raise ValueError(f"vector must have shape ({D},) or (K, {D}), got {tuple(vector.shape)}")
     vec = vector.reshape(-1, D).contiguous()
     K = vec.shape[0]
-    alpha_rows, alpha_scalar = alpha_arg(alpha, hidden, N, compute_dtype(hidden.dtype))
+    check_finite(checks, "vector", vec)
+    alpha_rows, alpha_scalar = alpha_arg(alpha, hidden, N, compute_dtype(hidden.dtype), checks)
     if mask is not None:
         require_tensor("mask", mask)
         require_device("mask", mask, hidden.device)
@@ -236,6 +246,7 @@ def patch_args(hidden, source, dst_index, src_index, weight, direction, residual
         if tuple(direction.shape) != (D,):
             raise ValueError(f"direction must have shape ({D},), got {tuple(direction.shape)}")
         direction = direction.detach().contiguous()
+        check_finite(checks, "direction", direction)
         check_nonzero_rows(checks, "direction", direction.reshape(1, D),
                            "directional patching cannot normalise")
     return src_rows, dst, src, weight, direction

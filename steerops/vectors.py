@@ -108,6 +108,11 @@ def learn_steering_vector(model, positive, negative, layer, *, method="mean_diff
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     resolve_layers(model, [layer], layers_path)
     diffs = contrastive_differences(model, positive, negative, layer, position, layers_path)
+    if not bool(diffs.any()):
+        raise ValueError(
+            f"positive and negative give identical activations at layer {layer}, position "
+            f"{position} in every pair: the steering vector would be zero. Pass pairs that "
+            f"differ before that position.")
     mean = diffs.mean(0)
     settings = {"position": position, "pairs": int(diffs.shape[0])}
     if method == "mean_diff":

@@ -130,6 +130,7 @@ def test_end_to_end_small_run(tmp_path):
                            with_realistic=False, settings=TINY)
     data = json.loads((tmp_path / "results.json").read_text())
     assert [t["task"] for t in data["tasks"]] == ["successor", "pronoun"]
+    assert data["complete"] is True and data["stages_done"][-1] == "curves"
     for key in ("device", "torch", "triton", "transformers", "commit"):
         assert key in data["environment"]
     h = data["headline"]
@@ -172,3 +173,33 @@ def test_kernel_benchmark_providers_run_and_count_bytes(monkeypatch):
     table = kernels._markdown({"device": "cpu-test", "driver": None, "torch": "x",
                                "triton": "y", "commit": None, "copy_GBps": 100.0, "rows": rows})
     assert table.count("\n| steer |") == 9 and "| patch_ |" in table
+
+
+def test_realistic_stage_counts_and_times_both_sides():
+    """The GPT-2-small / 1.1B stage (FLOPs with fake tensors on every transformers
+    release, measured time on GPT-2-small) at a tiny size."""
+    out = A.realistic(dict(TINY, realistic_pairs=1, realistic_pairs_1b=0), "cpu", T=3,
+                      progress=False)
+    assert set(out) == {"gpt2-small", "llama-1.1b"}
+    for name, layers in (("gpt2-small", 12), ("llama-1.1b", 22)):
+        r = out[name]
+        assert r["sites"] == (layers + 1) * 3
+        # counted and analytic forward FLOPs agree within 25%
+        assert abs(r["forward_flops_meta"] / r["analytic_forward_flops"] - 1) < 0.25
+        assert 0 < r["flops_ratio_S1"] < 1
+    m = out["gpt2-small"]["measured"]
+    assert m["pairs"] == 1 and m["patching_seconds"] > 0 and 0 < m["time_ratio_S1"]
+    assert out["llama-1.1b"]["measured"] is None
+
+
+def test_results_are_written_after_each_stage(tmp_path, monkeypatch):
+    """A failure late in the run (here the realistic stage) loses nothing before it."""
+    def boom(*args, **kwargs):
+        raise RuntimeError("realistic stage failed")
+    monkeypatch.setattr(A, "realistic", boom)
+    with pytest.raises(RuntimeError, match="realistic stage failed"):
+        A.run(["successor"], out_dir=str(tmp_path), progress=False, settings=TINY)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["complete"] is False
+    assert data["stages_done"] == ["task:successor", "curves"]
+    assert data["tasks"][0]["task"] == "successor" and "curves" in data
