@@ -52,6 +52,114 @@ def copy_bandwidth(do_bench):
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+# ----------------------------------------------------------------------------- byte model
+
+NOMINAL_COPY_GBPS = {"H100": 3000.0}  # read + write, what a large D2D copy reaches
+
+
+def steer_bytes(N, D, elem, K, which):
+    """Bytes a steering pass must move: each row read once and written once
+    (forward), g and h read and dh written (backward), plus the fp32 vectors,
+    per-row alphas and (K > 1) int64 vector indices."""
+    vec = K * D * 4 + N * 4 + (N * 8 if K > 1 else 0)
+    fwd = 2 * N * D * elem + vec
+    bwd = 3 * N * D * elem + vec
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[which]
+
+
+def patch_bytes(M, D, elem):
+    """Sparse patch_: M source rows read, M destination rows written, two int64 indices."""
+    return 2 * M * D * elem + 2 * M * 8
+
+
+def predicted_us(nbytes, copy_gbps):
+    """Time to move ``nbytes`` at the copy bandwidth: the kernel's floor."""
+    return nbytes / (copy_gbps * 1e9) * 1e6
+
+
+def _launch_config(D, which):
+    """(kernel, BLOCK_D, SINGLE_PASS, num_warps) the launchers pick for rows of D."""
+    from steerops.kernels import config
+    if which == "fwd":
+        block, single = config.row_block(D)
+        return "_steer_fwd_kernel", block, single, config.row_warps(block)
+    block, single, warps = config.backward_row_launch(D)
+    return "_steer_bwd_kernel", block, single, warps
+
+
+def _resources(report, kernel, block, single, dtype):
+    """Max registers / min programs per SM / spills of the compiled specializations
+    (``steerops bench compile`` report) for this launch configuration, sm_90a."""
+    recs = [r for r in (report or {}).get("records", []) if "error" not in r
+            and r["cc"] == 90 and r["kernel"] == kernel
+            and r["constexprs"].get("BLOCK_D") == block
+            and r["constexprs"].get("SINGLE_PASS") == single
+            and any(c.endswith(f" {dtype}") for c in r["cases"])]
+    if not recs:
+        return {}
+    return {"registers": max(r["registers"] for r in recs),
+            "programs_per_sm": min(r["programs_per_sm"] for r in recs),
+            "spilling": sum(1 for r in recs if r["spill_stores"] or r["spill_loads"])}
+
+
+def predict(Ns, Ds, Ks, dtypes, passes, copy_gbps, report=None):
+    """The byte/time model without a GPU: for every steering shape, the bytes it
+    must move, the time that takes at ``copy_gbps`` and the kernel configuration
+    with its compiled resources."""
+    rows = []
+    for dname in dtypes:
+        elem = DTYPES[dname].itemsize
+        for N in Ns:
+            for D in Ds:
+                for K in Ks:
+                    for which in passes:
+                        nbytes = steer_bytes(N, D, elem, K, which)
+                        kernels = ["fwd", "bwd"] if which == "fwdbwd" else [which]
+                        launch = {}
+                        for k in kernels:
+                            name, block, single, warps = _launch_config(D, k)
+                            launch[k] = dict(kernel=name, BLOCK_D=block, single_pass=single,
+                                             num_warps=warps,
+                                             **_resources(report, name, block, single, dname))
+                        rows.append(dict(op="steer", pass_=which, dtype=dname, N=N, D=D, K=K,
+                                         bytes=nbytes,
+                                         predicted_us=predicted_us(nbytes, copy_gbps),
+                                         launch=launch))
+    return rows
+
+
+def _predict_markdown(result):
+    lines = [f"Predicted from bytes alone at {result['copy_GBps']:.0f} GB/s ({result['basis']}); "
+             f"resources from the sm_90a compile report. No time here was measured.", "",
+             "| pass | dtype | N | D | K | MB moved | predicted us | BLOCK_D | single pass | warps "
+             "| regs | programs/SM |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        for k, lc in r["launch"].items():
+            label = r["pass_"] if r["pass_"] == k else f"{r['pass_']} ({k})"
+            lines.append(f"| {label} | {r['dtype']} | {r['N']} | {r['D']} | {r['K']} | "
+                         f"{r['bytes'] / 1e6:.1f} | {r['predicted_us']:.1f} | {lc['BLOCK_D']} | "
+                         f"{lc['single_pass']} | {lc['num_warps']} | {lc.get('registers', '')} | "
+                         f"{lc.get('programs_per_sm', '')} |")
+    return "\n".join(lines)
+
+
+def run_predict(out_dir, quick):
+    """``steerops bench kernels --predict``: the model for a CPU-only reader."""
+    import json
+    report_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile",
+                               "compile_full.json")
+    report = json.load(open(report_path)) if os.path.exists(report_path) else None
+    copy = NOMINAL_COPY_GBPS["H100"]
+    rows = predict(QUICK_N if quick else FULL_N, QUICK_D if quick else FULL_D, (1, 8),
+                   ("bf16", "fp32"), ("fwd", "bwd"), copy, report)
+    result = {"basis": "nominal H100 copy bandwidth (read + write), not measured",
+              "copy_GBps": copy, "commit": git_commit(),
+              "compile_report": report_path if report else None, "rows": rows}
+    table = _predict_markdown(result)
+    save_results(out_dir, "kernels_predicted", result, table)
+    return result, table
+
+
 def _steer_case(N, D, dtype, mode, K):
     h = torch.randn(N, D, device=DEVICE, dtype=dtype)
     v = torch.randn(K, D, device=DEVICE, dtype=torch.float32)
@@ -75,14 +183,13 @@ def steer_cases(N, D, dtype, mode, K, which, autotune=False):
     eager = lambda h, v, a: R.intervene_forward(h, vector=v, alpha=a, mode=mode,  # noqa: E731
                                                 vector_index=vi)
     ours = lambda h, v, a: steerops.steer(h, v, a, mode=mode, vector_index=vi)  # noqa: E731
-    vec_bytes = K * D * 4 + N * 4 + (N * 8 if vi is not None else 0)
+    nbytes = steer_bytes(N, D, s, K, which)
     if which == "fwd":
         def make(fn):
             def run():
                 with torch.no_grad():
                     fn(h, v, alpha)
             return run
-        nbytes = 2 * N * D * s + vec_bytes
     else:
         hg = h.clone().requires_grad_(True)
         vg, ag = v.clone().requires_grad_(True), alpha.clone().requires_grad_(True)
@@ -93,8 +200,6 @@ def steer_cases(N, D, dtype, mode, K, which, autotune=False):
                 out = fn(hg, vg, ag)
                 return lambda: torch.autograd.grad(out, [hg, vg, ag], g, retain_graph=True)
             return lambda: torch.autograd.grad(fn(hg, vg, ag), [hg, vg, ag], g)
-        bwd_bytes = 3 * N * D * s + vec_bytes  # read g and h, write dh
-        nbytes = bwd_bytes if which == "bwd" else bwd_bytes + 2 * N * D * s + vec_bytes
     providers = {"steerops": make(ours), "eager": make(eager)}
     providers.update({name: make(fn) for name, fn in _compiled(eager, autotune).items()})
     return providers, nbytes
@@ -113,7 +218,7 @@ def patch_cases(N, D, M, dtype, autotune=False):
         with steerops.unchecked():
             steerops.patch_(h, src, dst, si)
 
-    nbytes = 2 * M * D * h.element_size() + 2 * M * 8
+    nbytes = patch_bytes(M, D, h.element_size())
     fns = dict(steerops=ours, eager=eager, **_compiled(eager, autotune))
     return {name: (lambda fn=fn: fn(h, src)) for name, fn in fns.items()}, nbytes
 
@@ -168,7 +273,7 @@ def _measure(do_bench, providers, nbytes, copy, **case):
             continue
         gbps = nbytes / (ms * 1e-3) / 1e9
         rows.append(dict(case, provider=name, ms=ms, bytes=nbytes, GBps=gbps,
-                         pct_copy=100 * gbps / copy))
+                         pct_copy=100 * gbps / copy, predicted_us=predicted_us(nbytes, copy)))
     return rows
 
 
@@ -176,14 +281,15 @@ def _markdown(result):
     lines = [f"Device {result['device']} (CUDA {result['driver']}), torch {result['torch']}, "
              f"triton {result['triton']}, commit {result['commit']}; copy bandwidth "
              f"{result['copy_GBps']:.0f} GB/s (read + write).", "",
-             "| op | mode | pass | dtype | N | D | K/M | provider | us | GB/s | % copy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| op | mode | pass | dtype | N | D | K/M | provider | us | predicted us | GB/s "
+             "| % copy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
             continue
         lines.append(f"| {r['op']} | {r['mode']} | {r['pass_']} | {r['dtype']} | {r['N']} | "
                      f"{r['D']} | {r.get('K', r.get('M'))} | {r['provider']} | "
-                     f"{1e3 * r['ms']:.1f} | {r['GBps']:.0f} | {r['pct_copy']:.0f} |")
+                     f"{1e3 * r['ms']:.1f} | {r['predicted_us']:.1f} | {r['GBps']:.0f} | "
+                     f"{r['pct_copy']:.0f} |")
     return "\n".join(lines)
 
 
@@ -229,6 +335,9 @@ def build_parser():
                    help="numbers of per-row vectors (default: 1 8)")
     p.add_argument("--out", default=None,
                    help="output folder (default: bench/results/kernels_<gpu>)")
+    p.add_argument("--predict", action="store_true",
+                   help="no GPU: print the byte/time model (bytes moved, time at the nominal "
+                        "H100 copy bandwidth) with each launch's compiled registers")
     p.add_argument("--autotune", action="store_true",
                    help="add torch.compile(mode='max-autotune') as a provider (slow to compile)")
     return p
@@ -237,6 +346,12 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if args.predict:
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                       "kernels_predicted_H100")
+        _, table = run_predict(out, args.quick)
+        print(table)
+        return 0
     reason = refuse_reason()
     if reason:
         print(f"steerops bench kernels: refusing to run: {reason}", file=sys.stderr)

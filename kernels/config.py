@@ -10,7 +10,26 @@ import triton
 import triton.language as tl
 
 MAX_SINGLE_PASS_BLOCK = 16384
+# The backward keeps g, h, v and the vector-gradient accumulator of a row live
+# (4 x BLOCK_D fp32 per program): single pass up to 4096 columns fits 8 warps in
+# <= 128 registers (2+ programs per SM on H100); above, a row of 8192 would need
+# ~250 registers at 8 warps and spills at 16 (measured: `steerops bench
+# compile`). Wider rows take the looped two-pass variant: the second read of a
+# row follows the first at once (an L1/L2 hit, not DRAM), and the gradient
+# partial row is read-modify-written in the program's own L2-resident slot.
+MAX_SINGLE_PASS_BLOCK_BWD = 4096
 LOOP_BLOCK = 4096
+# The looped backward walks rows in 2048-column chunks with 4 warps: <= 86
+# registers, no spills, 5+ programs per SM on sm_90a. (4096-column chunks took
+# up to 161 registers; with 8 warps ptxas parked the thread index in local
+# memory for the fully featured fp16 specialization: `steerops bench compile`.)
+LOOP_BLOCK_BWD = 2048
+# ptxas differs by architecture: on sm_80 the 4-warp looped backward parks a
+# value in local memory for two fully featured specializations, 8 warps do not.
+LOOP_WARPS_BWD = {90: 4, 80: 8}
+# compute capability (e.g. 90) the launchers choose for; None: the tensor's device
+# (set by `steerops bench compile`, which launches nothing)
+TARGET_ARCH = None
 
 # Cap on the fp32 scratch used for per-program partial gradients of shared
 # vectors (P x K x D), so that many vectors never blow up memory.
@@ -18,11 +37,33 @@ PARTIAL_BYTES_BUDGET = 256 * 1024 * 1024
 
 
 def row_block(D):
-    """(BLOCK_D, SINGLE_PASS) for a row of D elements."""
+    """(BLOCK_D, SINGLE_PASS) of the forward row kernels for a row of D elements."""
     block = triton.next_power_of_2(max(int(D), 1))
     if block <= MAX_SINGLE_PASS_BLOCK:
         return block, True
     return min(LOOP_BLOCK, block), False
+
+
+def device_arch(device):
+    """Compute capability as an int (90 for sm_90) of ``device``; Hopper's for
+    non-CUDA devices (the interpreter), or ``TARGET_ARCH`` when set."""
+    if TARGET_ARCH is not None:
+        return TARGET_ARCH
+    if device is not None and torch.device(device).type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def backward_row_launch(D, device=None):
+    """(BLOCK_D, SINGLE_PASS, num_warps) of the steering backward for rows of D."""
+    block = triton.next_power_of_2(max(int(D), 1))
+    if block <= MAX_SINGLE_PASS_BLOCK_BWD:
+        # 1024 columns: 8 warps, not 4; at 4 ptxas parks a predicate word in local
+        # memory for the fully featured fp32 specialization (a 1-instruction spill)
+        return block, True, 8 if block == 1024 else row_warps(block)
+    arch = device_arch(device)
+    return min(LOOP_BLOCK_BWD, block), False, LOOP_WARPS_BWD[90 if arch >= 90 else 80]
 
 
 def row_warps(block):

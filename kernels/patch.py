@@ -32,16 +32,6 @@ def _site_params(m, dst_ptr, src_ptr, w_ptr, ACC: tl.constexpr, HAS_W: tl.conste
 
 
 @triton.jit
-def _direction_inv_norm(dir_ptr, D, cols, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
-    acc = tl.zeros([BLOCK_D], ACC)
-    for start in range(0, D, BLOCK_D):
-        c = start + cols
-        u = tl.load(dir_ptr + c, mask=c < D, other=0.0).to(ACC)
-        acc += u * u
-    return 1.0 / tl.sqrt(tl.sum(acc, 0))
-
-
-@triton.jit
 def _patch_fwd_kernel(out_ptr, src_rows_ptr, dst_ptr, src_ptr, w_ptr, dir_ptr, D,
                       stride_out, stride_src, ACC: tl.constexpr, HAS_W: tl.constexpr,
                       HAS_DIR: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -51,15 +41,18 @@ def _patch_fwd_kernel(out_ptr, src_rows_ptr, dst_ptr, src_ptr, w_ptr, dir_ptr, D
     s_ptr = src_rows_ptr + s * stride_src
     cols = tl.arange(0, BLOCK_D)
     if HAS_DIR:
-        inv = _direction_inv_norm(dir_ptr, D, cols, ACC, BLOCK_D)
-        acc = tl.zeros([BLOCK_D], ACC)
+        # one pass for both sums ((s - h).u and u.u): nothing held across a loop
+        acc = tl.zeros([], ACC)
+        uu = tl.zeros([], ACC)
         for start in range(0, D, BLOCK_D):
             c = start + cols
             cm = c < D
             h = tl.load(h_ptr + c, mask=cm, other=0.0).to(ACC)
             sv = tl.load(s_ptr + c, mask=cm, other=0.0).to(ACC)
-            acc += (sv - h) * tl.load(dir_ptr + c, mask=cm, other=0.0).to(ACC)
-        coef = w * tl.sum(acc, 0) * inv * inv  # w ((s - h).u) / ||dir||
+            u = tl.load(dir_ptr + c, mask=cm, other=0.0).to(ACC)
+            acc += tl.sum((sv - h) * u, 0)
+            uu += tl.sum(u * u, 0)
+        coef = w * acc / uu  # w ((s - h).u) / ||dir||^2
         for start in range(0, D, BLOCK_D):
             c = start + cols
             cm = c < D
@@ -92,14 +85,15 @@ def _patch_bwd_kernel(dx_ptr, contrib_ptr, dst_ptr, src_ptr, w_ptr, dir_ptr, D,
     cols = tl.arange(0, BLOCK_D)
     coef = tl.zeros([], ACC)
     if HAS_DIR:
-        inv = _direction_inv_norm(dir_ptr, D, cols, ACC, BLOCK_D)
-        acc = tl.zeros([BLOCK_D], ACC)
+        acc = tl.zeros([], ACC)
+        uu = tl.zeros([], ACC)
         for start in range(0, D, BLOCK_D):
             c = start + cols
             cm = c < D
-            acc += tl.load(g_ptr + c, mask=cm, other=0.0).to(ACC) * \
-                tl.load(dir_ptr + c, mask=cm, other=0.0).to(ACC)
-        coef = w * tl.sum(acc, 0) * inv * inv  # w (g.u) / ||dir||
+            u = tl.load(dir_ptr + c, mask=cm, other=0.0).to(ACC)
+            acc += tl.sum(tl.load(g_ptr + c, mask=cm, other=0.0).to(ACC) * u, 0)
+            uu += tl.sum(u * u, 0)
+        coef = w * acc / uu  # w (g.u) / ||dir||^2
     for start in range(0, D, BLOCK_D):
         c = start + cols
         cm = c < D

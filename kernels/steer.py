@@ -132,9 +132,11 @@ def _steer_fwd_kernel(
         coef = a
         if HAS_STEER:
             if MODE != 0:
-                acc_hh = tl.zeros([BLOCK_D], ACC)
-                acc_hv = tl.zeros([BLOCK_D], ACC)
-                acc_vv = tl.zeros([BLOCK_D], ACC)
+                # per-chunk sums into scalars: block-wide accumulators would hold
+                # 3 x BLOCK_D extra fp32 values per program in registers
+                acc_hh = tl.zeros([], ACC)
+                acc_hv = tl.zeros([], ACC)
+                acc_vv = tl.zeros([], ACC)
                 for start in range(0, D, BLOCK_D):
                     c = start + cols
                     cmask = c < D
@@ -142,10 +144,10 @@ def _steer_fwd_kernel(
                                      cmask, stride_x, stride_res, stride_src, ACC, HAS_RES,
                                      HAS_PATCH, HAS_PATCH_W)
                     v = tl.load(v_row_ptr + c, mask=cmask, other=0.0).to(ACC)
-                    acc_hh += h * h
-                    acc_hv += h * v
-                    acc_vv += v * v
-                coef = _fwd_coef(a, tl.sum(acc_hh, 0), tl.sum(acc_hv, 0), tl.sum(acc_vv, 0), MODE)
+                    acc_hh += tl.sum(h * h, 0)
+                    acc_hv += tl.sum(h * v, 0)
+                    acc_vv += tl.sum(v * v, 0)
+                coef = _fwd_coef(a, acc_hh, acc_hv, acc_vv, MODE)
             coef = tl.where(sel, coef, 0.0)
         for start in range(0, D, BLOCK_D):
             c = start + cols
@@ -278,10 +280,12 @@ def _steer_bwd_kernel(
                                       ACC_IN_REGS)
         else:
             if HAS_STEER:
-                acc_gv = tl.zeros([BLOCK_D], ACC)
-                acc_hv = tl.zeros([BLOCK_D], ACC)
-                acc_hh = tl.zeros([BLOCK_D], ACC)
-                acc_vv = tl.zeros([BLOCK_D], ACC)
+                # per-chunk sums into scalars (see the forward): registers stay
+                # with the chunk, not with four block-wide accumulators
+                acc_gv = tl.zeros([], ACC)
+                acc_hv = tl.zeros([], ACC)
+                acc_hh = tl.zeros([], ACC)
+                acc_vv = tl.zeros([], ACC)
                 for start in range(0, D, BLOCK_D):
                     c = start + cols
                     cmask = c < D
@@ -290,13 +294,11 @@ def _steer_bwd_kernel(
                                      cmask, stride_x, stride_res, stride_src, ACC, HAS_RES,
                                      HAS_PATCH, HAS_PATCH_W)
                     v = tl.load(v_row_ptr + c, mask=cmask, other=0.0).to(ACC)
-                    acc_gv += g * v
-                    acc_hv += h * v
-                    acc_hh += h * h
-                    acc_vv += v * v
-                c_h, c_v, c_g, c_hh, da = _bwd_coefs(
-                    a, tl.sum(acc_gv, 0), tl.sum(acc_hv, 0), tl.sum(acc_hh, 0),
-                    tl.sum(acc_vv, 0), sel, MODE)
+                    acc_gv += tl.sum(g * v, 0)
+                    acc_hv += tl.sum(h * v, 0)
+                    acc_hh += tl.sum(h * h, 0)
+                    acc_vv += tl.sum(v * v, 0)
+                c_h, c_v, c_g, c_hh, da = _bwd_coefs(a, acc_gv, acc_hv, acc_hh, acc_vv, sel, MODE)
             for start in range(0, D, BLOCK_D):
                 c = start + cols
                 cmask = c < D
@@ -396,7 +398,7 @@ def steer_bwd(g, x, *, residual=None, source=None, patch_src=None, patch_weight=
     need_dalpha = need_dalpha and vector is not None
     need_dsource = need_dsource and patch_src is not None
     K = 1 if vector is None else vector.shape[0]
-    block, single = config.row_block(D)
+    block, single, warps = config.backward_row_launch(D, x.device)
     acc_in_regs = single and vector_index is None
     P = config.reduction_programs(N, dev, K * D * 4 if need_dvector else 0)
     dsrc = torch.empty((N, D), dtype=acc_torch, device=dev) if need_dsource else None
@@ -428,6 +430,6 @@ def steer_bwd(g, x, *, residual=None, source=None, patch_src=None, patch_weight=
         HAS_VIDX=vector_index is not None, HAS_ALPHA=has_alpha, HAS_MASK=mask is not None,
         NEED_DSRC=need_dsource, NEED_DVEC=need_dvector, NEED_DALPHA=need_dalpha,
         ACC_IN_REGS=acc_in_regs and need_dvector,
-        BLOCK_D=block, SINGLE_PASS=single, num_warps=config.row_warps(block),
+        BLOCK_D=block, SINGLE_PASS=single, num_warps=warps,
     )
     return dx, dsrc, part, dalpha

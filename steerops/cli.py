@@ -1,4 +1,4 @@
-"""The ``steerops`` command: ``steerops bench {attribution,kernels,overhead} [options]``."""
+"""The ``steerops`` command: ``steerops bench {attribution,kernels,overhead,compile} [options]``."""
 import argparse
 import sys
 
@@ -7,6 +7,8 @@ BENCHMARKS = {
                                    "on the 12 shipped task models"),
     "kernels": ("kernels", "kernel benchmarks vs eager PyTorch and torch.compile (CUDA GPU)"),
     "overhead": ("overhead", "per-forward cost of steering vs a plain hook"),
+    "compile": ("compile_check", "compile every kernel specialization for sm_90a / sm_80 "
+                                 "without a GPU: registers, spills, occupancy"),
 }
 
 

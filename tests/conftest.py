@@ -40,7 +40,9 @@ def backend(request):
 def looped(monkeypatch):
     """Force the looped (multi-chunk) row kernels on small D."""
     monkeypatch.setattr(config, "MAX_SINGLE_PASS_BLOCK", 32)
+    monkeypatch.setattr(config, "MAX_SINGLE_PASS_BLOCK_BWD", 32)
     monkeypatch.setattr(config, "LOOP_BLOCK", 32)
+    monkeypatch.setattr(config, "LOOP_BLOCK_BWD", 16)
 
 
 @pytest.fixture(autouse=True)

@@ -237,12 +237,13 @@ def test_cli_help_lists_commands_and_exits_zero(capsys):
     out = capsys.readouterr().out
     for name in ("bench", "attribution", "kernels", "overhead"):
         assert name in out
-    for name in ("attribution", "kernels", "overhead"):
+    for name, module in (("attribution", "attribution"), ("kernels", "kernels"),
+                         ("overhead", "overhead"), ("compile", "compile_check")):
         with pytest.raises(SystemExit) as e:
             main(["bench", name, "--help"])
         assert e.value.code == 0
         assert capsys.readouterr().out.startswith(f"usage: steerops bench {name}")
-        module = importlib.import_module(f"steerops.bench.{name}")
+        module = importlib.import_module(f"steerops.bench.{module}")
         for action in module.build_parser()._actions:  # every option has help text
             assert action.help, action.option_strings
     assert main([]) == 0 and "COMMAND" in capsys.readouterr().out

@@ -1,0 +1,394 @@
+"""Hopper (and Ampere) evidence without a GPU: compile every kernel
+specialization the launchers produce for sm_90a / sm_80, read registers,
+stack and spills from the cubin, and report them.
+
+How: the launchers (``steerops.kernels.steer_fwd`` ...) are called with CPU
+tensors while their ``kernel[grid](...)`` calls are intercepted, so the
+specializations are exactly the ones the library launches (constexprs,
+argument types, 16-byte divisibility, num_warps). Each is bound with Triton's
+own binder for a CUDA backend and compiled ahead of time with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``; the
+``cuobjdump`` inside Triton's nvidia backend gives registers, stack and local
+memory (``--dump-resource-usage``) and the SASS, where STL/LDL instructions are
+local-memory spills and LDG.E.128/STG.E.128 are 128-bit vector accesses.
+
+    steerops bench compile                  # the full grid, sm_90a + sm_80, JSON + Markdown
+    steerops bench compile --subset ci      # what CI runs (fails on any spill)
+
+Needs the Triton JIT (not the interpreter): run it with TRITON_INTERPRET unset.
+These are compile-time figures, not measurements on a GPU.
+"""
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+TARGETS = {"sm_90a": 90, "sm_80": 80}
+# per-SM limits used for the occupancy estimate (CUDA occupancy calculator values)
+SM_LIMITS = {90: dict(regs=65536, warps=64, smem=227 * 1024, blocks=32),
+             80: dict(regs=65536, warps=64, smem=163 * 1024, blocks=32)}
+MODES = ("add", "norm_scaled", "ablate", "clamp")
+FULL_D = (768, 2048, 4096, 5120, 8192, 16384, 32768)
+CI_D = (4096, 8192, 16384, 32768)   # 32768 takes the looped path
+N_ROWS = 64
+
+
+def _torch_dtypes():
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- enumeration
+
+class _Recorder:
+    """Stands in for a JIT kernel: ``kernel[grid](*args, **kwargs)`` is recorded."""
+
+    def __init__(self, fn, calls, case):
+        self.fn, self.calls, self.case = fn, calls, case
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((self.case[0], self.fn, args, kwargs))
+        return launch
+
+
+@contextlib.contextmanager
+def _recording(calls, case):
+    from steerops.kernels import patch, segment_sum, steer
+    names = [(steer, "_steer_fwd_kernel"), (steer, "_steer_bwd_kernel"),
+             (patch, "_patch_fwd_kernel"), (patch, "_patch_bwd_kernel"),
+             (segment_sum, "_segment_sum_rows_kernel")]
+    saved = [(m, n, getattr(m, n)) for m, n in names]
+    try:
+        for m, n, fn in saved:
+            setattr(m, n, _Recorder(fn, calls, case))
+        yield
+    finally:
+        for m, n, fn in saved:
+            setattr(m, n, fn)
+
+
+def _cases(D, dtype, modes, variants):
+    """(label, launcher call) pairs covering the launchers' paths."""
+    import torch
+    from steerops import kernels as K
+    N = N_ROWS
+
+    def t(*shape, dt=dtype):
+        return torch.randn(*shape, dtype=dt)
+    idx = torch.arange(N)
+    acc = torch.float32
+    for mode in modes:
+        if "plain" in variants:
+            yield (f"steer_fwd {mode}", lambda m=mode: K.steer_fwd(t(N, D), vector=t(1, D), mode=m))
+            yield (f"steer_bwd {mode}", lambda m=mode: K.steer_bwd(
+                t(N, D), t(N, D), vector=t(1, D), mode=m, need_dvector=True, need_dalpha=True))
+        if "full" in variants:  # residual, weighted patch, K vectors, per-row alpha, mask
+            def full_kwargs(m):
+                return dict(residual=t(N, D), source=t(N, D), patch_src=idx.flip(0),
+                            patch_weight=torch.rand(N, dtype=acc), vector=t(4, D),
+                            vector_index=idx % 4, alpha=torch.rand(N, dtype=acc),
+                            mask=torch.ones(N, dtype=torch.bool), mode=m)
+            yield (f"intervene_fwd full {mode}",
+                   lambda m=mode: K.steer_fwd(t(N, D), **full_kwargs(m)))
+            yield (f"intervene_bwd full {mode}", lambda m=mode: K.steer_bwd(
+                t(N, D), t(N, D), **full_kwargs(m), need_dsource=True, need_dvector=True,
+                need_dalpha=True))
+        if "patch" in variants:  # patch + source grad + vector grad, one vector (regs path)
+            yield (f"intervene_bwd patch {mode}", lambda m=mode: K.steer_bwd(
+                t(N, D), t(N, D), source=t(N, D), patch_src=idx.flip(0), vector=t(1, D),
+                mode=m, need_dsource=True, need_dvector=True, need_dalpha=True))
+    if "sparse" in variants:
+        for w in (False, True):
+            for d in (False, True):
+                kw = dict(weight=torch.rand(8, dtype=acc) if w else None,
+                          direction=t(D) if d else None)
+                tag = f"w={int(w)} dir={int(d)}"
+                yield (f"patch_fwd {tag}", lambda kw=kw: K.patch_fwd(
+                    t(N, D), t(8, D), idx[:8], idx[:8], **kw))
+                yield (f"patch_bwd {tag}", lambda kw=kw: K.patch_bwd(
+                    t(N, D), t(8, D), idx[:8], idx[:8], **kw))
+        yield ("segment_sum", lambda: K.segment_sum_rows(
+            t(N, D), idx % 5, torch.zeros(5, D, dtype=acc)))
+
+
+def enumerate_specializations(d_values, dtypes, modes=MODES,
+                              variants=("plain", "full", "patch", "sparse"), cc=90):
+    """The distinct kernel launches of the launchers over the grid, as they
+    choose them for compute capability ``cc``: a list of dicts {kernel, fn,
+    args, kwargs, cases}."""
+    from steerops.kernels import config
+    calls = []
+    saved, config.TARGET_ARCH = config.TARGET_ARCH, cc
+    try:
+        for D in d_values:
+            for dname in dtypes:
+                for label, call in _cases(D, _torch_dtypes()[dname], modes, variants):
+                    case = (f"{label} D={D} {dname}",)
+                    with _recording(calls, case):
+                        call()
+    finally:
+        config.TARGET_ARCH = saved
+    found = {}
+    for case, fn, args, kwargs in calls:
+        key = (fn.__name__, _signature_key(args), tuple(sorted(kwargs.items(), key=str)))
+        entry = found.setdefault(key, {"kernel": fn.__name__, "fn": fn, "args": args,
+                                       "kwargs": kwargs, "cases": []})
+        entry["cases"].append(case)
+    return list(found.values())
+
+
+def _signature_key(args):
+    """What Triton specializes on: tensor dtype and 16-byte alignment, int value
+    classes (1, divisible by 16, 32/64-bit), float."""
+    out = []
+    for a in args:
+        if hasattr(a, "data_ptr"):
+            out.append(("ptr", str(a.dtype), a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool):
+            out.append(("bool", a))
+        elif isinstance(a, int):
+            out.append(("int", a == 1, a % 16 == 0, abs(a) >= 2 ** 31))
+        else:
+            out.append((type(a).__name__,))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- compiling
+
+def _backend_binder(fn, cc):
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import create_function_from_signature
+    target = GPUTarget("cuda", cc, 32)
+    backend = CUDABackend(target)
+    return target, backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
+def compile_one(entry, cc):
+    """Compiles one specialization for compute capability ``cc``; returns its
+    resource record (registers, spills, stack, vector accesses, occupancy)."""
+    import triton
+    from triton.compiler import ASTSource
+    fn = entry["fn"]
+    target, backend, binder = _backend_binder(fn, cc)
+    bound, specialization, options = binder(*entry["args"], **entry["kwargs"])
+    options, signature, constexprs, attrs = fn._pack_args(backend, entry["kwargs"], bound,
+                                                          specialization, options)
+    t0 = time.perf_counter()
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                            options=options.__dict__)
+    seconds = time.perf_counter() - t0
+    usage, sass = _cuobjdump(kernel.asm["cubin"])
+    warps = kernel.metadata.num_warps
+    shared = kernel.metadata.shared
+    regs = usage.get("REG", 0)
+    lds = len(re.findall(r"\bLDG\.E[\w.]*", sass))
+    sts = len(re.findall(r"\bSTG\.E[\w.]*", sass))
+    vec = len(re.findall(r"\b(?:LDG|STG)\.E(?:\.\w+)*\.128\b", sass))
+    constexpr_names = {fn.arg_names[k[0]]: v for k, v in constexprs.items() if len(k) == 1}
+    return {
+        "kernel": entry["kernel"], "cc": cc, "cases": entry["cases"],
+        "constexprs": {k: _plain(v) for k, v in constexpr_names.items()},
+        "num_warps": warps, "registers": regs, "stack_bytes": usage.get("STACK", 0),
+        "local_bytes": usage.get("LOCAL", 0), "shared_bytes": shared,
+        "spill_stores": len(re.findall(r"\bSTL\b", sass)),
+        "spill_loads": len(re.findall(r"\bLDL\b", sass)),
+        "global_accesses": lds + sts, "vector128_accesses": vec,
+        "programs_per_sm": occupancy(regs, warps, shared, cc),
+        "compile_seconds": round(seconds, 2),
+    }
+
+
+def _plain(v):
+    if isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def _cuobjdump(cubin):
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], check=True,
+                               capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], check=True, capture_output=True,
+                              text=True).stdout
+    finally:
+        os.unlink(f.name)
+    line = next((ln for ln in usage.splitlines() if "REG:" in ln), "")
+    fields = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+    return fields, sass
+
+
+def occupancy(regs, warps, shared, cc):
+    """Resident programs per SM from registers (allocated per warp in units of
+    256), warps and shared memory: the CUDA occupancy calculator's rules."""
+    lim = SM_LIMITS[cc]
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = lim["regs"] // (per_warp * warps)
+    by_warps = lim["warps"] // warps
+    by_smem = lim["smem"] // shared if shared else lim["blocks"]
+    return int(min(by_regs, by_warps, by_smem, lim["blocks"]))
+
+
+# ----------------------------------------------------------------------------- driver
+
+SUBSETS = {
+    # the CI check: each kernel, each mode, single-pass and looped, bf16 and fp32
+    "ci": dict(d_values=CI_D, dtypes=("bf16", "fp32"), targets=("sm_90a",)),
+    "full": dict(d_values=FULL_D, dtypes=("fp32", "fp16", "bf16"),
+                 targets=("sm_90a", "sm_80")),
+}
+
+
+_worker_entries = None
+
+
+def _init_worker(settings):
+    """Each compile process enumerates the specializations once (JIT functions
+    do not pickle; the enumeration is deterministic)."""
+    global _worker_entries
+    os.environ.pop("TRITON_INTERPRET", None)
+    # FP fusion on, as the Triton releases that run these kernels default to (newer
+    # releases warn that their default will change)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    _worker_entries = {t: enumerate_specializations(settings["d_values"], settings["dtypes"],
+                                                    cc=TARGETS[t])
+                       for t in settings["targets"]}
+
+
+def _work(job):
+    """Worker: (index, target name) -> record."""
+    index, target = job
+    entry = _worker_entries[target][index]
+    try:
+        return compile_one(entry, TARGETS[target])
+    except Exception as exc:  # a failed compile is a result, reported and failing the check
+        return {"kernel": entry["kernel"], "cc": TARGETS[target], "cases": entry["cases"],
+                "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+
+
+def run(subset="ci", out_dir=None, workers=2, progress=True):
+    from tqdm.auto import tqdm
+    settings = SUBSETS[subset]
+    _init_worker(settings)
+    jobs = [(i, t) for t in settings["targets"] for i in range(len(_worker_entries[t]))]
+    desc = "compiling for " + "/".join(settings["targets"])
+    if workers > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                    initializer=_init_worker, initargs=(settings,)) as pool:
+            records = list(tqdm(pool.map(_work, jobs, chunksize=4), total=len(jobs),
+                                disable=not progress, desc=desc))
+    else:
+        records = [_work(j) for j in tqdm(jobs, disable=not progress, desc=desc)]
+    result = {"subset": subset, "settings": {k: list(v) for k, v in settings.items()},
+              "environment": _environment(), "records": records, "summary": summary(records)}
+    if out_dir:
+        from .provenance import save_results
+        save_results(out_dir, f"compile_{subset}", result, markdown(result))
+    return result
+
+
+def _environment():
+    import platform
+
+    import torch
+    import triton
+
+    from .provenance import git_commit
+    return {"triton": triton.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "commit": git_commit(),
+            "note": "compiled ahead of time on a machine without a GPU; no run-time figure"}
+
+
+def summary(records):
+    ok = [r for r in records if "error" not in r]
+    out = {"specializations": len(records), "failed": len(records) - len(ok),
+           "spilling": sum(1 for r in ok if r["spill_stores"] or r["spill_loads"]
+                           or r["local_bytes"]),
+           "max_registers": max((r["registers"] for r in ok), default=0)}
+    for kernel in sorted({r["kernel"] for r in ok}):
+        rs = [r for r in ok if r["kernel"] == kernel]
+        out[kernel] = {"max_registers": max(r["registers"] for r in rs),
+                       "min_programs_per_sm": min(r["programs_per_sm"] for r in rs),
+                       "spilling": sum(1 for r in rs if r["spill_stores"] or r["spill_loads"]),
+                       "vector128_fraction": round(
+                           sum(r["vector128_accesses"] for r in rs)
+                           / max(1, sum(r["global_accesses"] for r in rs)), 3)}
+    return out
+
+
+def markdown(result):
+    s = result["summary"]
+    lines = [f"# Kernel resources, compiled ahead of time ({result['subset']} grid)", "",
+             f"triton {result['environment']['triton']}, commit {result['environment']['commit']}; "
+             f"{s['specializations']} specializations, {s['failed']} failed to compile, "
+             f"{s['spilling']} spill; max registers {s['max_registers']}. "
+             f"Compile-time figures (no GPU run).", "",
+             "| kernel | max regs | min programs/SM | spilling | 128-bit access fraction |",
+             "|---|---|---|---|---|"]
+    for k, v in s.items():
+        if isinstance(v, dict):
+            lines.append(f"| {k} | {v['max_registers']} | {v['min_programs_per_sm']} | "
+                         f"{v['spilling']} | {v['vector128_fraction']:.2f} |")
+    lines += ["", "| target | kernel | BLOCK_D | single pass | warps | regs | stack | spill st/ld "
+              "| programs/SM | first case |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["records"]:
+        if "error" in r:
+            lines.append(f"| cc {r['cc']} | {r['kernel']} | | | | FAILED: {r['error'][:80]} "
+                         f"| | | | {r['cases'][0]} |")
+            continue
+        c = r["constexprs"]
+        lines.append(f"| cc {r['cc']} | {r['kernel']} | {c.get('BLOCK_D', '')} | "
+                     f"{c.get('SINGLE_PASS', '')} | {r['num_warps']} | {r['registers']} | "
+                     f"{r['stack_bytes']} | {r['spill_stores']}/{r['spill_loads']} | "
+                     f"{r['programs_per_sm']} | {r['cases'][0]} |")
+    return "\n".join(lines)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="steerops bench compile",
+        description="Compile every kernel specialization the launchers produce for sm_90a "
+                    "(H100) and sm_80 (A100) without a GPU; report registers, spills, stack, "
+                    "128-bit access fraction and occupancy as JSON + Markdown.")
+    p.add_argument("--subset", default="full", choices=list(SUBSETS),
+                   help="'full': D in 768..32768, fp32/fp16/bf16, sm_90a and sm_80; 'ci': "
+                        "D 4096..32768, bf16/fp32, sm_90a (default: full)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                 "results", "compile"),
+                   help="output folder (default: bench/results/compile)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="compile processes (default: up to 4)")
+    p.add_argument("--no-fail", action="store_true",
+                   help="exit 0 even when a specialization spills or fails to compile")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("steerops bench compile: unset TRITON_INTERPRET (the check compiles with the "
+              "Triton JIT, not the interpreter)", file=sys.stderr)
+        return 2
+    result = run(args.subset, args.out, args.workers, progress=not args.no_progress)
+    print(markdown(result).split("\n\n| target")[0])
+    print(json.dumps({k: v for k, v in result["summary"].items() if not isinstance(v, dict)}))
+    bad = result["summary"]["failed"] + result["summary"]["spilling"]
+    return 0 if args.no_fail or not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

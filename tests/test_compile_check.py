@@ -1,0 +1,73 @@
+"""Hopper evidence in CI: every kernel specialization the launchers produce
+compiles for sm_90a with no spills (``steerops bench compile --subset ci``),
+and the enumeration / occupancy / byte-model logic on hand-made cases."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from steerops.bench import compile_check as C
+from steerops.bench import kernels as KB
+from steerops.kernels import config
+
+
+def test_occupancy_follows_the_register_file():
+    # 128 regs x 8 warps: 32 KiB registers of 64 KiB -> 2 programs per SM
+    assert C.occupancy(128, 8, 0, 90) == 2
+    assert C.occupancy(122, 8, 0, 90) == 2     # rounded up to 128 per thread
+    assert C.occupancy(129, 8, 0, 90) == 1
+    assert C.occupancy(32, 4, 0, 90) == 16     # warp limit: 64 / 4
+    assert C.occupancy(32, 4, 100 * 1024, 90) == 2  # shared-memory limit
+
+
+def test_enumeration_covers_each_kernel_path_mode_and_dtype():
+    entries = C.enumerate_specializations(C.CI_D, ("bf16", "fp32"))
+    kernels = {e["kernel"] for e in entries}
+    assert kernels == {"_steer_fwd_kernel", "_steer_bwd_kernel", "_patch_fwd_kernel",
+                       "_patch_bwd_kernel", "_segment_sum_rows_kernel"}
+    steer = [e for e in entries if e["kernel"].startswith("_steer")]
+    single = {(e["kernel"], e["kwargs"]["SINGLE_PASS"]) for e in steer}
+    assert single == {(k, p) for k in ("_steer_fwd_kernel", "_steer_bwd_kernel")
+                      for p in (True, False)}
+    assert {e["kwargs"]["MODE"] for e in steer} == {0, 1, 2, 3}
+    cases = " ".join(c for e in entries for c in e["cases"])
+    assert " bf16" in cases and " fp32" in cases
+    # the launch configuration is the launchers' own: backward single pass <= 4096
+    for e in steer:
+        if e["kernel"] == "_steer_bwd_kernel" and e["kwargs"]["SINGLE_PASS"]:
+            assert e["kwargs"]["BLOCK_D"] <= config.MAX_SINGLE_PASS_BLOCK_BWD
+
+
+def test_byte_model():
+    # forward: read + write a bf16 row block, plus the fp32 vector and per-row alphas
+    assert KB.steer_bytes(4, 8, 2, 1, "fwd") == 2 * 4 * 8 * 2 + 8 * 4 + 4 * 4
+    assert KB.steer_bytes(4, 8, 2, 3, "bwd") == 3 * 4 * 8 * 2 + 3 * 8 * 4 + 4 * 4 + 4 * 8
+    assert KB.predicted_us(3e9, 3000.0) == pytest.approx(1000.0)
+    rows = KB.predict((64,), (8192,), (1,), ("bf16",), ("fwd", "bwd", "fwdbwd"), 3000.0)
+    assert [r["pass_"] for r in rows] == ["fwd", "bwd", "fwdbwd"]
+    assert rows[2]["bytes"] == rows[0]["bytes"] + rows[1]["bytes"]
+    assert rows[1]["launch"]["bwd"]["single_pass"] is False  # 8192 takes the looped backward
+    assert rows[0]["launch"]["fwd"]["single_pass"] is True
+
+
+def test_every_ci_specialization_compiles_for_sm90a_without_spills(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "steerops.bench.compile_check", "--subset",
+                           "ci", "--out", str(tmp_path), "--workers", "2", "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    report = json.loads((tmp_path / "compile_ci.json").read_text())
+    s = report["summary"]
+    assert s["failed"] == 0, [r for r in report["records"] if "error" in r][:3]
+    spilling = [(r["kernel"], r["constexprs"], r["cases"][0]) for r in report["records"]
+                if r["spill_stores"] or r["spill_loads"] or r["local_bytes"]]
+    assert spilling == []
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for r in report["records"]:
+        c = r["constexprs"]
+        if r["kernel"] == "_steer_bwd_kernel" and c["BLOCK_D"] <= 8192:
+            # the backward up to the 70B-class width: <= 128 registers, >= 8 warps
+            # or 2+ programs per SM
+            assert r["registers"] <= 128 and r["programs_per_sm"] >= 2, r
+        assert r["vector128_accesses"] > 0, r  # 128-bit global accesses are emitted
