@@ -40,6 +40,39 @@ def analytic_forward_flops(config, tokens, lm_head=True):
     return flops
 
 
+def _dims(config):
+    d = getattr(config, "hidden_size", None) or config.n_embd
+    L = getattr(config, "num_hidden_layers", None) or config.n_layer
+    return d, L, config.vocab_size
+
+
+def token_layer_flops(config, context):
+    """FLOPs of one token through one block, attending over ``context`` tokens."""
+    d, L, _ = _dims(config)
+    return analytic_forward_flops(config, context, lm_head=False) / (L * context)
+
+
+def reuse_sweep_flops(config, report, pairs, T):
+    """Analytic FLOPs of a patching sweep with reuse, from its report: the two
+    base runs, the token-layers the patched forwards ran (attention priced at the
+    full context, an upper bound) and the LM-head tokens."""
+    d, _, V = _dims(config)
+    base = 2 * pairs * analytic_forward_flops(config, T)
+    return (base + report["token_layers_run"] * token_layer_flops(config, T)
+            + report["head_tokens"] * 2 * d * V)
+
+
+def patching_floor_flops(config, T, pairs, first_diff=0):
+    """PROTOCOL.md's cheapest correct patching: two base runs, then per pair and
+    site (l, p) with p >= the first differing position, (L - l) blocks over the
+    T - p tokens from p on, and the LM head at the answer position only."""
+    d, L, V = _dims(config)
+    per = token_layer_flops(config, T)
+    sites = [(l, p) for l in range(L + 1) for p in range(first_diff, T)]
+    patched = sum((L - l) * (T - p) * per + 2 * d * V for l, p in sites)
+    return 2 * pairs * analytic_forward_flops(config, T) + pairs * patched
+
+
 @dataclass
 class Stage:
     name: str
@@ -51,6 +84,7 @@ class Stage:
     seconds: float = 0.0    # median wall time
     side: str = ""
     extra_forwards: int = 0  # further forward-only sequences in the same stage (e.g. AtP's clean run)
+    analytic_override: float = None  # analytic FLOPs of a stage that is no plain forward
 
 
 @dataclass
@@ -77,7 +111,16 @@ class Ledger:
                                  extra_forwards))
         return result
 
+    def amend(self, name, **fields):
+        """Sets fields of the last stage called ``name`` (e.g. once its result
+        says how much work it did)."""
+        stage = next(s for s in reversed(self.stages) if s.name == name)
+        for key, value in fields.items():
+            setattr(stage, key, value)
+
     def analytic(self, stage):
+        if stage.analytic_override is not None:
+            return stage.analytic_override
         per = analytic_forward_flops(self.config, stage.tokens, stage.lm_head)
         # the backward passes here take gradients w.r.t. activations or a steering vector,
         # never the weights: about one forward's worth of FLOPs (not two)

@@ -7,6 +7,7 @@ BENCHMARKS = {
                                    "on the 12 shipped task models"),
     "kernels": ("kernels", "kernel benchmarks vs eager PyTorch and torch.compile (CUDA GPU)"),
     "overhead": ("overhead", "per-forward cost of steering vs a plain hook"),
+    "patching": ("patching", "patching sweep forms side by side: reuse vs plain vs hook loops"),
     "compile": ("compile_check", "compile every kernel specialization for sm_90a / sm_80 "
                                  "without a GPU: registers, spills, occupancy"),
 }

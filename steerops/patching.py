@@ -18,6 +18,7 @@ import torch
 from . import ops
 from .backend import unchecked
 from .models import StopForward, model_device, register_site_hook, resolve_layers
+from .reuse import resolve_reuse, reuse_sweep
 
 
 # --------------------------------------------------------------------------- inputs, metrics
@@ -85,6 +86,7 @@ def as_metric(metric):
                              f"not over the batch.")
         return value
     checked.num_pairs = getattr(metric, "num_pairs", None)
+    checked.positions = getattr(metric, "positions", None)  # logits positions it reads
     return checked
 
 
@@ -149,6 +151,7 @@ def logit_diff(answer, wrong, position=-1):
         return (_answer_logits(logits, pair_index, position, answer)
                 - _answer_logits(logits, pair_index, position, wrong))
     metric.num_pairs = pairs
+    metric.positions = (position,) if isinstance(position, int) else None
     return metric
 
 
@@ -162,6 +165,7 @@ def prob_diff(answer, wrong, position=-1):
         return (_answer_logits(probs, pair_index, position, answer)
                 - _answer_logits(probs, pair_index, position, wrong))
     metric.num_pairs = pairs
+    metric.positions = (position,) if isinstance(position, int) else None
     return metric
 
 
@@ -324,30 +328,35 @@ def _auto_batch_size(model, T, memory_budget_mb):
 
 
 def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *,
-                   noising=False, batch_size=None, memory_budget_mb=1024, progress=True,
-                   layers_path=None):
+                   noising=False, reuse="auto", batch_size=None, memory_budget_mb=1024,
+                   progress=True, layers_path=None):
     """Activation patching over every requested site and prompt pair.
 
     Denoising (default): run ``corrupt`` with h_s <- h_s(clean), one site at a
-    time; noising: run ``clean`` with h_s <- h_s(corrupt). Each batched
-    forward holds many (pair, site) rows, and one fused multi-site ``patch_``
-    launch per layer writes all of that layer's sites.
+    time; noising: run ``clean`` with h_s <- h_s(corrupt).
 
     Args:
         clean, corrupt: (pairs, T) input_ids, or dicts of inputs of equal shape.
         metric: ``metric(logits, pair_index) -> (rows,)`` (or of logits only).
         layers: site layers (default all, 0..L); positions: columns (default all).
+        reuse: 'auto' (default: 'full' for causal LMs, else 'none'), 'full'
+            (skip identical sites, reuse the base run's KV-cache prefix, skip
+            the blocks before the site, LM head only at the metric's last
+            position), 'prefix' (the same without skipping blocks) or 'none'
+            (the plain batched sweep: many (pair, site) rows per forward, one
+            fused multi-site ``patch_`` launch per layer; needed for
+            non-causal models). See :mod:`steerops.reuse`.
         batch_size: rows per forward; default chosen from ``memory_budget_mb``.
 
     Returns a :class:`PatchingResult`: effects normalised as in PROTOCOL.md,
     g_s = E[m(patched) - m(corrupt)] / E[m(clean) - m(corrupt)] (denoising) or
-    E[m(clean) - m(patched)] / E[m(clean) - m(corrupt)] (noising).
+    E[m(clean) - m(patched)] / E[m(clean) - m(corrupt)] (noising);
+    ``result.extra["reuse"]`` says what was reused and the token-layers run.
     """
-    from tqdm.auto import tqdm
-
     device = model_device(model)
     layers = resolve_layers(model, layers, layers_path)
     metric = as_metric(metric)
+    reuse = resolve_reuse(model, reuse)
     clean, corrupt = _aligned_pairs(clean, corrupt, device)
     pairs, T = _batch_shape(clean)
     check_metric_pairs(metric, pairs)
@@ -356,16 +365,45 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
     source, target = (corrupt, clean) if noising else (clean, corrupt)
     every = torch.arange(pairs, device=device)
     store, source_out = _capture(model, source, layers, pos, layers_path, stop_early=False)
-    with torch.no_grad():
-        target_metric = metric(model_output(model(**target)), every).float()
     source_metric = metric(source_out, every).float()
-    # clean cache rows: pair i, position index j -> row i * P + j
+    if batch_size is None:
+        batch_size = _auto_batch_size(model, T, memory_budget_mb)
+    if reuse == "none":
+        with torch.no_grad():
+            target_metric = metric(model_output(model(**target)), every).float()
+        batch_size = max(1, min(batch_size, pairs * len(layers) * P))
+        raw, n_batches = _plain_sweep(model, store, target, metric, layers, pos, batch_size,
+                                      progress, layers_path)
+        report = {"mode": "none", "forwards": 1 + n_batches,
+                  "rows": pairs + pairs * len(layers) * P}
+    else:
+        raw, target_metric, report = reuse_sweep(
+            model, store, target, metric, layers, pos, mode=reuse, batch_size=batch_size,
+            model_output=model_output, layers_path=layers_path, progress=progress)
+    clean_metric, corrupt_metric = ((target_metric, source_metric) if noising
+                                    else (source_metric, target_metric))
+    denom = check_denominator(clean_metric, corrupt_metric)
+    if noising:
+        effects = (clean_metric.mean() - raw.mean(0)) / denom
+    else:
+        effects = (raw.mean(0) - corrupt_metric.mean()) / denom
+    return PatchingResult(effects, raw, clean_metric, corrupt_metric, layers, pos, noising,
+                          forwards=1 + report["forwards"], rows=pairs + report["rows"],
+                          batch_size=batch_size, extra={"reuse": report})
+
+
+def _plain_sweep(model, store, target, metric, layers, pos, batch_size, progress, layers_path):
+    """The plain batched sweep: (pair, site) rows batched, one fused multi-site
+    ``patch_`` launch per layer per forward. Returns (raw, forwards run)."""
+    from tqdm.auto import tqdm
+
+    device = pos.device
+    pairs, T = _batch_shape(target)
+    P = pos.numel()
+    # source cache rows: pair i, position index j -> row i * P + j
     caches = {l: store[l].reshape(pairs * P, -1) for l in layers}
     sites = [(li, j) for li in range(len(layers)) for j in range(P)]
     S = len(sites)
-    if batch_size is None:
-        batch_size = _auto_batch_size(model, T, memory_budget_mb)
-    batch_size = max(1, min(batch_size, pairs * S))
     raw = torch.empty(pairs, len(layers), P, device=device)
     pos_list = pos.tolist()
     n_batches = math.ceil(pairs * S / batch_size)
@@ -403,16 +441,7 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
     finally:
         for h in handles:
             h.remove()
-    clean_metric, corrupt_metric = ((target_metric, source_metric) if noising
-                                    else (source_metric, target_metric))
-    denom = check_denominator(clean_metric, corrupt_metric)
-    if noising:
-        effects = (clean_metric.mean() - raw.mean(0)) / denom
-    else:
-        effects = (raw.mean(0) - corrupt_metric.mean()) / denom
-    return PatchingResult(effects, raw, clean_metric, corrupt_metric, layers, pos, noising,
-                          forwards=2 + n_batches, rows=2 * pairs + pairs * S,
-                          batch_size=batch_size)
+    return raw, n_batches
 
 
 # --------------------------------------------------------------------------- attribution patching

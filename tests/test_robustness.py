@@ -238,7 +238,8 @@ def test_cli_help_lists_commands_and_exits_zero(capsys):
     for name in ("bench", "attribution", "kernels", "overhead"):
         assert name in out
     for name, module in (("attribution", "attribution"), ("kernels", "kernels"),
-                         ("overhead", "overhead"), ("compile", "compile_check")):
+                         ("overhead", "overhead"), ("compile", "compile_check"),
+                         ("patching", "patching")):
         with pytest.raises(SystemExit) as e:
             main(["bench", name, "--help"])
         assert e.value.code == 0

@@ -1,0 +1,254 @@
+"""Patching sweeps at their floor: a patched run at site (l, p) of a causal LM
+changes only layers l+1..L at positions >= p; everything else is the base run's.
+
+For each site the sweep therefore runs only the new part:
+
+- sites where the source and base activations are identical (every position
+  before the first differing token) are the base run: no forward at all;
+- positions before p come from the base run's KV cache, cropped to p (the
+  model's own cache object; ``crop`` / ``batch_select_indices``);
+- blocks 1..l are skipped: they are replaced, for that forward only, by
+  stand-ins returning the base run's layer-l hidden state with column p patched
+  (where a block returns its hidden state alone: a tensor, or a 1-tuple; blocks
+  that also return their cache (GPT-2 / GPT-NeoX in transformers 4.x) run, and a
+  hook patches: reported as ``layers_skipped: False``);
+- the LM head runs only at the metric's positions (``logit_diff`` / ``prob_diff``
+  at the default last position); otherwise the logits before p are the base
+  run's and are joined to the new ones, so any metric sees full logits.
+
+Padding: with a left-padded batch, transformers unmasks attention at the padding
+positions themselves, so their logits see later tokens; under reuse the logits
+at padding positions before p are the base run's. Metrics read real tokens.
+
+``reuse="none"`` (the plain batched sweep) stays the reference and the path for
+encoders and non-causal models.
+"""
+import copy
+import inspect
+
+import torch
+
+from .models import find_layers, register_site_hook
+
+REUSE_MODES = ("auto", "none", "prefix", "full")
+
+
+def is_causal_lm(model):
+    """A decoder-only model whose position t never sees later tokens."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    can_generate = getattr(model, "can_generate", None)
+    return bool(getattr(cfg, "is_decoder", False) or (callable(can_generate) and can_generate()))
+
+
+def resolve_reuse(model, reuse):
+    if reuse not in REUSE_MODES:
+        raise ValueError(f"reuse must be one of {REUSE_MODES}, got {reuse!r}")
+    causal = is_causal_lm(model)
+    if reuse == "auto":
+        return "full" if causal else "none"
+    if reuse != "none" and not causal:
+        raise ValueError(
+            f"reuse={reuse!r} needs a causal LM (a position must not see later tokens); "
+            f"{type(model).__name__} is not one: use reuse='none'")
+    return reuse
+
+
+class _SkippedBlock(torch.nn.Module):
+    """Stands in for a block for one forward: returns ``output`` (or, when None,
+    its input unchanged) without computing; other attributes read through to the
+    real block (models read e.g. ``attention_type`` off their layers)."""
+
+    def __init__(self, inner, output, as_tuple):
+        super().__init__()
+        self.__dict__["_inner"] = inner
+        self.__dict__["_output"] = output
+        self.__dict__["_as_tuple"] = as_tuple
+
+    def forward(self, *args, **kwargs):
+        out = self.__dict__["_output"]
+        if out is None:
+            out = args[0] if args else kwargs["hidden_states"]
+        return (out,) if self.__dict__["_as_tuple"] else out
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_inner"], name)
+
+
+def _cache_keyword(model):
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _crop(cache, length):
+    """A copy of ``cache`` holding the first ``length`` positions, or None when
+    this cache type cannot be cropped (then the prefix is recomputed)."""
+    if isinstance(cache, (tuple, list)):  # legacy ((k, v), ...) with k (B, H, T, d)
+        return tuple(tuple(t[..., :length, :] for t in layer) for layer in cache)
+    if not hasattr(cache, "crop") or not hasattr(cache, "batch_select_indices"):
+        return None
+    out = copy.deepcopy(cache)
+    drop = int(out.get_seq_length()) - length
+    try:
+        if drop > 0:
+            # a negative argument removes that many tokens in every release (a
+            # positive one keeps that many in 4.x and is refused in 5.x)
+            out.crop(-drop)
+    except Exception:  # e.g. static / hybrid caches that do not crop
+        return None
+    return out if int(out.get_seq_length()) == length else None
+
+
+def _select(cache, rows):
+    if isinstance(cache, tuple):
+        return tuple(tuple(t[rows] for t in layer) for layer in cache)
+    out = copy.deepcopy(cache)
+    out.batch_select_indices(rows)
+    return out
+
+
+def _slice_inputs(inputs, rows, start, T):
+    """Rows of the inputs from column ``start`` on; the attention mask stays whole
+    (it covers the cached prefix too)."""
+    out = {}
+    for key, value in inputs.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            out[key] = value
+            continue
+        value = value[rows]
+        if key != "attention_mask" and value.dim() >= 2 and value.shape[1] == T:
+            value = value[:, start:]
+        out[key] = value
+    return out
+
+
+def _last_position_head(model, metric):
+    """The LM head, when the metric reads only the last position's logits."""
+    if getattr(metric, "positions", None) != (-1,):
+        return None
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch_size,
+                model_output, layers_path=None, progress=True):
+    """Raw metric values (pairs, len(layers), P) of the denoising/noising sweep
+    (the caller decides which run is the source; ``source_store[l]`` is (pairs, P,
+    D)), computing only what differs from the ``target`` base run. Returns (raw,
+    the base run's metric (pairs,), report of what was reused)."""
+    from tqdm.auto import tqdm
+
+    tokens = target.get("input_ids", target.get("inputs_embeds"))
+    pairs, T = tokens.shape[:2]
+    device = pos.device
+    blocks = find_layers(model, layers_path)
+    # the base run again, keeping its cache and every requested layer's hidden states
+    hidden, formats = {}, []
+
+    def keep(layer):
+        def fn(h):
+            hidden[layer] = h.detach()
+        return fn
+    handles = [register_site_hook(model, l, keep(l), layers_path) for l in layers]
+    # a block whose output is its hidden state alone (a tensor, or a 1-tuple in
+    # transformers 4.x) can be stood in for; one that also returns its cache cannot
+    handles.append(blocks[0].register_forward_hook(lambda m, a, out: formats.append(
+        "tensor" if isinstance(out, torch.Tensor) else
+        "tuple" if isinstance(out, tuple) and len(out) == 1 else "other")))
+    kw = _cache_keyword(model)
+    try:
+        with torch.no_grad():
+            out = model(**target, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    base_logits = model_output(out)
+    cache = getattr(out, "cache", None)
+    cache = cache if cache is not None else getattr(out, "past_key_values", None)
+    skip_layers = mode == "full" and bool(formats) and formats[0] != "other"
+    as_tuple = bool(formats) and formats[0] == "tuple"
+    head = _last_position_head(model, metric)
+    every = torch.arange(pairs, device=device)
+    base_metric = metric(base_logits, every).float()
+    raw = base_metric[:, None, None].expand(pairs, len(layers), pos.numel()).clone()
+    report = {"mode": mode, "layers_skipped": skip_layers, "lm_head_last_only": head is not None,
+              "prefix_from_cache": True, "sites": pairs * len(layers) * pos.numel(),
+              "identical_sites_skipped": 0, "forwards": 1, "rows": pairs,
+              "token_layers_run": 0, "token_layers_plain": 0, "head_tokens": 0}
+    L = len(blocks)
+    groups = []
+    for j, c in enumerate(pos.tolist()):
+        for li, l in enumerate(layers):
+            differs = (source_store[l][:, j] != hidden[l][:, c]).any(-1)
+            rows = differs.nonzero().flatten()
+            report["identical_sites_skipped"] += pairs - rows.numel()
+            if rows.numel():
+                groups.append((j, c, li, l, rows))
+    prefix_cache = {}
+    with torch.no_grad():
+        for j, c, li, l, rows in tqdm(groups, disable=not progress, desc="patching sweep",
+                                      unit="site"):
+            if c > 0 and c not in prefix_cache:
+                prefix_cache[c] = _crop(cache, c) if cache is not None else None
+                if prefix_cache[c] is None:
+                    report["prefix_from_cache"] = False
+            for start in range(0, rows.numel(), batch_size):
+                r = rows[start:start + batch_size]
+                raw[r, li, j] = _patched_metric(
+                    model, blocks, metric, target, r, c, l, source_store[l][r, j],
+                    hidden[l], prefix_cache.get(c), kw, skip_layers and as_tuple, skip_layers,
+                    head, base_logits, model_output, T, layers_path)
+                first = c if (c == 0 or prefix_cache.get(c) is not None) else 0
+                report["forwards"] += 1
+                report["rows"] += r.numel()
+                report["token_layers_run"] += r.numel() * (T - first) * (
+                    L - l if skip_layers else L)
+                report["head_tokens"] += r.numel() * (1 if head is not None else T - first)
+    report["token_layers_plain"] = pairs * len(layers) * pos.numel() * T * L
+    report["token_layers_floor"] = int(sum(
+        pairs * (L - l) * (T - c) for l in layers for c in pos.tolist()))
+    return raw, base_metric, report
+
+
+def _patched_metric(model, blocks, metric, target, rows, c, l, source_rows, base_hidden,
+                    prefix, kw, as_tuple, skip_layers, head, base_logits, model_output, T,
+                    layers_path):
+    """Metric of the rows' forward with site (l, c) patched, from column c on."""
+    start = c if (c == 0 or prefix is not None) else 0
+    inputs = _slice_inputs(target, rows, start, T)
+    col = c - start  # the patched column among the new tokens
+    if prefix is not None and c > 0:
+        inputs[kw] = _select(prefix, rows)
+        inputs["use_cache"] = True
+    else:
+        inputs["use_cache"] = False
+    handles, swapped = [], []
+    if skip_layers and l >= 1:
+        patched = base_hidden[rows, start:].clone()
+        patched[:, col] = source_rows
+        for b in range(l):
+            swapped.append((b, blocks[b]))
+            blocks[b] = _SkippedBlock(blocks[b], patched if b == l - 1 else None, as_tuple)
+    else:
+        def patch_column(h):
+            h = h.clone()
+            h[:, col] = source_rows.to(h.dtype)
+            return h
+        handles.append(register_site_hook(model, l, patch_column, layers_path))
+    if head is not None:
+        handles.append(head.register_forward_pre_hook(
+            lambda m, args: (args[0][:, -1:],) + tuple(args[1:])))
+    try:
+        logits = model_output(model(**inputs))
+    finally:
+        for h in handles:
+            h.remove()
+        for b, block in swapped:
+            blocks[b] = block
+    if head is None and start > 0:
+        logits = torch.cat([base_logits[rows, :start].to(logits.dtype), logits], 1)
+    return metric(logits, rows).float()
