@@ -9,12 +9,17 @@ import torch
 
 
 def git_commit():
+    """Short commit hash, with "+dirty" when the working tree has uncommitted
+    changes (the result then did not come from that commit alone)."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
-                                       cwd=os.path.dirname(os.path.abspath(__file__)),
-                                       stderr=subprocess.DEVNULL).decode().strip()
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                                         stderr=subprocess.DEVNULL).decode().strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
+                                        cwd=here, stderr=subprocess.DEVNULL).decode().strip()
     except Exception:
         return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def environment():

@@ -180,29 +180,27 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
               "identical_sites_skipped": 0, "forwards": 1, "rows": pairs,
               "token_layers_run": 0, "token_layers_plain": 0, "head_tokens": 0}
     L = len(blocks)
-    groups = []
-    for j, c in enumerate(pos.tolist()):
-        for li, l in enumerate(layers):
-            differs = (source_store[l][:, j] != hidden[l][:, c]).any(-1)
-            rows = differs.nonzero().flatten()
-            report["identical_sites_skipped"] += pairs - rows.numel()
-            if rows.numel():
-                groups.append((j, c, li, l, rows))
     prefix_cache = {}
+
+    def prefix(start):
+        if start > 0 and start not in prefix_cache:
+            prefix_cache[start] = _crop(cache, start) if cache is not None else None
+            if prefix_cache[start] is None:
+                report["prefix_from_cache"] = False
+        return prefix_cache.get(start)
+
+    chunks = _chunks(source_store, hidden, layers, pos, T, report)
     with torch.no_grad():
-        for j, c, li, l, rows in tqdm(groups, disable=not progress, desc="patching sweep",
-                                      unit="site"):
-            if c > 0 and c not in prefix_cache:
-                prefix_cache[c] = _crop(cache, c) if cache is not None else None
-                if prefix_cache[c] is None:
-                    report["prefix_from_cache"] = False
-            for start in range(0, rows.numel(), batch_size):
-                r = rows[start:start + batch_size]
-                raw[r, li, j] = _patched_metric(
-                    model, blocks, metric, target, r, c, l, source_store[l][r, j],
-                    hidden[l], prefix_cache.get(c), kw, skip_layers and as_tuple, skip_layers,
+        for li, l, start, pair_rows, js, cols in tqdm(chunks, disable=not progress,
+                                                       desc="patching sweep", unit="chunk"):
+            cached = prefix(start)
+            first = start if (start == 0 or cached is not None) else 0
+            for b in range(0, pair_rows.numel(), batch_size):
+                r, jr, cr = (t[b:b + batch_size] for t in (pair_rows, js, cols))
+                raw[r, li, jr] = _patched_metric(
+                    model, blocks, metric, target, r, cr, first, l, source_store[l][r, jr],
+                    hidden[l], cached if first > 0 else None, kw, as_tuple, skip_layers,
                     head, base_logits, model_output, T, layers_path)
-                first = c if (c == 0 or prefix_cache.get(c) is not None) else 0
                 report["forwards"] += 1
                 report["rows"] += r.numel()
                 report["token_layers_run"] += r.numel() * (T - first) * (
@@ -214,14 +212,53 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
     return raw, base_metric, report
 
 
-def _patched_metric(model, blocks, metric, target, rows, c, l, source_rows, base_hidden,
-                    prefix, kw, as_tuple, skip_layers, head, base_logits, model_output, T,
-                    layers_path):
-    """Metric of the rows' forward with site (l, c) patched, from column c on."""
-    start = c if (c == 0 or prefix is not None) else 0
+# a row of a chunk starting at column a but patched at column c computes c - a
+# tokens it would not need on its own: bounded by this fraction of its floor
+CHUNK_WASTE = 0.15
+
+
+def _chunks(source_store, hidden, layers, pos, T, report):
+    """Forward groups: per layer, runs of consecutive computed positions that
+    share a start column (so a forward holds many rows: on a CPU or with few
+    pairs, per-forward weight reads dominate), each row computing at most
+    CHUNK_WASTE of its own floor in extra tokens. Sites whose source and base
+    activations are identical are dropped (counted in the report).
+    Yields (layer index, layer, start column, pair rows, position indices, columns)."""
+    pairs = next(iter(hidden.values())).shape[0]
+    out = []
+    for li, l in enumerate(layers):
+        per_pos = []
+        for j, c in enumerate(pos.tolist()):
+            differs = (source_store[l][:, j] != hidden[l][:, c]).any(-1)
+            rows = differs.nonzero().flatten()
+            report["identical_sites_skipped"] += pairs - rows.numel()
+            if rows.numel():
+                per_pos.append((c, j, rows))
+        per_pos.sort(key=lambda x: x[0])
+        k = 0
+        while k < len(per_pos):
+            start = per_pos[k][0]
+            members = [per_pos[k]]
+            k += 1
+            while k < len(per_pos) and per_pos[k][0] - start <= CHUNK_WASTE * (T - per_pos[k][0]):
+                members.append(per_pos[k])
+                k += 1
+            rows = torch.cat([m[2] for m in members])
+            js = torch.cat([torch.full_like(m[2], m[1]) for m in members])
+            cols = torch.cat([torch.full_like(m[2], m[0]) for m in members])
+            out.append((li, l, start, rows, js, cols))
+    return out
+
+
+def _patched_metric(model, blocks, metric, target, rows, cols, start, l, source_rows,
+                    base_hidden, prefix, kw, as_tuple, skip_layers, head, base_logits,
+                    model_output, T, layers_path):
+    """Metric of a forward from column ``start`` on, row i patched at layer l,
+    column ``cols[i]`` (with ``prefix``: the base run's cache up to ``start``)."""
     inputs = _slice_inputs(target, rows, start, T)
-    col = c - start  # the patched column among the new tokens
-    if prefix is not None and c > 0:
+    local = cols - start  # the patched column of each row among the new tokens
+    index = torch.arange(rows.numel(), device=rows.device)
+    if prefix is not None:
         inputs[kw] = _select(prefix, rows)
         inputs["use_cache"] = True
     else:
@@ -229,16 +266,16 @@ def _patched_metric(model, blocks, metric, target, rows, c, l, source_rows, base
     handles, swapped = [], []
     if skip_layers and l >= 1:
         patched = base_hidden[rows, start:].clone()
-        patched[:, col] = source_rows
+        patched[index, local] = source_rows.to(patched.dtype)
         for b in range(l):
             swapped.append((b, blocks[b]))
             blocks[b] = _SkippedBlock(blocks[b], patched if b == l - 1 else None, as_tuple)
     else:
-        def patch_column(h):
+        def patch_columns(h):
             h = h.clone()
-            h[:, col] = source_rows.to(h.dtype)
+            h[index, local] = source_rows.to(h.dtype)
             return h
-        handles.append(register_site_hook(model, l, patch_column, layers_path))
+        handles.append(register_site_hook(model, l, patch_columns, layers_path))
     if head is not None:
         handles.append(head.register_forward_pre_hook(
             lambda m, args: (args[0][:, -1:],) + tuple(args[1:])))
