@@ -7,9 +7,11 @@ Headline numbers (printed and saved exactly with these definitions):
 - faithfulness ratio = mean over tasks of R_S1, where R = mean over k in
   {1, 2, 5, 10, 20, 50}% of |S| of Cap(k) (patching itself scores 1);
 - compute ratio = steering cost (S1: the D_fit and D_eval cache passes) /
-  patching cost (clean and corrupt caches plus one patched forward per site
-  per eval pair, batched multi-site patching, no prefix reuse), in FLOPs
-  counted by FlopCounterMode, in analytic FLOPs and in measured time.
+  patching cost in its cheapest correct form (clean and corrupt runs, then per
+  site only what differs from the corrupt run: identical sites skipped, the
+  KV-cache prefix reused, blocks before the site skipped, LM head at the answer;
+  steerops.reuse), in FLOPs counted by FlopCounterMode, in analytic FLOPs and
+  in measured time.
 """
 import argparse
 import json
@@ -364,9 +366,10 @@ def markdown(results):
         "claims 0.88).",
         f"**Compute ratio = {h['compute_ratio_flops']:.3f}** (FLOPs, FlopCounterMode) / "
         f"{h['compute_ratio_time']:.3f} (time, {env['device']}): steering S1 (D_fit + D_eval "
-        "cache passes) over patching (clean + corrupt caches + one patched forward per site "
-        "per eval pair, batched multi-site patching, no prefix reuse), mean over tasks "
-        "(the paper claims ~0.04).",
+        "cache passes) over patching in its cheapest correct form (clean + corrupt runs, then "
+        "per site only what differs from the corrupt run: identical sites skipped, KV-cache "
+        "prefix reused, blocks before the site skipped, LM head at the answer; "
+        "patching_sweep(reuse='full')), mean over tasks (the paper claims ~0.04).",
         "",
         "| task | sites | eval pairs | R S1 [95% CI] | R S2 | R AtP | R norm | R random | R' S1 "
         "| Spearman S1 | top-10% recall S1 | recovery steer/patch | FLOPs ratio | time ratio |",

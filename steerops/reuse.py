@@ -13,7 +13,9 @@ For each site the sweep therefore runs only the new part:
   that also return their cache (GPT-2 / GPT-NeoX in transformers 4.x) run, and a
   hook patches: reported as ``layers_skipped: False``);
 - the LM head runs only at the metric's positions (``logit_diff`` / ``prob_diff``
-  at the default last position); otherwise the logits before p are the base
+  at the default last position), batched over many forwards when the model's
+  logits are the head's output unchanged (checked on the base run: no
+  softcapping or scaling after the head); otherwise the logits before p are the base
   run's and are joined to the new ones, so any metric sees full logits.
 
 Padding: with a left-padded batch, transformers unmasks attention at the padding
@@ -159,6 +161,11 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
     handles.append(blocks[0].register_forward_hook(lambda m, a, out: formats.append(
         "tensor" if isinstance(out, torch.Tensor) else
         "tuple" if isinstance(out, tuple) and len(out) == 1 else "other")))
+    head = _last_position_head(model, metric)
+    head_input = []
+    if head is not None:
+        handles.append(head.register_forward_pre_hook(
+            lambda m, args: head_input.append(args[0])))
     kw = _cache_keyword(model)
     try:
         with torch.no_grad():
@@ -171,11 +178,17 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
     cache = cache if cache is not None else getattr(out, "past_key_values", None)
     skip_layers = mode == "full" and bool(formats) and formats[0] != "other"
     as_tuple = bool(formats) and formats[0] == "tuple"
-    head = _last_position_head(model, metric)
+    # the head can be batched over many forwards when the model's logits are the
+    # head's output unchanged (no softcapping or scaling after it)
+    with torch.no_grad():
+        deferred = head is not None and len(head_input) == 1 and \
+            head_input[0].shape[:2] == base_logits.shape[:2] and \
+            torch.equal(head(head_input[0]), base_logits)
     every = torch.arange(pairs, device=device)
     base_metric = metric(base_logits, every).float()
     raw = base_metric[:, None, None].expand(pairs, len(layers), pos.numel()).clone()
     report = {"mode": mode, "layers_skipped": skip_layers, "lm_head_last_only": head is not None,
+              "lm_head_batched": deferred,
               "prefix_from_cache": True, "sites": pairs * len(layers) * pos.numel(),
               "identical_sites_skipped": 0, "forwards": 1, "rows": pairs,
               "token_layers_run": 0, "token_layers_plain": 0, "head_tokens": 0}
@@ -190,6 +203,20 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
         return prefix_cache.get(start)
 
     chunks = _chunks(source_store, hidden, layers, pos, T, report)
+    pending = []  # deferred head: (pair rows, layer index, position indices, last hidden)
+
+    def flush():
+        if not pending:
+            return
+        r = torch.cat([p[0] for p in pending])
+        logits = head(torch.cat([p[3] for p in pending])[:, None])
+        values = metric(logits, r).float()
+        offset = 0
+        for rows, li, jr, _ in pending:
+            raw[rows, li, jr] = values[offset:offset + rows.numel()]
+            offset += rows.numel()
+        pending.clear()
+
     with torch.no_grad():
         for li, l, start, pair_rows, js, cols in tqdm(chunks, disable=not progress,
                                                        desc="patching sweep", unit="chunk"):
@@ -197,15 +224,22 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
             first = start if (start == 0 or cached is not None) else 0
             for b in range(0, pair_rows.numel(), batch_size):
                 r, jr, cr = (t[b:b + batch_size] for t in (pair_rows, js, cols))
-                raw[r, li, jr] = _patched_metric(
+                value = _patched_metric(
                     model, blocks, metric, target, r, cr, first, l, source_store[l][r, jr],
                     hidden[l], cached if first > 0 else None, kw, as_tuple, skip_layers,
-                    head, base_logits, model_output, T, layers_path)
+                    head, deferred, base_logits, model_output, T, layers_path)
+                if deferred:
+                    pending.append((r, li, jr, value))
+                    if sum(p[0].numel() for p in pending) >= batch_size:
+                        flush()
+                else:
+                    raw[r, li, jr] = value
                 report["forwards"] += 1
                 report["rows"] += r.numel()
                 report["token_layers_run"] += r.numel() * (T - first) * (
                     L - l if skip_layers else L)
                 report["head_tokens"] += r.numel() * (1 if head is not None else T - first)
+        flush()
     report["token_layers_plain"] = pairs * len(layers) * pos.numel() * T * L
     report["token_layers_floor"] = int(sum(
         pairs * (L - l) * (T - c) for l in layers for c in pos.tolist()))
@@ -251,10 +285,12 @@ def _chunks(source_store, hidden, layers, pos, T, report):
 
 
 def _patched_metric(model, blocks, metric, target, rows, cols, start, l, source_rows,
-                    base_hidden, prefix, kw, as_tuple, skip_layers, head, base_logits,
-                    model_output, T, layers_path):
+                    base_hidden, prefix, kw, as_tuple, skip_layers, head, deferred,
+                    base_logits, model_output, T, layers_path):
     """Metric of a forward from column ``start`` on, row i patched at layer l,
-    column ``cols[i]`` (with ``prefix``: the base run's cache up to ``start``)."""
+    column ``cols[i]`` (with ``prefix``: the base run's cache up to ``start``).
+    With ``deferred``, the head is not run: returns the rows' last hidden state
+    (the head's input), for one batched head call over many forwards."""
     inputs = _slice_inputs(target, rows, start, T)
     local = cols - start  # the patched column of each row among the new tokens
     index = torch.arange(rows.numel(), device=rows.device)
@@ -276,7 +312,13 @@ def _patched_metric(model, blocks, metric, target, rows, cols, start, l, source_
             h[index, local] = source_rows.to(h.dtype)
             return h
         handles.append(register_site_hook(model, l, patch_columns, layers_path))
-    if head is not None:
+    last = []
+    if deferred:
+        def keep_last(m, args):  # the head sees zero positions here; it runs batched later
+            last.append(args[0][:, -1])
+            return (args[0][:, :0],) + tuple(args[1:])
+        handles.append(head.register_forward_pre_hook(keep_last))
+    elif head is not None:
         handles.append(head.register_forward_pre_hook(
             lambda m, args: (args[0][:, -1:],) + tuple(args[1:])))
     try:
@@ -286,6 +328,8 @@ def _patched_metric(model, blocks, metric, target, rows, cols, start, l, source_
             h.remove()
         for b, block in swapped:
             blocks[b] = block
+    if deferred:
+        return last[0]
     if head is None and start > 0:
         logits = torch.cat([base_logits[rows, :start].to(logits.dtype), logits], 1)
     return metric(logits, rows).float()
