@@ -196,13 +196,16 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
     prefix_cache = {}
 
     def prefix(start):
+        """The base cache cropped to ``start``; one crop held at a time (chunks run
+        in order of their start column), so memory stays at one extra cache."""
         if start > 0 and start not in prefix_cache:
+            prefix_cache.clear()
             prefix_cache[start] = _crop(cache, start) if cache is not None else None
             if prefix_cache[start] is None:
                 report["prefix_from_cache"] = False
         return prefix_cache.get(start)
 
-    chunks = _chunks(source_store, hidden, layers, pos, T, report)
+    chunks = sorted(_chunks(source_store, hidden, layers, pos, T, report), key=lambda ch: ch[2])
     pending = []  # deferred head: (pair rows, layer index, position indices, last hidden)
 
     def flush():
