@@ -150,6 +150,8 @@ class Steering:
         if isinstance(p, str) and p == "all":
             return None
         prompt_len = self._info.prompt_len
+        if prompt_len is None:  # blocks called without the top-level model: one prompt
+            prompt_len = past + T
         pos = torch.arange(past, past + T, device=device)
         if isinstance(p, str):
             sel = pos < prompt_len if p == "prompt" else pos >= prompt_len

@@ -43,6 +43,18 @@ def test_decode_offset_other_sources():
         decode_offset({"cache": opaque}, 1)
 
 
+def test_steering_when_the_inner_model_is_called_directly():
+    """Hooks fire without the top-level forward: the call is one prompt."""
+    model = causal_lm("llama")
+    ids = prompts()
+    v = torch.randn(32)
+    with steerops.Steering(model, 1, v, 2.0, positions="all"), torch.no_grad():
+        want = model.model(ids).last_hidden_state
+    with steerops.Steering(model, 1, v, 2.0, positions="prompt"), torch.no_grad():
+        got = model.model(ids).last_hidden_state
+    torch.testing.assert_close(got, want)
+
+
 def test_model_called_with_an_unmeasurable_cache_is_an_error():
     model = causal_lm("llama")
     with steerops.Steering(model, 1, torch.randn(32), positions="prompt"):
