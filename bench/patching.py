@@ -74,13 +74,27 @@ def _site_hook(block, layer, fn):
         lambda m, a, out: (fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else fn(out))
 
 
+def _loop_setup(model, clean):
+    """What both hand-written loops start from: blocks, the clean activations of
+    every site, and the raw-value table (pairs, L + 1, T)."""
+    blocks = find_layers(model)
+    pairs, T = clean.shape
+    return blocks, steerops.cache_activations(model, clean), torch.empty(pairs, len(blocks) + 1, T)
+
+
+def _hooked_logits(model, blocks, layer, fn, inputs):
+    """Logits of one forward with ``fn`` hooked on site ``layer``."""
+    handle = _site_hook(blocks[max(layer - 1, 0)], layer, fn)
+    try:
+        return model(inputs).logits
+    finally:
+        handle.remove()
+
+
 def hook_one_site(model, clean, corrupt, metric):
     """One forward per (pair, site)."""
-    blocks = find_layers(model)
-    L = len(blocks)
-    cache = steerops.cache_activations(model, clean)
-    pairs, T = clean.shape
-    raw = torch.empty(pairs, L + 1, T)
+    blocks, cache, raw = _loop_setup(model, clean)
+    L, (pairs, T) = len(blocks), clean.shape
     with torch.no_grad():
         for i in range(pairs):
             for layer in range(L + 1):
@@ -89,22 +103,15 @@ def hook_one_site(model, clean, corrupt, metric):
                         h = h.clone()
                         h[:, p] = cache[layer][i, p]
                         return h
-                    handle = _site_hook(blocks[max(layer - 1, 0)], layer, put)
-                    try:
-                        logits = model(corrupt[i:i + 1]).logits
-                    finally:
-                        handle.remove()
+                    logits = _hooked_logits(model, blocks, layer, put, corrupt[i:i + 1])
                     raw[i, layer, p] = metric(logits, torch.tensor([i]))[0]
     return raw
 
 
 def hook_batched_layer(model, clean, corrupt, metric):
     """One forward per (pair, layer): row p of the batch patches position p."""
-    blocks = find_layers(model)
-    L = len(blocks)
-    cache = steerops.cache_activations(model, clean)
-    pairs, T = clean.shape
-    raw = torch.empty(pairs, L + 1, T)
+    blocks, cache, raw = _loop_setup(model, clean)
+    L, (pairs, T) = len(blocks), clean.shape
     cols = torch.arange(T, device=clean.device)
     with torch.no_grad():
         for i in range(pairs):
@@ -113,11 +120,7 @@ def hook_batched_layer(model, clean, corrupt, metric):
                     h = h.clone()
                     h[cols, cols] = cache[layer][i]
                     return h
-                handle = _site_hook(blocks[max(layer - 1, 0)], layer, put)
-                try:
-                    logits = model(corrupt[i:i + 1].expand(T, T)).logits
-                finally:
-                    handle.remove()
+                logits = _hooked_logits(model, blocks, layer, put, corrupt[i:i + 1].expand(T, T))
                 raw[i, layer] = metric(logits, torch.full((T,), i))
     return raw
 
