@@ -8,6 +8,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -62,15 +63,22 @@ def reuse_sweep_flops(config, report, pairs, T):
             + report["head_tokens"] * 2 * d * V)
 
 
-def patching_floor_flops(config, T, pairs, first_diff=0):
-    """PROTOCOL.md's cheapest correct patching: two base runs, then per pair and
-    site (l, p) with p >= the first differing position, (L - l) blocks over the
-    T - p tokens from p on, and the LM head at the answer position only."""
+def site_floor_flops(config, T, sites):
+    """One pair's intervened runs in the cheapest correct form: per site (l, p),
+    (L - l) blocks over the T - p tokens from p on (the rest is the corrupt run's,
+    from its KV cache) and the LM head at the answer position only."""
     d, L, V = _dims(config)
     per = token_layer_flops(config, T)
+    return sum((L - l) * (T - p) * per + 2 * d * V for l, p in sites)
+
+
+def patching_floor_flops(config, T, pairs, first_diff=0):
+    """PROTOCOL.md's cheapest correct patching: two base runs, then per pair and
+    site (l, p) with p >= the first differing position, the site's floor."""
+    _, L, _ = _dims(config)
     sites = [(l, p) for l in range(L + 1) for p in range(first_diff, T)]
-    patched = sum((L - l) * (T - p) * per + 2 * d * V for l, p in sites)
-    return 2 * pairs * analytic_forward_flops(config, T) + pairs * patched
+    return 2 * pairs * analytic_forward_flops(config, T) + pairs * site_floor_flops(config, T,
+                                                                                     sites)
 
 
 @dataclass
@@ -82,9 +90,15 @@ class Stage:
     backward: bool = False  # a backward pass per forward, to the activations only
     counted_flops: int = 0  # FlopCounterMode
     seconds: float = 0.0    # median wall time
+    seconds_q1: float = float("nan")  # interquartile range of the timed repeats
+    seconds_q3: float = float("nan")
+    repeats: int = 0
+    peak_memory_mb: float = None  # CUDA allocator peak during the counted run (None on CPU)
     side: str = ""
     extra_forwards: int = 0  # further forward-only sequences in the same stage (e.g. AtP's clean run)
     analytic_override: float = None  # analytic FLOPs of a stage that is no plain forward
+    floor_flops: float = None  # analytic FLOPs of the stage's cheapest correct form, where
+    # that is not the form that ran (S1-exact's steered forwards run plain)
 
 
 @dataclass
@@ -96,8 +110,12 @@ class Ledger:
             repeats=1, device=None, extra_forwards=0):
         """Runs ``fn`` once under FlopCounterMode (its result is returned), then
         ``repeats`` more times for the median wall time."""
+        cuda = device is not None and torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         with FlopCounterMode(display=False) as counter:
             result = fn()
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None
         times = []
         for _ in range(repeats):
             _sync(device)
@@ -105,10 +123,14 @@ class Ledger:
             fn()
             _sync(device)
             times.append(time.perf_counter() - t0)
-        self.stages.append(Stage(name, sequences, tokens, lm_head, backward,
-                                 int(counter.get_total_flops()),
-                                 statistics.median(times) if times else float("nan"), side,
-                                 extra_forwards))
+        q1, q3 = (float(np.percentile(times, 25)), float(np.percentile(times, 75))) if times \
+            else (float("nan"), float("nan"))
+        self.stages.append(Stage(
+            name, sequences, tokens, lm_head, backward,
+            counted_flops=int(counter.get_total_flops()),
+            seconds=statistics.median(times) if times else float("nan"), side=side,
+            extra_forwards=extra_forwards, seconds_q1=q1, seconds_q3=q3, repeats=len(times),
+            peak_memory_mb=peak))
         return result
 
     def amend(self, name, **fields):
@@ -126,10 +148,13 @@ class Ledger:
         # never the weights: about one forward's worth of FLOPs (not two)
         return stage.sequences * per * (2 if stage.backward else 1) + stage.extra_forwards * per
 
-    def totals(self, side, names=None):
-        chosen = [s for s in self.stages if s.side == side and (names is None or s.name in names)]
+    def totals(self, side=None, names=None):
+        chosen = [s for s in self.stages if (side is None or s.side == side)
+                  and (names is None or s.name in names)]
         return {"counted_flops": sum(s.counted_flops for s in chosen),
                 "analytic_flops": sum(self.analytic(s) for s in chosen),
+                "floor_flops": sum(self.analytic(s) if s.floor_flops is None else s.floor_flops
+                                   for s in chosen),
                 "seconds": sum(s.seconds for s in chosen),
                 "stages": [s.name for s in chosen]}
 

@@ -102,3 +102,86 @@ def bootstrap_interval(statistic, n_items, n_boot=200, seed=0, level=0.95):
         return [float("nan"), float("nan")]
     lo, hi = np.percentile(values, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return [float(lo), float(hi)]
+
+
+# ----------------------------------------------------------------------------- version 2
+# PROTOCOL.md v2: scores on the informative sites S*, ranking by |a| (primary) or
+# signed a, ties broken by expectation (the mean over every order of the tied sites).
+
+def informative_sites(diffs, contrast, last_layer=None, last_position=None):
+    """Boolean (L+1, T) mask of S* = S - S_0 - S_end.
+
+    ``diffs``: (pairs, L+1, T, D) h(clean) - h(corrupt) over the eval pairs;
+    ``contrast``: (pairs,) each pair's contrast position p*. S_0: sites where
+    clean and corrupt are identical on every pair; S_end: (0, p*) and (L, last).
+    """
+    diffs = np.asarray(diffs)
+    L1, T = diffs.shape[1], diffs.shape[2]
+    informative = np.any(diffs != 0, axis=(0, 3))
+    informative[0, np.unique(np.asarray(contrast))] = False
+    informative[L1 - 1 if last_layer is None else last_layer,
+                T - 1 if last_position is None else last_position] = False
+    return informative
+
+
+def expected_top_sum(a, g, k):
+    """E[sum of g over the k highest a], ties in a broken uniformly at random."""
+    a, g = np.asarray(a, dtype=np.float64).ravel(), np.asarray(g, dtype=np.float64).ravel()
+    threshold = np.sort(a)[::-1][k - 1]
+    above = a > threshold
+    tied = a == threshold
+    return float(g[above].sum() + (k - above.sum()) * g[tied].mean())
+
+
+def capture_v2(a, g, fraction):
+    """Cap(k) with ties by expectation; NaN when g's own top-k sums to 0."""
+    g = np.asarray(g, dtype=np.float64).ravel()
+    k = top_k_count(g.size, fraction)
+    best = np.sort(g)[::-1][:k].sum()
+    return expected_top_sum(a, g, k) / best if best != 0 else float("nan")
+
+
+def expected_top_recall(a, g, fraction=0.10):
+    """E[share of g's top-fraction sites among a's top fraction], ties by expectation."""
+    a, g = np.asarray(a, dtype=np.float64).ravel(), np.asarray(g, dtype=np.float64).ravel()
+    k = top_k_count(g.size, fraction)
+    member = np.zeros(g.size)
+    member[np.argsort(-g, kind="stable")[:k]] = 1.0
+    return expected_top_sum(a, member, k) / k
+
+
+def measures(a, g, *, signed=False, R_norm=None):
+    """R, R', R'' (when the norm baseline's R is given), Spearman, top-10% recall and
+    the Cap(k) curve of scores ``a`` against effects ``g`` on the same sites."""
+    a, g = np.asarray(a, dtype=np.float64).ravel(), np.asarray(g, dtype=np.float64).ravel()
+    ranked = a if signed else np.abs(a)
+    cap = [capture_v2(ranked, g, f) for f in K_FRACTIONS]
+    R = float(np.mean(cap))
+    R_rand = random_R(g)
+    out = {"R": R, "R_prime": chance_corrected(R, R_rand), "spearman": spearman(ranked, g),
+           "top10_recall": expected_top_recall(ranked, g), "cap": cap}
+    if R_norm is not None:
+        out["R_skill"] = skill(R, R_norm)
+    return out
+
+
+def skill(R, R_norm):
+    """R'' = (R - R_norm) / (1 - R_norm): skill over ranking sites by ||dh|| (< 0: worse)."""
+    return float((R - R_norm) / (1 - R_norm)) if not np.isclose(R_norm, 1.0) else float("nan")
+
+
+def guarded_recovery(steering_effects, g, min_sum=0.1):
+    """Ratio of sums over a site set: sum of steering recoveries / sum of g, or None
+    ("undefined") when sum of g < ``min_sum`` (never a 0/0 or a huge ratio)."""
+    total = float(np.sum(g))
+    if not np.isfinite(total) or total < min_sum:
+        return None
+    return float(np.sum(steering_effects) / total)
+
+
+def percentile_interval(values, level=0.95):
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)])
+    if values.size == 0:
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(values, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return [float(lo), float(hi)]

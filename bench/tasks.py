@@ -363,3 +363,44 @@ class Agreement(Task):
 TASKS = {t.name: t for t in (Induction(), IOI(), GreaterThan(), Docstring(), Brackets(),
                              ModularAddition(), Sorting(), Counting(), Successor(),
                              FactualRecall(), Pronoun(), Agreement())}
+
+# The two families of PROTOCOL.md: one binary variable (oriented pairs, a consistent
+# contrast direction) vs pairs that each contrast different tokens.
+FAMILIES = {"consistent": tuple(n for n, t in TASKS.items() if t.binary),
+            "symmetric": tuple(n for n, t in TASKS.items() if not t.binary)}
+
+# `standard` scale: the same tasks at a fixed longer length, the task's tokens after BOS
+# preceded by random filler tokens (a distractor context the model learns to ignore).
+FILLER0, FILLER_COUNT = VOCAB, 32
+VOCAB_STANDARD = VOCAB + FILLER_COUNT
+
+
+class WithFiller(Task):
+    """``task`` at length ``seq_len``: [BOS, filler x (seq_len - task.seq_len), task[1:]].
+    Clean and corrupt share the filler, so they still differ at one position (shifted)."""
+
+    def __init__(self, task, seq_len):
+        if seq_len < task.seq_len:
+            raise ValueError(f"seq_len={seq_len} is shorter than task {task.name!r} "
+                             f"({task.seq_len} tokens)")
+        self.task, self.seq_len, self.shift = task, seq_len, seq_len - task.seq_len
+        self.name, self.binary, self.description = task.name, task.binary, task.description
+
+    def sample(self, n, gen):
+        p = self.task.sample(n, gen)
+        filler = _randint(gen, FILLER_COUNT, (n, self.shift)) + FILLER0
+
+        def pad(x):
+            return torch.cat([x[:, :1], filler, x[:, 1:]], 1)
+        return Pairs(pad(p.clean), pad(p.corrupt), p.answer, p.wrong, p.contrast + self.shift)
+
+    def rule(self, p):
+        return self.task.rule(torch.cat([p[:1], p[1 + self.shift:]]))
+
+
+def task_at(name, seq_len=None):
+    """Task ``name`` at its own length (``None``: the toy scale) or padded to ``seq_len``."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    task = TASKS[name]
+    return task if seq_len is None else WithFiller(task, seq_len)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .tasks import TASKS, VOCAB
+from .tasks import TASKS, VOCAB, VOCAB_STANDARD, task_at
 
 CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
 MODEL_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -25,6 +25,28 @@ MODEL_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                     max_position_embeddings=16, tie_word_embeddings=False, bos_token_id=1,
                     eos_token_id=1, pad_token_id=0)
 TRAIN_SEED, EVAL_SEED, TEST_SEED = 0, 10_000, 20_000
+
+# The two model scales of PROTOCOL.md. `toy` ships with the package (bench/checkpoints);
+# `standard` is trained on demand (3 seeds per task) and cached outside the repository.
+STANDARD_CONFIG = dict(MODEL_CONFIG, hidden_size=128, intermediate_size=384,
+                       num_hidden_layers=4, vocab_size=VOCAB_STANDARD,
+                       max_position_embeddings=32)
+SCALES = {
+    "toy": dict(config=MODEL_CONFIG, seq_len=None, seeds=(0,), batch_pairs=128),
+    "standard": dict(config=STANDARD_CONFIG, seq_len=16, seeds=(0, 1, 2), batch_pairs=64),
+}
+STANDARD_VERSION = "standard-v1"  # bump when the config, tasks or training recipe change
+
+
+def cache_dir():
+    """Where on-demand checkpoints live: $STEEROPS_CACHE, else ~/.cache/steerops."""
+    root = os.environ.get("STEEROPS_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "steerops")
+    return os.path.join(root, "checkpoints", STANDARD_VERSION)
+
+
+def checkpoint_name(task_name, scale="toy", seed=0):
+    return f"{task_name}.safetensors" if scale == "toy" else f"{task_name}-seed{seed}.safetensors"
 
 
 def build_model(config=None):
@@ -47,10 +69,11 @@ def accuracy(model, task, n_pairs, seed):
 
 
 def train_task(task, *, seed=0, max_steps=6000, batch_pairs=128, lr=3e-3, target=0.99,
-               eval_every=250, progress=True):
+               eval_every=250, progress=True, config=None):
     from tqdm.auto import tqdm
+    config = config or MODEL_CONFIG
     torch.manual_seed(seed)
-    model = build_model()
+    model = build_model(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
     gen = torch.Generator().manual_seed(TRAIN_SEED + seed)
@@ -76,29 +99,59 @@ def train_task(task, *, seed=0, max_steps=6000, batch_pairs=128, lr=3e-3, target
     test = accuracy(model, task, 2000, TEST_SEED + seed)
     return model.eval(), {"task": task.name, "seed": seed, "steps": step, "lr": lr,
                           "batch_pairs": batch_pairs, "held_out_accuracy": test,
+                          "seq_len": task.seq_len, "config": config,
+                          "threads": torch.get_num_threads(),
                           "train_seconds": round(time.time() - t0, 1)}
 
 
 def save_checkpoint(model, info, path):
     from safetensors.torch import save_file
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    meta = dict(info, config=MODEL_CONFIG, torch=torch.__version__)
-    save_file(state, path, metadata={"steerops": json.dumps(meta)})
+    meta = dict(info, torch=torch.__version__)
+    meta.setdefault("config", MODEL_CONFIG)
+    tmp = path + ".tmp"
+    save_file(state, tmp, metadata={"steerops": json.dumps(meta)})
+    os.replace(tmp, path)  # a killed run never leaves a half-written checkpoint
 
 
-def load_checkpoint(task_name, directory=CHECKPOINT_DIR, device="cpu"):
+def load_checkpoint(task_name, directory=CHECKPOINT_DIR, device="cpu", scale="toy", seed=0):
     """(model, info) for a shipped (or freshly trained) task checkpoint."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-    path = os.path.join(directory, f"{task_name}.safetensors")
+    path = os.path.join(directory, checkpoint_name(task_name, scale, seed))
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint for task {task_name!r} at {path}; train it with "
-                                f"python -m steerops.bench.train --tasks {task_name}")
+                                f"python -m steerops.bench.train --tasks {task_name}"
+                                + ("" if scale == "toy" else f" --scale {scale} --seeds {seed}"))
     with safe_open(path, framework="pt") as f:
         info = json.loads(f.metadata()["steerops"])
     model = build_model(info["config"])
     model.load_state_dict(load_file(path))
     return model.to(device).eval(), info
+
+
+def train_scale_task(task_name, scale, seed, *, max_steps=6000, progress=True):
+    """Trains one task model of ``scale`` with ``seed`` (the recipe SCALES fixes)."""
+    spec = SCALES[scale]
+    return train_task(task_at(task_name, spec["seq_len"]), seed=seed, max_steps=max_steps,
+                      batch_pairs=spec["batch_pairs"], config=spec["config"],
+                      eval_every=100 if scale == "standard" else 250, progress=progress)
+
+
+def ensure_checkpoint(task_name, scale="toy", seed=0, directory=None, device="cpu",
+                      progress=True):
+    """(model, info): the shipped toy checkpoint, or a `standard` one from the cache,
+    trained (deterministically: fixed seeds, recorded thread count) and cached on first use."""
+    if scale == "toy":
+        return load_checkpoint(task_name, directory or CHECKPOINT_DIR, device)
+    directory = directory or cache_dir()
+    path = os.path.join(directory, checkpoint_name(task_name, scale, seed))
+    if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        model, info = train_scale_task(task_name, scale, seed, progress=progress)
+        info["scale"] = scale
+        save_checkpoint(model, info, path)
+    return load_checkpoint(task_name, directory, device, scale, seed)
 
 
 DEFAULT_OUT = "checkpoints/attribution"
@@ -116,22 +169,33 @@ def main(argv=None):
                         f"ones are only replaced with --overwrite-shipped")
     p.add_argument("--overwrite-shipped", action="store_true",
                    help=f"write into the package's shipped checkpoints ({CHECKPOINT_DIR})")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    p.add_argument("--scale", choices=list(SCALES), default="toy",
+                   help="toy: 2 layers, d_model 64, the tasks' own lengths (shipped); standard: "
+                        "4 layers, d_model 128, 16 tokens, 3 seeds (default: toy)")
+    p.add_argument("--seeds", type=int, nargs="*", default=None,
+                   help="training seeds (default: 0 for toy, 0 1 2 for standard)")
     p.add_argument("--max-steps", type=int, default=6000,
                    help="step budget per task (default: 6000)")
     args = p.parse_args(argv)
     if args.overwrite_shipped:
+        if args.scale != "toy":
+            p.error("--overwrite-shipped only applies to the toy scale")
         args.out = CHECKPOINT_DIR
     elif os.path.abspath(args.out) == os.path.abspath(CHECKPOINT_DIR):
         p.error("--out names the shipped checkpoints; add --overwrite-shipped to replace them")
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    seeds = args.seeds if args.seeds is not None else SCALES[args.scale]["seeds"]
     for name in args.tasks:
-        model, info = train_task(TASKS[name], seed=args.seed, max_steps=args.max_steps)
-        save_checkpoint(model, info, os.path.join(args.out, f"{name}.safetensors"))
-        flag = "" if info["held_out_accuracy"] >= 0.95 else "  BELOW 95%"
-        print(f"{name:18s} steps {info['steps']:5d}  held-out acc {info['held_out_accuracy']:.4f}"
-              f"  ({info['train_seconds']} s){flag}", flush=True)
+        for seed in seeds:
+            model, info = train_scale_task(name, args.scale, seed, max_steps=args.max_steps)
+            info["scale"] = args.scale
+            save_checkpoint(model, info, os.path.join(args.out,
+                                                      checkpoint_name(name, args.scale, seed)))
+            flag = "" if info["held_out_accuracy"] >= 0.95 else "  BELOW 95%"
+            print(f"{name:18s} seed {seed} steps {info['steps']:5d}  held-out acc "
+                  f"{info['held_out_accuracy']:.4f}  ({info['train_seconds']} s){flag}",
+                  flush=True)
 
 
 if __name__ == "__main__":

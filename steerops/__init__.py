@@ -20,9 +20,10 @@ if _os.path.isfile(_os.path.join(_root, "setup.py")) and _os.path.isfile(
 from .backend import get_backend, set_backend, unchecked, use_backend  # noqa: E402
 from .ops import intervene, patch, patch_, steer, steer_  # noqa: E402
 from .models import find_layers  # noqa: E402
-from .patching import (ActivationCache, AttributionResult, PatchingResult,  # noqa: E402
-                       attribution_patching, cache_activations, logit_diff, patching_sweep,
-                       prob_diff)
+from .patching import (ActivationCache, AttributionResult, GradientCache,  # noqa: E402
+                       PatchingResult,
+                       attribution_patching, cache_activations, cache_gradients, logit_diff,
+                       patching_sweep, prob_diff)
 from .steering import Steering  # noqa: E402
 from .vectors import SteeringVector, learn_steering_vector  # noqa: E402
 
@@ -30,5 +31,6 @@ __version__ = "0.1.0"
 
 __all__ = ["steer", "steer_", "patch", "patch_", "intervene", "set_backend", "get_backend",
            "use_backend", "unchecked", "Steering", "SteeringVector", "learn_steering_vector",
-           "cache_activations", "patching_sweep", "attribution_patching", "logit_diff",
-           "prob_diff", "find_layers", "ActivationCache", "PatchingResult", "AttributionResult"]
+           "cache_activations", "cache_gradients", "patching_sweep", "attribution_patching",
+           "logit_diff", "prob_diff", "find_layers", "ActivationCache", "GradientCache",
+           "PatchingResult", "AttributionResult"]

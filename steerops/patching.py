@@ -462,6 +462,65 @@ class AttributionResult(SiteMap):
         return self.scores
 
 
+def _metric_gradients(model, inputs, metric, index, layers, pos, layers_path):
+    """One forward with gradients and one backward: (metric values, [h_l at pos],
+    [dm/dh_l at pos]) per requested layer (the gradient of the summed metric, so
+    each row's gradient is its own metric's)."""
+    captured = {}
+
+    def make(layer):
+        def fn(hidden):
+            if layer == 0:  # gradients must reach every site even with frozen weights;
+                # a clone of the new leaf (not the leaf itself) keeps hook-based tools
+                # (FlopCounterMode's module tracker) working with autograd.grad
+                hidden = hidden.detach().requires_grad_(True).clone()
+            captured[layer] = hidden
+            return hidden if layer == 0 else None
+        return fn
+
+    hook_layers = sorted(set(layers) | {0})
+    handles = [register_site_hook(model, l, make(l), layers_path) for l in hook_layers]
+    try:
+        with torch.enable_grad():
+            m = metric(model_output(model(**inputs)), index).float()
+            grads = torch.autograd.grad(m.sum(), [captured[l] for l in layers],
+                                        allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    acts = [captured[l].detach().index_select(1, pos) for l in layers]
+    grads = [torch.zeros_like(h) if g is None else g.index_select(1, pos)
+             for h, g in zip(acts, grads)]
+    return m.detach(), acts, grads
+
+
+@dataclass
+class GradientCache:
+    """Residual activations and the metric's gradient at them: ``acts`` and
+    ``grads`` (batch, len(layers), len(positions), D); ``metric`` (batch,)."""
+    acts: torch.Tensor
+    grads: torch.Tensor
+    metric: torch.Tensor
+    layers: list
+    positions: torch.Tensor
+
+
+def cache_gradients(model, inputs, metric, layers=None, positions=None, *, layers_path=None):
+    """Activations and dm/dh at the requested residual sites from one forward and
+    one backward (to the activations only; the model's weights get no gradient).
+    ``metric(logits, pair_index)`` gives one value per row of ``inputs``."""
+    device = model_device(model)
+    layers = resolve_layers(model, layers, layers_path)
+    metric = as_metric(metric)
+    inputs = as_inputs(inputs, device)
+    B, T = _batch_shape(inputs)
+    check_metric_pairs(metric, B)
+    pos = resolve_positions(positions, T, device)
+    m, acts, grads = _metric_gradients(model, inputs, metric, torch.arange(B, device=device),
+                                       layers, pos, layers_path)
+    return GradientCache(torch.stack(acts, 1), torch.stack(grads, 1), m, layers, pos)
+
+
 def attribution_patching(model, clean, corrupt, metric, layers=None, positions=None, *,
                          batch_size=None, layers_path=None):
     """Attribution patching (AtP) for every requested residual site.
@@ -485,35 +544,11 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
         c_in, x_in = select_rows(clean, index), select_rows(corrupt, index)
         store, out = _capture(model, c_in, layers, pos, layers_path, stop_early=False)
         m_clean.append(metric(out, index).float())
-        captured = {}
-
-        def make(layer):
-            def fn(hidden):
-                if layer == 0:  # gradients must reach every site even with frozen weights;
-                    # a clone of the new leaf (not the leaf itself) keeps hook-based tools
-                    # (FlopCounterMode's module tracker) working with autograd.grad
-                    hidden = hidden.detach().requires_grad_(True).clone()
-                captured[layer] = hidden
-                return hidden if layer == 0 else None
-            return fn
-
-        hook_layers = sorted(set(layers) | {0})
-        handles = [register_site_hook(model, l, make(l), layers_path) for l in hook_layers]
-        try:
-            with torch.enable_grad():
-                m = metric(model_output(model(**x_in)), index).float()
-                grads = torch.autograd.grad(m.sum(), [captured[l] for l in layers],
-                                            allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
+        m, h_corrupt, grads = _metric_gradients(model, x_in, metric, index, layers, pos,
+                                                layers_path)
         m_corrupt.append(m.detach())
-        per_layer = []
-        for l, g in zip(layers, grads):
-            h_corrupt = captured[l].detach().index_select(1, pos)
-            g = torch.zeros_like(h_corrupt) if g is None else g.index_select(1, pos)
-            per_layer.append(((store[l] - h_corrupt).float() * g.float()).sum(-1))
-        raw.append(torch.stack(per_layer, 1))
+        raw.append(torch.stack([((store[l] - h).float() * g.float()).sum(-1)
+                                for l, h, g in zip(layers, h_corrupt, grads)], 1))
     raw = torch.cat(raw)
     m_clean, m_corrupt = torch.cat(m_clean), torch.cat(m_corrupt)
     scores = raw.mean(0) / check_denominator(m_clean, m_corrupt)
