@@ -1,0 +1,327 @@
+"""PROTOCOL.md v2 measures on hand-built cases whose answers are known, the method
+family's pieces, the standard scale's tasks and training cache, and resumable runs."""
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import steerops
+from steerops.bench import aggregate as AG
+from steerops.bench import attribution as A
+from steerops.bench import evaluate as E
+from steerops.bench import faithfulness as F
+from steerops.bench import methods as M
+from steerops.bench import train
+from steerops.bench.tasks import FAMILIES, TASKS, VOCAB_STANDARD, task_at
+
+
+# ----------------------------------------------------------------------------- S*
+
+def test_informative_sites_drop_identical_and_endpoint_sites():
+    rng = np.random.default_rng(0)
+    n, L1, T, D = 5, 3, 6, 4
+    diffs = np.zeros((n, L1, T, D))
+    p_star = 2
+    diffs[:, 0, p_star] = rng.normal(size=(n, D))        # the embedding differs only at p*
+    diffs[:, 1:, p_star:] = rng.normal(size=(n, L1 - 1, T - p_star, D))
+    diffs[:, 1, 4] = 0.0                                   # a site identical on every pair
+    diffs[0, 2, 3] = 0.0                                   # identical on one pair only: kept
+    star = F.informative_sites(diffs, np.full(n, p_star))
+    expected = np.zeros((L1, T), bool)
+    expected[1:, p_star:] = True
+    expected[1, 4] = False                                 # S_0
+    expected[L1 - 1, T - 1] = False                        # S_end: (L, last)
+    assert not star[0].any()                               # (0, p*) is S_end, the rest S_0
+    assert (star == expected).all()
+
+
+# ----------------------------------------------------------------------------- ties
+
+def _brute_expected_top(a, g, k):
+    """Mean over every order of the tied scores of sum g over the top k."""
+    total, count = 0.0, 0
+    for perm in itertools.permutations(range(len(a))):
+        order = sorted(perm, key=lambda i: -a[i])  # sorted() is stable: perm breaks ties
+        total += sum(g[i] for i in order[:k])
+        count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_ties_are_broken_by_expectation(k):
+    a = np.array([3.0, 1.0, 1.0, 1.0, 0.0])
+    g = np.array([0.5, 1.0, 0.0, 0.2, 0.3])
+    assert F.expected_top_sum(a, g, k) == pytest.approx(_brute_expected_top(a, g, k))
+    # all scores tied = the random expectation
+    flat = np.zeros(5)
+    assert F.expected_top_sum(flat, g, 2) == pytest.approx(2 * g.mean())
+
+
+def test_capture_ranks_by_magnitude_unless_signed():
+    g = np.array([0.0, 0.9, 0.1, 0.0])
+    a = np.array([0.2, -5.0, 0.1, 0.0])  # the big negative score is the right site
+    assert F.measures(a, g)["cap"][0] == 1.0
+    assert F.measures(a, g, signed=True)["cap"][0] == 0.0
+
+
+def test_tied_method_scores_equal_random_expectation():
+    g = np.random.default_rng(1).normal(size=50)
+    assert F.measures(np.ones(50), g)["R"] == pytest.approx(F.random_R(g))
+
+
+def test_top_recall_by_expectation():
+    g = np.array([4.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    a = np.zeros(10)
+    assert F.expected_top_recall(a, g, 0.1) == pytest.approx(0.1)   # 1 of 10 tied sites
+    assert F.expected_top_recall(g, g, 0.2) == 1.0
+
+
+# ----------------------------------------------------------------------------- R'' and guard
+
+def test_skill_over_norm_sign():
+    assert F.skill(0.8, 0.5) == pytest.approx(0.6)
+    assert F.skill(0.5, 0.5) == 0.0
+    assert F.skill(0.3, 0.5) < 0          # worse than ranking by ||dh||
+    assert math.isnan(F.skill(0.9, 1.0))  # no room above a perfect norm baseline
+    g = np.array([0.0, 0.1, 0.9, 0.0])
+    norm = np.array([0.0, 5.0, 1.0, 0.0])  # the norm baseline picks the wrong site first
+    worse = np.array([9.0, 5.0, 1.0, 0.0])
+    better = np.array([0.0, 0.1, 0.9, 0.0])
+    R_norm = F.measures(norm, g)["R"]
+    assert F.measures(worse, g, R_norm=R_norm)["R_skill"] < 0
+    assert F.measures(better, g, R_norm=R_norm)["R_skill"] == pytest.approx(1.0)
+
+
+def test_recovery_guard_never_divides_by_a_small_sum():
+    assert F.guarded_recovery([0.5], [0.05]) is None        # sum g < 0.1: undefined
+    assert F.guarded_recovery([0.0], [0.0]) is None          # never 0/0
+    assert F.guarded_recovery([0.3, 0.1], [0.4, 0.4]) == pytest.approx(0.5)
+    assert F.guarded_recovery([0.3], [-0.5]) is None         # negative sums are not recovery
+
+
+def test_recovery_sets_use_g_top_sites_in_s_star():
+    g = np.array([[0.0, 0.0, 0.0], [0.0, 0.6, 0.2], [0.0, 0.05, 0.9]])
+    star = np.array([[False] * 3, [False, True, True], [False, True, False]])  # (2,2) excluded
+    effect = np.array([[0.0] * 3, [0.0, 1.2, 0.2], [0.0, 0.0, 9.0]])
+    rec = E.recovery_sets(g, star, effect, denominator=2.0)
+    assert rec["top1"]["sites"] == [[1, 1]]
+    assert rec["top1"]["ratio"] == pytest.approx((1.2 / 2.0) / 0.6)
+    tiny = E.recovery_sets(np.where(star, 0.01, 0.0), star, effect, 2.0)
+    assert tiny["top1"]["ratio"] is None and tiny["top5pct"]["ratio"] is None
+
+
+# ----------------------------------------------------------------------------- methods
+
+def test_s1_methods_on_a_hand_built_case():
+    v_dir = torch.tensor([1.0, 0.0])
+    fit_dp = torch.stack([torch.tensor([[2.0, 0.0], [4.0, 0.0]])] * 3)  # (3 pairs, 2 layers, D=2)
+    v = M.fit_vectors(fit_dp)
+    assert torch.allclose(v, torch.tensor([[2.0, 0.0], [4.0, 0.0]]))
+    diffs = torch.zeros(1, 2, 3, 2)
+    diffs[0, 1, 2] = torch.tensor([3.0, 7.0])
+    grads = torch.zeros(1, 2, 3, 2)
+    grads[0, 1, 2] = torch.tensor([0.5, 1.0])
+    proj = M.projection(diffs, v)
+    assert proj[0, 1, 2] == pytest.approx(3.0 * 4.0)          # (dh . u) ||v||
+    assert M.linearised(diffs, grads, v)[0, 1, 2] == pytest.approx(3.0 * 0.5)
+    assert M.atp(diffs, grads)[0, 1, 2] == pytest.approx(3 * 0.5 + 7 * 1.0)
+    assert M.norm_scores(diffs)[0, 1, 2] == pytest.approx(math.hypot(3, 7))
+    assert torch.equal(v_dir, v[0] / v[0].norm())
+
+
+def test_class_vectors_need_enough_pairs_else_pooled():
+    fit_dp = torch.cat([torch.ones(8, 1, 2), -torch.ones(3, 1, 2)])
+    fit_answer = torch.tensor([5] * 8 + [6] * 3)
+    vecs = M.class_vectors(fit_dp, fit_answer, torch.tensor([5, 6, 7]))
+    assert torch.allclose(vecs[0], torch.ones(1, 2))              # class 5: 8 pairs
+    pooled = fit_dp.mean(0)
+    assert torch.allclose(vecs[1], pooled) and torch.allclose(vecs[2], pooled)
+
+
+def test_random_vectors_keep_each_layer_norm():
+    v = torch.randn(4, 16)
+    r = M.random_vectors(v, torch.Generator().manual_seed(0))
+    assert torch.allclose(r.norm(dim=-1), v.norm(dim=-1))
+    assert not torch.allclose(r, v)
+
+
+def test_alpha_choice_is_closest_to_full_recovery():
+    table = np.array([[0.1, 0.5, 1.4], [0.2, 0.9, 3.0], [np.nan, 0.3, 0.6]])
+    grid = (1.0, 2.0, 4.0)
+    assert M.choose_alphas(table, grid) == [4.0, 2.0, 4.0]
+    assert M.choose_layer_alpha(table, grid) == (1, 2.0)
+
+
+def _toy(name="ioi"):
+    model, _ = train.load_checkpoint(name)
+    return model, TASKS[name]
+
+
+def test_steered_effects_match_one_steered_forward():
+    model, task = _toy()
+    pairs = task.sample(3, torch.Generator().manual_seed(0))
+    vectors = torch.randn(3, model.config.hidden_size)
+    sites = np.zeros((3, task.seq_len), bool)
+    sites[1, 4] = sites[2, 5] = True
+    out = M.steered_effects(model, pairs, vectors, [1.0, 0.5, 2.0], sites, "cpu", max_rows=2)
+    assert torch.isnan(out[:, 0]).all() and torch.isnan(out[:, 1, :4]).all()
+    metric = steerops.logit_diff(pairs.answer, pairs.wrong)
+    rows = torch.arange(3)
+    with torch.no_grad():
+        base = metric(model(pairs.corrupt).logits, rows)
+        mask = torch.zeros_like(pairs.corrupt, dtype=torch.bool)
+        mask[:, 4] = True
+        with steerops.Steering(model, 1, vectors[1], 0.5, positions=mask):
+            steered = metric(model(pairs.corrupt).logits, rows)
+    assert torch.allclose(out[:, 1, 4].float(), (steered - base).float(), atol=1e-5)
+
+
+def test_cache_gradients_give_atp():
+    model, task = _toy()
+    pairs = task.sample(4, torch.Generator().manual_seed(1))
+    metric = steerops.logit_diff(pairs.answer, pairs.wrong)
+    gc = steerops.cache_gradients(model, pairs.corrupt, metric)
+    clean = steerops.cache_activations(model, pairs.clean).acts
+    atp = steerops.attribution_patching(model, pairs.clean, pairs.corrupt, metric)
+    assert torch.allclose(M.atp(clean - gc.acts, gc.grads), atp.raw, atol=1e-5)
+    assert gc.acts.shape == gc.grads.shape == (4, 3, task.seq_len, model.config.hidden_size)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bootstrap_refits_the_vector():
+    """Eval data identical on every pair: resampling D_eval changes nothing, so any
+    spread in S1-proj's draws comes from refitting v on resampled D_fit pairs."""
+    L1, T, D = 2, 3, 2
+    task = TASKS["ioi"]
+    fit = task.sample(6, torch.Generator().manual_seed(0))
+    ev = task.sample(4, torch.Generator().manual_seed(1))
+    # half the fit pairs point along x, half along y: refits rotate v
+    fit_dp = torch.zeros(6, L1, D)
+    fit_dp[:3, :, 0] = 1.0
+    fit_dp[3:, :, 1] = 1.0
+    diffs = torch.zeros(4, L1, T, D)
+    diffs[:, 1, 1] = torch.tensor([1.0, 0.0])   # large along x
+    diffs[:, 1, 2] = torch.tensor([0.0, 0.6])   # smaller along y
+    raw = torch.zeros(4, L1, T, dtype=torch.float64)
+    raw[:, 1, 2] = 1.0                          # the y site is the one that matters
+    m_clean, m_corrupt = torch.full((4,), 1.0).double(), torch.zeros(4).double()
+    star = np.zeros((L1, T), bool)
+    star[1, 1:] = True
+    draws = E.bootstrap(dict(n_boot=60), fit_dp, fit, ev, diffs, torch.zeros_like(diffs), raw,
+                        m_clean, m_corrupt, star, seed=0)
+    assert len(set(np.round(draws["S1-proj"], 6))) > 1   # the refit moved the ranking
+    assert len(set(np.round(draws["norm"], 6))) == 1      # no vector: no spread
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+def test_headline_interval_and_seed_spread():
+    def run(task, train_seed, split_seed, R, draws):
+        methods = {m: {"abs": {"R": R, "R_prime": 0, "R_skill": 0, "spearman": 0,
+                               "top10_recall": 0, "cap": [R] * 6},
+                       "signed": {"R": R, "R_prime": 0, "R_skill": 0, "spearman": 0,
+                                  "top10_recall": 0, "cap": [R] * 6}, "v1_R": 0.5}
+                   for m in M.METHODS}
+        rec = {"ratio": None, "sum_g": 0.0}
+        return {"task": task, "family": "symmetric", "train_seed": train_seed,
+                "split_seed": split_seed, "informative_sites": 4, "sites": 9,
+                "methods": methods, "bootstrap": {m: draws for m in M.METHODS},
+                "recovery": {"top1": rec, "top5pct": rec},
+                "compute": {"timed": True, "stages": [], "ratios": {
+                    m: {k: 0.5 for k in AG.COST_KEYS} for m in M.METHODS + ("patching",)}}}
+    runs = [run("ioi", 0, 1, 0.2, [0.1, 0.3]), run("ioi", 1, 1, 0.4, [0.3, 0.5]),
+            run("induction", 0, 1, 0.6, [0.5, 0.7]), run("induction", 1, 1, 0.8, [0.7, 0.9])]
+    s = AG.summarize(runs)
+    assert s["tasks"]["ioi"]["methods"]["S1-proj"]["R"] == pytest.approx(0.3)
+    assert s["tasks"]["ioi"]["methods"]["S1-proj"]["draws"] == pytest.approx([0.2, 0.4])
+    h = s["headline"]
+    assert h["faithfulness_ratio"] == pytest.approx(0.5)
+    assert h["faithfulness_ratio_ci95"][0] == pytest.approx(0.4, abs=0.01)
+    seeds = h["faithfulness_ratio_seeds"]
+    assert seeds["combinations"] == 2 and seeds["min"] == pytest.approx(0.4)
+    assert seeds["max"] == pytest.approx(0.6) and seeds["sd"] > 0
+    assert h["faithfulness_ratio_by_family"] == {"all": 0.5, "symmetric": 0.5}
+
+
+def test_families_partition_the_tasks():
+    assert sorted(FAMILIES["consistent"] + FAMILIES["symmetric"]) == sorted(TASKS)
+    assert set(FAMILIES["consistent"]) == {"greater_than", "brackets", "pronoun", "agreement"}
+
+
+# ----------------------------------------------------------------------------- standard scale
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_standard_tasks_pad_with_filler_and_keep_the_rule(name):
+    task = task_at(name, 16)
+    p = task.sample(100, torch.Generator().manual_seed(3))
+    assert p.clean.shape == p.corrupt.shape == (100, 16)
+    assert int(p.clean.max()) < VOCAB_STANDARD
+    rows = torch.arange(100)
+    assert (p.clean[rows, p.contrast] != p.corrupt[rows, p.contrast]).all()
+    for i in range(0, 100, 7):
+        assert task.rule(p.clean[i]) == int(p.answer[i])
+        assert task.rule(p.corrupt[i]) == int(p.wrong[i])
+    with pytest.raises(ValueError, match="seq_len"):
+        task_at(name, 2)
+
+
+def test_standard_checkpoints_train_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEEROPS_CACHE", str(tmp_path))
+    calls = []
+    real = train.train_scale_task
+
+    def short(name, scale, seed, **kw):
+        calls.append((name, seed))
+        return real(name, scale, seed, max_steps=3, progress=False)
+    monkeypatch.setattr(train, "train_scale_task", short)
+    model, info = train.ensure_checkpoint("successor", "standard", 1, progress=False)
+    assert calls == [("successor", 1)]
+    assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 128
+    assert info["seq_len"] == 16 and info["seed"] == 1 and info["threads"] >= 1
+    path = os.path.join(train.cache_dir(), "successor-seed1.safetensors")
+    assert path.startswith(str(tmp_path)) and os.path.exists(path)
+    again, _ = train.ensure_checkpoint("successor", "standard", 1, progress=False)
+    assert calls == [("successor", 1)]  # cached: not trained twice
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    # deterministic: the same seed retrains to the same weights
+    fresh, _ = real("successor", "standard", 1, max_steps=3, progress=False)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- resumable runs
+
+TINY = dict(scale="toy", n_fit=8, n_val=4, n_eval=6, s2_steps=2, n_boot=8, n_boot_heavy=2,
+            repeats=0, split_seeds=2, realistic_pairs=1, realistic_pairs_1b=0)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    full, _ = A.run(["successor", "pronoun"], out_dir=str(tmp_path / "a"), progress=False,
+                    with_realistic=False, settings=TINY)
+    # a run killed after its third job: the shards of the first three are on disk
+    done = []
+    real = A.run_one
+
+    def dies(*args, **kwargs):
+        if len(done) == 3:
+            raise KeyboardInterrupt("killed")
+        done.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(A, "run_one", dies)
+    with pytest.raises(KeyboardInterrupt):
+        A.run(["successor", "pronoun"], out_dir=str(tmp_path / "b"), progress=False,
+              with_realistic=False, settings=TINY)
+    monkeypatch.setattr(A, "run_one", real)
+    resumed, _ = A.run(["successor", "pronoun"], out_dir=str(tmp_path / "b"), progress=False,
+                       with_realistic=False, settings=TINY)
+    assert resumed["runs_resumed"] == 3 and resumed["runs_done"] == 4
+    strip = lambda r: {k: v for k, v in r.items() if k != "compute"}  # noqa: E731 (times vary)
+    assert [strip(r) for r in resumed["runs"]] == [strip(r) for r in full["runs"]]
+    assert resumed["headline"]["faithfulness_ratio"] == full["headline"]["faithfulness_ratio"]
+    data = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert data["complete"] and data["headline"]["faithfulness_ratio_seeds"]["combinations"] == 2
