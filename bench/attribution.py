@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from steerops import distributed as D
+
 from .aggregate import summarize
 from .evaluate import run_one
 from .provenance import environment, save_results, strict_json, write_json
@@ -51,35 +53,14 @@ def shard_path(out_dir, settings, task, train_seed, split_seed):
                         f"{task}-train{train_seed}-split{split_seed}.json")
 
 
-def run(tasks, *, quick=False, device="cpu", out_dir="results/attribution", progress=True,
-        checkpoint_dir=None, with_realistic=True, settings=None, threads=1, train_seeds=None):
-    """Runs (or resumes) the benchmark; writes results.json / results.md / plots."""
+def _run_jobs(jobs, settings, scale, split_seeds, out_dir, checkpoint_dir, device, progress):
+    """Runs the jobs whose shard is missing; returns how many it ran."""
     from tqdm.auto import tqdm
-    settings = dict(settings or (QUICK if quick else FULL))
-    torch.set_num_threads(threads)
-    env = environment()  # at the start: the commit the run's code came from
-    env["torch_threads"] = torch.get_num_threads()
-    device = torch.device(device)
-    os.makedirs(out_dir, exist_ok=True)
-    scale = settings["scale"]
-    seeds = list(train_seeds if train_seeds is not None else SCALES[scale]["seeds"])
-    if scale == "toy":
-        seeds = [0]  # one shipped model per task
-    split_seeds = [SEED + i for i in range(settings["split_seeds"])]
-    jobs = [(t, s, sp) for t in tasks for s in seeds for sp in split_seeds]
-    results = {"protocol": {"version": PROTOCOL_VERSION, "document": PROTOCOL_DOC},
-               "environment": env, "settings": dict(settings, seed=SEED, quick=quick),
-               "train_seeds": seeds, "split_seeds": split_seeds,
-               "checkpoints": checkpoint_dir or ("shipped" if scale == "toy" else "cache"),
-               "complete": False, "stages_done": [], "runs_done": 0, "runs_total": len(jobs)}
-    runs, started, resumed = [], time.time(), 0
+    ran = 0
     bar = tqdm(jobs, desc=f"attribution benchmark ({scale})", disable=not progress)
     for task_name, train_seed, split_seed in bar:
         path = shard_path(out_dir, settings, task_name, train_seed, split_seed)
         if os.path.exists(path):
-            with open(path) as f:
-                runs.append(json.load(f))
-            resumed += 1
             continue
         bar.set_postfix_str(f"{task_name} train {train_seed} split {split_seed}")
         model, info = ensure_checkpoint(task_name, scale, train_seed, checkpoint_dir, device,
@@ -95,23 +76,83 @@ def run(tasks, *, quick=False, device="cpu", out_dir="results/attribution", prog
             "seed": info["seed"], "config": info["config"]})
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_json(path, strict_json(r))
-        with open(path) as f:  # fresh and resumed runs alike come from their shard
+        ran += 1
+    return ran
+
+
+def run(tasks, *, quick=False, device=None, out_dir="results/attribution", progress=True,
+        checkpoint_dir=None, with_realistic=True, settings=None, threads=1, train_seeds=None,
+        distributed=None):
+    """Runs (or resumes) the benchmark; writes results.json / results.md / plots.
+
+    Under torch.distributed (``distributed`` as in ``steerops.patching_sweep``) the
+    task models (each with its split seeds) are spread over the ranks, each on its own
+    device (``device=None``: cuda:LOCAL_RANK, else the CPU); every rank writes its
+    runs' shards, then every rank aggregates all of them and rank 0 alone writes the
+    results, runs the realistic stage and draws the plots."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(tasks, quick, device, out_dir, progress, checkpoint_dir, with_realistic,
+                    settings, train_seeds, distributed)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(tasks, quick, device, out_dir, progress, checkpoint_dir, with_realistic, settings,
+         train_seeds, distributed):
+    settings = dict(settings or (QUICK if quick else FULL))
+    env = environment()  # at the start: the commit the run's code came from
+    env["torch_threads"] = torch.get_num_threads()
+    split = D.active(distributed)
+    rank, world = D.rank_world() if split else (0, 1)
+    main = rank == 0
+    device = torch.device(device) if device is not None else D.local_device()
+    progress = progress and main
+    os.makedirs(out_dir, exist_ok=True)
+    scale = settings["scale"]
+    seeds = list(train_seeds if train_seeds is not None else SCALES[scale]["seeds"])
+    if scale == "toy":
+        seeds = [0]  # one shipped model per task
+    split_seeds = [SEED + i for i in range(settings["split_seeds"])]
+    jobs = [(t, s, sp) for t in tasks for s in seeds for sp in split_seeds]
+    env.update(world_size=world, device_used=str(device))
+    results = {"protocol": {"version": PROTOCOL_VERSION, "document": PROTOCOL_DOC},
+               "environment": env, "settings": dict(settings, seed=SEED, quick=quick),
+               "train_seeds": seeds, "split_seeds": split_seeds,
+               "checkpoints": checkpoint_dir or ("shipped" if scale == "toy" else "cache"),
+               "complete": False, "stages_done": [], "runs_done": 0, "runs_total": len(jobs)}
+    started = time.time()
+    # one unit per task model (its split seeds together: it is trained or loaded once)
+    models = [(t, s) for t in tasks for s in seeds]
+    mine = {models[u] for u in D.assign([len(split_seeds)] * len(models), world)[rank]}
+    ran = _run_jobs([j for j in jobs if j[:2] in mine], settings, scale, split_seeds, out_dir,
+                    checkpoint_dir, device, progress)
+    if split:
+        ran = sum(D.gather(ran))
+        D.barrier()
+    runs = []
+    for task_name, train_seed, split_seed in jobs:  # fresh and resumed runs alike
+        with open(shard_path(out_dir, settings, task_name, train_seed, split_seed)) as f:
             runs.append(json.load(f))
-    results.update(runs_done=len(runs), runs_resumed=resumed,
+    results.update(runs_done=len(runs), runs_resumed=len(runs) - ran,
                    run_seconds=round(time.time() - started, 1))
     results["stages_done"].append("runs")
-    save_results(out_dir, "results", results)
+    if main:
+        save_results(out_dir, "results", results)
     results.update(summarize(runs))
     model, _ = ensure_checkpoint(tasks[0], scale, seeds[0], checkpoint_dir, device, progress)
     T = task_at(tasks[0], SCALES[scale]["seq_len"]).seq_len
     results["curves"] = compute_curves(model.config, T, settings["n_fit"], settings["n_eval"],
                                        max_sites=(model.config.num_hidden_layers + 1) * 128)
     results["stages_done"].append("curves")
+    results["runs"] = runs
+    if not main:
+        return results, markdown(results)
     save_results(out_dir, "results", results)
     if with_realistic:
         results["realistic"] = realistic(settings, device, progress=progress)
         results["stages_done"].append("realistic")
-    results["runs"] = runs
     results["complete"] = True
     results["total_seconds"] = round(time.time() - started, 1)
     table = markdown(results)
@@ -131,8 +172,8 @@ def build_parser():
     p.add_argument("--quick", action="store_true",
                    help="toy scale, one split seed, fewer pairs and bootstrap draws (same "
                         "protocol), about a minute on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda:LOCAL_RANK if CUDA is available, else cpu)")
     p.add_argument("--out", default="results/attribution",
                    help="output folder for results.json, results.md and the plots "
                         "(default: results/attribution)")
@@ -154,10 +195,13 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    D.init_from_env()  # under torchrun: one process group, the work split over its ranks
     _, table = run(args.tasks, quick=args.quick, device=args.device, out_dir=args.out,
                    progress=not args.no_progress, checkpoint_dir=args.checkpoints,
                    with_realistic=not args.no_realistic, threads=args.threads,
                    train_seeds=args.train_seeds)
+    if not D.is_main():
+        return 0
     print(table)
     print(f"\nwrote {args.out}/results.json, results.md, plane.png, cap_curves.png, "
           f"compute_ratio.png, heatmaps.png (runs resumable under {args.out}/runs)",

@@ -150,7 +150,8 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0):
     # --- patching, in its cheapest correct form (steerops.reuse)
     metric = steerops.logit_diff(ev.answer.to(device), ev.wrong.to(device))
     sweep = stage("patching", lambda: steerops.patching_sweep(
-        model, ev.clean.to(device), ev.corrupt.to(device), metric, progress=False),
+        model, ev.clean.to(device), ev.corrupt.to(device), metric, progress=False,
+        distributed=False),  # under torch.distributed each rank runs whole task models
         sequences=2 * n_ev + n_ev * L1 * T)
     reuse = sweep.extra["reuse"]
     ledger.amend("patching", sequences=sweep.rows, analytic_override=reuse_sweep_flops(

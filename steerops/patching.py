@@ -11,13 +11,15 @@ patched). Callables of ``logits`` alone are accepted too. See
 """
 import inspect
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from . import ops
 from .backend import unchecked
-from .models import StopForward, model_device, register_site_hook, resolve_layers
+from .distributed import active as dist_active
+from .models import StopForward, model_device, model_name, register_site_hook, resolve_layers
 from .reuse import resolve_reuse, reuse_sweep
 
 
@@ -329,7 +331,8 @@ def _auto_batch_size(model, T, memory_budget_mb):
 
 def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *,
                    noising=False, reuse="auto", batch_size=None, memory_budget_mb=1024,
-                   progress=True, layers_path=None):
+                   progress=True, layers_path=None, distributed=None, shard_dir=None,
+                   pairs_per_unit=None):
     """Activation patching over every requested site and prompt pair.
 
     Denoising (default): run ``corrupt`` with h_s <- h_s(clean), one site at a
@@ -347,6 +350,13 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
             fused multi-site ``patch_`` launch per layer; needed for
             non-causal models). See :mod:`steerops.reuse`.
         batch_size: rows per forward; default chosen from ``memory_budget_mb``.
+        distributed: None (default: split the work when a torch.distributed
+            process group with more than one rank is initialised, e.g. under
+            torchrun), True (split over the group, any size) or False. Work
+            units are (a block of ``pairs_per_unit`` pairs (default all) x one
+            layer), assigned to ranks by cost; every rank gets the whole result.
+        shard_dir: a folder for finished units (safetensors); a rerun with the
+            same inputs loads them and runs only the missing units.
 
     Returns a :class:`PatchingResult`: effects normalised as in PROTOCOL.md,
     g_s = E[m(patched) - m(corrupt)] / E[m(clean) - m(corrupt)] (denoising) or
@@ -362,6 +372,12 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
     check_metric_pairs(metric, pairs)
     pos = resolve_positions(positions, T, device)
     P = pos.numel()
+    if dist_active(distributed) or shard_dir is not None:
+        return _sweep_in_units(
+            model, clean, corrupt, metric, layers, pos, pairs_per_unit or pairs, shard_dir,
+            progress, distributed, dict(noising=noising, reuse=reuse, batch_size=batch_size,
+                                        memory_budget_mb=memory_budget_mb,
+                                        layers_path=layers_path))
     source, target = (corrupt, clean) if noising else (clean, corrupt)
     every = torch.arange(pairs, device=device)
     store, source_out = _capture(model, source, layers, pos, layers_path, stop_early=False)
@@ -382,14 +398,87 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
             model_output=model_output, layers_path=layers_path, progress=progress)
     clean_metric, corrupt_metric = ((target_metric, source_metric) if noising
                                     else (source_metric, target_metric))
-    denom = check_denominator(clean_metric, corrupt_metric)
-    if noising:
-        effects = (clean_metric.mean() - raw.mean(0)) / denom
-    else:
-        effects = (raw.mean(0) - corrupt_metric.mean()) / denom
+    effects = _normalised(raw, clean_metric, corrupt_metric, noising)
     return PatchingResult(effects, raw, clean_metric, corrupt_metric, layers, pos, noising,
                           forwards=1 + report["forwards"], rows=pairs + report["rows"],
                           batch_size=batch_size, extra={"reuse": report})
+
+
+def _rows_metric(metric, rows):
+    """``metric`` seen from a block of pairs: pair i of the block is pair rows[i]."""
+    def sub(logits, pair_index):
+        return metric(logits, rows.to(pair_index.device)[pair_index])
+    sub.positions = getattr(metric, "positions", None)
+    return sub
+
+
+def _normalised(raw, clean_metric, corrupt_metric, noising):
+    denom = check_denominator(clean_metric, corrupt_metric)
+    if noising:
+        return (clean_metric.mean() - raw.mean(0)) / denom
+    return (raw.mean(0) - corrupt_metric.mean()) / denom
+
+
+def _sweep_in_units(model, clean, corrupt, metric, layers, pos, block, shard_dir, progress,
+                    distributed, options):
+    """patching_sweep over units (a block of pairs x one layer), split over ranks and
+    gathered, or run here with shards on disk (steerops.distributed)."""
+    from tqdm.auto import tqdm
+
+    from . import distributed as D
+    pairs, _ = _batch_shape(clean)
+    L_max = max(layers)
+    blocks = [(a, min(a + block, pairs)) for a in range(0, pairs, block)]
+    units = [(a, b, l) for (a, b) in blocks for l in layers]
+    # cost of a unit ~ pairs x (blocks after the layer + the two base runs)
+    costs = [(b - a) * (L_max - l + 2) for a, b, l in units]
+    rank, world = D.rank_world() if D.active(distributed) else (0, 1)
+    mine = D.assign(costs, world)[rank] if world > 1 else list(range(len(units)))
+    key = None
+    if shard_dir is not None:
+        ids = [x["input_ids"] if isinstance(x, dict) and "input_ids" in x else x
+               for x in (clean, corrupt)]
+        key = D.fingerprint(ids[0], ids[1], layers, pos, block, model_name(model),
+                            {k: v for k, v in options.items() if k != "layers_path"},
+                            *D.weights_sample(model))
+    done = {}
+    for u in tqdm(mine, disable=not (progress and D.is_main()), desc="patching units"):
+        a, b, layer = units[u]
+        path = None if key is None else os.path.join(shard_dir,
+                                                      f"sweep-{key}-unit{u}.safetensors")
+        if path is not None and os.path.exists(path):
+            done[u] = D.load_shard(path)
+            continue
+        rows = torch.arange(a, b, device=model_device(model))
+        r = patching_sweep(model, select_rows(clean, rows), select_rows(corrupt, rows),
+                           _rows_metric(metric, rows), [layer], pos, progress=False,
+                           distributed=False, **options)
+        done[u] = {"raw": r.raw[:, 0].float().cpu(), "clean": r.clean_metric.float().cpu(),
+                   "corrupt": r.corrupt_metric.float().cpu(),
+                   "forwards": torch.tensor(r.forwards), "rows": torch.tensor(r.rows)}
+        if path is not None:
+            D.save_shard(path, done[u], {"unit": units[u]})
+    if world > 1:
+        for part in D.gather(done):
+            done.update(part)
+    device = model_device(model)
+    raw = torch.empty(pairs, len(layers), pos.numel())
+    clean_metric, corrupt_metric = torch.empty(pairs), torch.empty(pairs)
+    for u, (a, b, layer) in enumerate(units):
+        raw[a:b, layers.index(layer)] = done[u]["raw"]
+        clean_metric[a:b], corrupt_metric[a:b] = done[u]["clean"], done[u]["corrupt"]
+    raw, clean_metric, corrupt_metric = (x.to(device) for x in (raw, clean_metric,
+                                                                 corrupt_metric))
+    noising = options["noising"]
+    effects = _normalised(raw, clean_metric, corrupt_metric, noising)
+    return PatchingResult(
+        effects, raw, clean_metric, corrupt_metric, layers, pos, noising,
+        forwards=int(sum(int(d["forwards"]) for d in done.values())),
+        rows=int(sum(int(d["rows"]) for d in done.values())),
+        batch_size=options["batch_size"] or 0,
+        extra={"units": {"count": len(units), "pairs_per_unit": block, "world": world,
+                         "per_rank": [len(m) for m in D.assign(costs, world)],
+                         "shards": shard_dir, "key": key}})
 
 
 def _plain_sweep(model, store, target, metric, layers, pos, batch_size, progress, layers_path):
@@ -522,14 +611,17 @@ def cache_gradients(model, inputs, metric, layers=None, positions=None, *, layer
 
 
 def attribution_patching(model, clean, corrupt, metric, layers=None, positions=None, *,
-                         batch_size=None, layers_path=None):
+                         batch_size=None, layers_path=None, distributed=None):
     """Attribution patching (AtP) for every requested residual site.
 
     Two forwards (clean cache; corrupt with gradients) and one backward per
     micro-batch of pairs: a_s = (h_s(clean) - h_s(corrupt)) . dm/dh_s evaluated
     on the corrupt run. Gradients flow to the activations even when the
-    model's parameters are frozen.
+    model's parameters are frozen. ``distributed`` as in :func:`patching_sweep`:
+    the micro-batches are split over the ranks and gathered (same micro-batches,
+    so the same numbers as one process).
     """
+    from . import distributed as D
     device = model_device(model)
     layers = resolve_layers(model, layers, layers_path)
     metric = as_metric(metric)
@@ -538,18 +630,26 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
     check_metric_pairs(metric, pairs)
     pos = resolve_positions(positions, T, device)
     batch_size = pairs if batch_size is None else batch_size
-    raw, m_clean, m_corrupt = [], [], []
-    for start in range(0, pairs, batch_size):
-        index = torch.arange(start, min(start + batch_size, pairs), device=device)
+    blocks = [(a, min(a + batch_size, pairs)) for a in range(0, pairs, batch_size)]
+    rank, world = D.rank_world() if D.active(distributed) else (0, 1)
+    mine = D.assign([b - a for a, b in blocks], world)[rank]
+    done = {}
+    for u in mine:
+        index = torch.arange(*blocks[u], device=device)
         c_in, x_in = select_rows(clean, index), select_rows(corrupt, index)
         store, out = _capture(model, c_in, layers, pos, layers_path, stop_early=False)
-        m_clean.append(metric(out, index).float())
+        m_clean = metric(out, index).float()
         m, h_corrupt, grads = _metric_gradients(model, x_in, metric, index, layers, pos,
                                                 layers_path)
-        m_corrupt.append(m.detach())
-        raw.append(torch.stack([((store[l] - h).float() * g.float()).sum(-1)
-                                for l, h, g in zip(layers, h_corrupt, grads)], 1))
-    raw = torch.cat(raw)
-    m_clean, m_corrupt = torch.cat(m_clean), torch.cat(m_corrupt)
+        raw = torch.stack([((store[l] - h).float() * g.float()).sum(-1)
+                           for l, h, g in zip(layers, h_corrupt, grads)], 1)
+        done[u] = (raw, m_clean, m.detach())
+    if world > 1:
+        merged = {}
+        for part in D.gather({u: tuple(x.cpu() for x in v) for u, v in done.items()}):
+            merged.update(part)
+        done = {u: tuple(x.to(device) for x in v) for u, v in merged.items()}
+    raw, m_clean, m_corrupt = (torch.cat([done[u][i] for u in range(len(blocks))])
+                               for i in range(3))
     scores = raw.mean(0) / check_denominator(m_clean, m_corrupt)
     return AttributionResult(scores, raw, m_clean, m_corrupt, layers, pos)

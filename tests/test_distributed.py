@@ -1,0 +1,153 @@
+"""Sweeps and the benchmark over torch.distributed: 2 CPU processes with gloo
+(torch.multiprocessing spawn), compared with one process; shards and resuming;
+layers on their own devices."""
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import steerops
+from steerops import distributed as D
+from steerops.bench import attribution as A
+from steerops.bench.tasks import TASKS
+from steerops.bench.train import load_checkpoint
+
+TINY = dict(scale="toy", n_fit=8, n_val=4, n_eval=6, s2_steps=2, n_boot=8, n_boot_heavy=2,
+            repeats=0, split_seeds=2, realistic_pairs=1, realistic_pairs_1b=0)
+BENCH_TASKS = ["successor", "pronoun", "ioi"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The workers run one thread each; one process compares at the same count (CPU
+    kernels may split a reduction differently with another thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _inputs():
+    pairs = TASKS["induction"].sample(7, torch.Generator().manual_seed(0))
+    return pairs, steerops.logit_diff(pairs.answer, pairs.wrong)
+
+
+def _sweeps(distributed, shard_dir=None):
+    model, _ = load_checkpoint("induction")
+    pairs, metric = _inputs()
+    sweep = steerops.patching_sweep(model, pairs.clean, pairs.corrupt, metric, progress=False,
+                                    distributed=distributed, pairs_per_unit=3,
+                                    shard_dir=shard_dir)
+    atp = steerops.attribution_patching(model, pairs.clean, pairs.corrupt, metric,
+                                        batch_size=2, distributed=distributed)
+    return sweep, atp
+
+
+def _worker(rank, world, tmp, what):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous",
+                                         rank=rank, world_size=world)
+    try:
+        if what == "sweeps":
+            sweep, atp = _sweeps(True, shard_dir=os.path.join(tmp, "shards"))
+            torch.save({"raw": sweep.raw, "effects": sweep.effects, "atp": atp.raw,
+                        "atp_scores": atp.scores, "units": sweep.extra["units"]},
+                       os.path.join(tmp, f"rank{rank}.pt"))
+        else:
+            results, _ = A.run(BENCH_TASKS, out_dir=os.path.join(tmp, "bench"), progress=False,
+                               with_realistic=False, settings=TINY, device="cpu")
+            with open(os.path.join(tmp, f"bench{rank}.json"), "w") as f:
+                json.dump({"headline": results["headline"],
+                           "runs": [r["methods"] for r in results["runs"]]}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _spawn(tmp, what, world=2):
+    mp.spawn(_worker, args=(world, str(tmp), what), nprocs=world, join=True)
+
+
+def test_two_process_sweeps_equal_one_process(tmp_path):
+    _spawn(tmp_path, "sweeps")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    # every rank holds the whole result
+    assert torch.equal(r0["raw"], r1["raw"]) and torch.equal(r0["atp"], r1["atp"])
+    units = r0["units"]
+    assert units["world"] == 2 and sum(units["per_rank"]) == units["count"] == 3 * 3
+    assert min(units["per_rank"]) >= 3  # both ranks worked
+    # the same units in one process (shards from the 2-process run not reused: other dir)
+    one_units, one_atp = _sweeps(False, shard_dir=str(tmp_path / "single"))
+    assert torch.equal(r0["raw"], one_units.raw)           # same batches: bitwise
+    assert torch.equal(r0["atp"], one_atp.raw)             # same micro-batches: bitwise
+    plain, _ = _sweeps(False)                                # all pairs and layers at once
+    assert torch.allclose(r0["raw"], plain.raw, atol=1e-5)  # other batches: fp32 rounding
+    assert torch.allclose(r0["effects"], plain.effects, atol=1e-5)
+
+
+def test_two_process_benchmark_equals_one_process(tmp_path):
+    _spawn(tmp_path, "bench")
+    one, _ = A.run(BENCH_TASKS, out_dir=str(tmp_path / "one"), progress=False,
+                   with_realistic=False, settings=TINY, device="cpu")
+    two = [json.loads((tmp_path / f"bench{r}.json").read_text()) for r in (0, 1)]
+    assert two[0] == two[1]
+    assert two[0]["headline"] == json.loads(json.dumps(one["headline"]))
+    assert two[0]["runs"] == [r["methods"] for r in one["runs"]]
+    data = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert data["complete"] and data["environment"]["world_size"] == 2
+    assert data["runs_done"] == len(BENCH_TASKS) * 2
+
+
+def test_killed_sweep_resumes_from_its_shards(tmp_path, monkeypatch):
+    """A run killed after 4 of 9 units: the rerun runs the other 5 and equals an
+    uninterrupted run."""
+    model, _ = load_checkpoint("induction")
+    pairs, metric = _inputs()
+    full = steerops.patching_sweep(model, pairs.clean, pairs.corrupt, metric, progress=False,
+                                   pairs_per_unit=3, shard_dir=str(tmp_path / "a"))
+    calls, limit = [], [4]
+    real = steerops.patching.patching_sweep
+
+    def dies(*args, **kwargs):
+        if kwargs.get("distributed") is False:  # one unit
+            if len(calls) == limit[0]:
+                raise RuntimeError("killed")
+            calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(steerops.patching, "patching_sweep", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        dies(model, pairs.clean, pairs.corrupt, metric, progress=False, pairs_per_unit=3,
+             shard_dir=str(tmp_path / "b"))
+    assert len(os.listdir(tmp_path / "b")) == 4
+    calls.clear()
+    limit[0] = None
+    resumed = dies(model, pairs.clean, pairs.corrupt, metric, progress=False, pairs_per_unit=3,
+                   shard_dir=str(tmp_path / "b"))
+    assert len(calls) == 9 - 4                              # only the missing units ran
+    assert torch.equal(resumed.raw, full.raw) and torch.equal(resumed.effects, full.effects)
+    # another model (same architecture) never picks up these shards
+    other, _ = load_checkpoint("induction")
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    calls.clear()
+    dies(other, pairs.clean, pairs.corrupt, metric, progress=False, pairs_per_unit=3,
+         shard_dir=str(tmp_path / "b"))
+    assert len(calls) == 9
+
+
+def test_distributed_true_needs_a_process_group():
+    model, _ = load_checkpoint("induction")
+    pairs, metric = _inputs()
+    with pytest.raises(RuntimeError, match="process group"):
+        steerops.patching_sweep(model, pairs.clean, pairs.corrupt, metric, distributed=True)
+    assert D.active(None) is False and D.rank_world() == (0, 1)
+
+
+def test_assignment_is_balanced_and_deterministic():
+    costs = [5, 1, 4, 2, 3, 3]
+    parts = D.assign(costs, 2)
+    assert sorted(parts[0] + parts[1]) == list(range(6))
+    loads = [sum(costs[i] for i in p) for p in parts]
+    assert loads == [9, 9] and D.assign(costs, 2) == parts
+    assert D.assign(costs, 1) == [list(range(6))]
