@@ -23,6 +23,6 @@ setup(
         "hf": [TRANSFORMERS, "safetensors", "tqdm"],
         "bench": [TRANSFORMERS, "safetensors", "tqdm", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", TRANSFORMERS, "safetensors", "tqdm",
-                 "matplotlib"],
+                 "matplotlib", "accelerate"],
     },
 )

@@ -66,6 +66,30 @@ def model_device(model):
     return torch.device("cpu")
 
 
+def layer_device(model, layer, layers_path=None):
+    """The device site ``layer``'s hidden state lives on: the embedding output (site 0)
+    is the first block's input, site l the output of block l. Under accelerate's
+    device_map a block's execution device (its ``_hf_hook``) wins over where its
+    weights sit (offloaded weights live on the CPU or disk)."""
+    if layer == 0:
+        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        module = embed if isinstance(embed, torch.nn.Module) else \
+            find_layers(model, layers_path)[0]
+    else:
+        module = find_layers(model, layers_path)[layer - 1]
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    for p in module.parameters():
+        return p.device
+    return model_device(model)
+
+
+def devices_used(model):
+    """The distinct devices of the model's parameters (several under a device_map)."""
+    return {p.device for p in model.parameters()}
+
+
 def hidden_size(model):
     cfg = getattr(model, "config", None)
     for key in ("hidden_size", "n_embd", "d_model"):

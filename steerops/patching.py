@@ -217,7 +217,7 @@ def _capture(model, inputs, layers, pos, layers_path, stop_early):
 
     def make(layer):
         def fn(hidden):
-            store[layer] = hidden.detach().index_select(1, pos)
+            store[layer] = hidden.detach().index_select(1, pos.to(hidden.device))
             if stop_early and layer == last:
                 raise StopForward
         return fn
@@ -248,7 +248,9 @@ def cache_activations(model, inputs, layers=None, positions=None, *, layers_path
     B, T = _batch_shape(inputs)
     pos = resolve_positions(positions, T, model_device(model))
     store, output = _capture(model, inputs, layers, pos, layers_path, stop_early)
-    return ActivationCache(torch.stack([store[l] for l in layers], 1), layers, pos, output)
+    device = model_device(model)  # layers may sit on several devices (device_map)
+    return ActivationCache(torch.stack([store[l].to(device) for l in layers], 1), layers, pos,
+                           output)
 
 
 # --------------------------------------------------------------------------- site maps
@@ -520,11 +522,13 @@ def _plain_sweep(model, store, target, metric, layers, pos, batch_size, progress
                     d, s = plan.setdefault(li, ([], []))
                     d.append(row * T + pos_list[j])
                     s.append(pair_ids[row] * P + j)
-                state["plan"] = {li: (torch.tensor(d, device=device), torch.tensor(s, device=device))
+                # indices on each patched layer's device (device_map: layers differ)
+                state["plan"] = {li: (torch.tensor(d, device=caches[layers[li]].device),
+                                      torch.tensor(s, device=caches[layers[li]].device))
                                  for li, (d, s) in plan.items()}
                 pair_index = torch.tensor(pair_ids, device=device)
                 logits = model_output(model(**select_rows(target, pair_index)))
-                values = metric(logits, pair_index).float()
+                values = metric(logits, pair_index).float().to(device)
                 site_ids = torch.tensor([k % S for k in items], device=device)
                 raw[pair_index, site_ids // P, site_ids % P] = values
     finally:
@@ -577,8 +581,8 @@ def _metric_gradients(model, inputs, metric, index, layers, pos, layers_path):
     finally:
         for h in handles:
             h.remove()
-    acts = [captured[l].detach().index_select(1, pos) for l in layers]
-    grads = [torch.zeros_like(h) if g is None else g.index_select(1, pos)
+    acts = [captured[l].detach().index_select(1, pos.to(captured[l].device)) for l in layers]
+    grads = [torch.zeros_like(h) if g is None else g.index_select(1, pos.to(g.device))
              for h, g in zip(acts, grads)]
     return m.detach(), acts, grads
 
@@ -607,7 +611,8 @@ def cache_gradients(model, inputs, metric, layers=None, positions=None, *, layer
     pos = resolve_positions(positions, T, device)
     m, acts, grads = _metric_gradients(model, inputs, metric, torch.arange(B, device=device),
                                        layers, pos, layers_path)
-    return GradientCache(torch.stack(acts, 1), torch.stack(grads, 1), m, layers, pos)
+    return GradientCache(torch.stack([a.to(device) for a in acts], 1),
+                         torch.stack([g.to(device) for g in grads], 1), m, layers, pos)
 
 
 def attribution_patching(model, clean, corrupt, metric, layers=None, positions=None, *,
@@ -641,7 +646,7 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
         m_clean = metric(out, index).float()
         m, h_corrupt, grads = _metric_gradients(model, x_in, metric, index, layers, pos,
                                                 layers_path)
-        raw = torch.stack([((store[l] - h).float() * g.float()).sum(-1)
+        raw = torch.stack([((store[l] - h).float() * g.float()).sum(-1).to(device)
                            for l, h, g in zip(layers, h_corrupt, grads)], 1)
         done[u] = (raw, m_clean, m.detach())
     if world > 1:

@@ -49,7 +49,10 @@ def resolve_reuse(model, reuse):
         raise ValueError(f"reuse must be one of {REUSE_MODES}, got {reuse!r}")
     causal = is_causal_lm(model)
     if reuse == "auto":
-        return "full" if causal else "none"
+        # a model split over devices (device_map) runs the plain sweep: the reuse path's
+        # cache crops and block stand-ins are checked on one device only
+        split = len({p.device for p in model.parameters()}) > 1
+        return "full" if causal and not split else "none"
     if reuse != "none" and not causal:
         raise ValueError(
             f"reuse={reuse!r} needs a causal LM (a position must not see later tokens); "

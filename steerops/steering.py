@@ -6,8 +6,8 @@ import torch
 
 from . import ops
 from .backend import unchecked
-from .models import (ForwardInfo, hidden_size, make_hooks_visible_to_compile, model_device,
-                     register_site_hook, resolve_layers)
+from .models import (ForwardInfo, hidden_size, layer_device, make_hooks_visible_to_compile,
+                     model_device, register_site_hook, resolve_layers)
 from .reference import MODES
 
 POSITION_MODES = ("all", "prompt", "generated")
@@ -63,9 +63,9 @@ class Steering:
         D = hidden_size(model)
         device = model_device(model)
         self.vectors = {}
-        for l in self.layers:
+        for l in self.layers:  # each layer's vector on that layer's device (device_map)
             v = vector[l] if isinstance(vector, dict) else vector
-            self.vectors[l] = self._check_vector(v, D, device)
+            self.vectors[l] = self._check_vector(v, D, layer_device(model, l, layers_path))
         K = max(v.shape[0] if v.dim() == 2 else 1 for v in self.vectors.values())
         self.vector_index = self._check_vector_index(vector_index, K, device)
         self.alpha = self._check_alpha(alpha, device)
@@ -202,15 +202,24 @@ class Steering:
         vector = self.vectors[layer]
 
         def steer_site(hidden):
+            nonlocal vector
             mask, vi, alpha = self._row_args(hidden)
+            v = vector
+            if v.device != hidden.device:  # a hidden state off its layer's weights' device
+                v = v.to(hidden.device)    # (a trained vector moves per call: stays live)
+                if not vector.requires_grad:
+                    vector = self.vectors[layer] = v
+            # the per-forward row arguments are built on the first steered layer's device
+            mask, vi, alpha = (x.to(hidden.device) if isinstance(x, torch.Tensor) else x
+                               for x in (mask, vi, alpha))
             needs_grad = torch.is_grad_enabled() and (
-                hidden.requires_grad or vector.requires_grad
+                hidden.requires_grad or v.requires_grad
                 or (isinstance(alpha, torch.Tensor) and alpha.requires_grad))
             with unchecked():  # validated once in __init__
                 if needs_grad or layer == 0:  # layer 0: never write into the caller's embeds
-                    return ops.steer(hidden, vector, alpha, mode=self.mode, mask=mask,
+                    return ops.steer(hidden, v, alpha, mode=self.mode, mask=mask,
                                      vector_index=vi)
-                ops.steer_(hidden, vector, alpha, mode=self.mode, mask=mask, vector_index=vi)
+                ops.steer_(hidden, v, alpha, mode=self.mode, mask=mask, vector_index=vi)
             return None
         return steer_site
 

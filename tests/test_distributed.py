@@ -151,3 +151,49 @@ def test_assignment_is_balanced_and_deterministic():
     loads = [sum(costs[i] for i in p) for p in parts]
     assert loads == [9, 9] and D.assign(costs, 2) == parts
     assert D.assign(costs, 1) == [list(range(6))]
+
+
+# ----------------------------------------------------------------------------- device_map
+
+def test_vectors_go_to_each_layers_own_device():
+    """A block on another device (here the meta device, which CPU allows) gets its
+    vector there at attach; the other layers keep theirs on the CPU."""
+    from steerops.models import layer_device
+    model, _ = load_checkpoint("induction")
+    model.model.layers[1].to("meta")
+    assert layer_device(model, 2) == torch.device("meta")
+    assert layer_device(model, 1) == layer_device(model, 0) == torch.device("cpu")
+    v = torch.randn(model.config.hidden_size)
+    steering = steerops.Steering(model, [0, 1, 2], v)
+    assert steering.vectors[2].device.type == "meta"
+    assert steering.vectors[0].device.type == steering.vectors[1].device.type == "cpu"
+
+
+def test_hooks_work_under_accelerate_device_map():
+    """accelerate's dispatch (its hooks wrap every block's forward) with a per-block
+    device_map: steering, caching, AtP and the sweep give the undispatched numbers.
+    On CPU every entry of the map is the CPU; with GPUs the same code places each
+    layer's vector, sources and indices on that layer's device (see README)."""
+    accelerate = pytest.importorskip("accelerate")
+    model, _ = load_checkpoint("induction")
+    ref, _ = load_checkpoint("induction")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = accelerate.dispatch_model(model, device_map=device_map, force_hooks=True)
+    assert all(hasattr(model.model.layers[i], "_hf_hook") for i in range(2))
+    pairs, metric = _inputs()
+    v = torch.randn(model.config.hidden_size)
+    with torch.no_grad():
+        for m in (model, ref):
+            with steerops.Steering(m, [0, 2], v, 2.0, positions=[3]):
+                m.out = m(pairs.corrupt).logits
+    assert torch.allclose(model.out, ref.out, atol=1e-5)
+    assert torch.allclose(steerops.cache_activations(model, pairs.clean).acts,
+                          steerops.cache_activations(ref, pairs.clean).acts, atol=1e-5)
+    a = steerops.attribution_patching(model, pairs.clean, pairs.corrupt, metric)
+    b = steerops.attribution_patching(ref, pairs.clean, pairs.corrupt, metric)
+    assert torch.allclose(a.raw, b.raw, atol=1e-4)
+    s1 = steerops.patching_sweep(model, pairs.clean, pairs.corrupt, metric, progress=False,
+                                 reuse="none")
+    s2 = steerops.patching_sweep(ref, pairs.clean, pairs.corrupt, metric, progress=False)
+    assert torch.allclose(s1.raw, s2.raw, atol=1e-4)
