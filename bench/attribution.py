@@ -69,8 +69,11 @@ def _run_jobs(jobs, settings, scale, split_seeds, out_dir, checkpoint_dir, devic
             raise RuntimeError(f"{task_name} seed {train_seed}: held-out accuracy "
                                f"{info['held_out_accuracy']:.3f} < 0.95 (PROTOCOL.md)")
         timed = split_seed == split_seeds[0]
+        # the costly parts (timing repeats, bootstrap draws that rerun steered forwards) on
+        # each model's first split seed
         r = run_one(task_at(task_name, SCALES[scale]["seq_len"]), model, settings, split_seed,
-                    device, timing_repeats=settings["repeats"] if timed else 0)
+                    device, timing_repeats=settings["repeats"] if timed else 0,
+                    heavy_draws=settings["n_boot_heavy"] if timed else 0)
         r.update(train_seed=train_seed, model={
             "held_out_accuracy": info["held_out_accuracy"], "train_steps": info["steps"],
             "seed": info["seed"], "config": info["config"]})

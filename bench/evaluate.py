@@ -131,8 +131,10 @@ def recovery_sets(g, star, exact_effect, denominator):
 
 # ----------------------------------------------------------------------------- one run
 
-def run_one(task, model, settings, split_seed, device, timing_repeats=0):
-    """Every number of one (task model, split seed): see the module docstring."""
+def run_one(task, model, settings, split_seed, device, timing_repeats=0, heavy_draws=None):
+    """Every number of one (task model, split seed): see the module docstring.
+    ``heavy_draws``: bootstrap draws for the methods that rerun steered forwards
+    (default ``settings["n_boot_heavy"]``)."""
     cfg = model.config
     T = task.seq_len
     L1 = cfg.num_hidden_layers + 1
@@ -206,8 +208,10 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0):
     # --- bootstrap: D_fit and D_eval resampled together, every vector refit
     boot = bootstrap(settings, fit_dp, fit, ev, diffs, grads, raw, m_clean, m_corrupt, star,
                      split_seed)
-    boot.update(bootstrap_heavy(settings, model, fit, val, ev, fit_dp, diffs, raw, m_clean,
-                                m_corrupt, star, split_seed, device, val_base))
+    heavy = settings["n_boot_heavy"] if heavy_draws is None else heavy_draws
+    boot.update(bootstrap_heavy(dict(settings, n_boot_heavy=heavy), model, fit, val, ev, fit_dp,
+                                diffs, raw, m_clean, m_corrupt, star, split_seed, device,
+                                val_base))
 
     costs = {m: ledger.totals(names=stages) for m, stages in METHOD_STAGES.items()}
     patch = costs["patching"]

@@ -33,7 +33,10 @@ STANDARD_CONFIG = dict(MODEL_CONFIG, hidden_size=128, intermediate_size=384,
                        max_position_embeddings=32)
 SCALES = {
     "toy": dict(config=MODEL_CONFIG, seq_len=None, seeds=(0,), batch_pairs=128),
-    "standard": dict(config=STANDARD_CONFIG, seq_len=16, seeds=(0, 1, 2), batch_pairs=64),
+    "standard": dict(config=STANDARD_CONFIG, seq_len=16, seeds=(0, 1, 2), batch_pairs=64,
+                     # brackets at lr 3e-3 / 64 pairs stayed at chance (0.56) for 6000 steps;
+                     # at 1e-3 / 128 pairs it reaches 100% in 1200 (measured, seed 0)
+                     overrides={"brackets": dict(lr=1e-3, batch_pairs=128)}),
 }
 STANDARD_VERSION = "standard-v1"  # bump when the config, tasks or training recipe change
 
@@ -133,9 +136,11 @@ def load_checkpoint(task_name, directory=CHECKPOINT_DIR, device="cpu", scale="to
 def train_scale_task(task_name, scale, seed, *, max_steps=6000, progress=True):
     """Trains one task model of ``scale`` with ``seed`` (the recipe SCALES fixes)."""
     spec = SCALES[scale]
+    recipe = dict(batch_pairs=spec["batch_pairs"], lr=3e-3)
+    recipe.update(spec.get("overrides", {}).get(task_name, {}))
     return train_task(task_at(task_name, spec["seq_len"]), seed=seed, max_steps=max_steps,
-                      batch_pairs=spec["batch_pairs"], config=spec["config"],
-                      eval_every=100 if scale == "standard" else 250, progress=progress)
+                      config=spec["config"], eval_every=100 if scale == "standard" else 250,
+                      progress=progress, **recipe)
 
 
 def ensure_checkpoint(task_name, scale="toy", seed=0, directory=None, device="cpu",
