@@ -50,6 +50,23 @@ def by_task(runs):
     return dict(groups)
 
 
+def patching_forms(run):
+    """S1-proj's analytic cost over each form of patching (naive-batched, prefix-reuse,
+    floor), on the sites that differ from the base run (S* and the endpoint sites)."""
+    import transformers as T
+    from .compute import patching_forms_flops
+    cfg = T.LlamaConfig(**run["model"]["config"])
+    star = np.asarray(run["star"], bool)
+    L1, seq = star.shape
+    differ = star.copy()
+    differ[L1 - 1, seq - 1] = True
+    differ[0, np.argwhere(star.any(0)).min() if star.any() else 0] = True
+    sites = [tuple(x) for x in np.argwhere(differ)]
+    forms = patching_forms_flops(cfg, seq, run["pairs"]["eval"], sites)
+    s1 = run["compute"]["costs"]["S1-proj"]["analytic_flops"]
+    return {k: s1 / v for k, v in forms.items()}
+
+
 def task_summary(task_runs):
     """Per method: mean over the task's runs of every measure, seed sd/range, the
     bootstrap draws (seed-averaged) and their interval; compute ratios; recovery."""
@@ -76,6 +93,9 @@ def task_summary(task_runs):
                                       if k != "seconds" or r["compute"]["timed"]])
                             for k in COST_KEYS}
         out["methods"][m] = entry
+    if all("model" in r for r in task_runs):
+        forms = [patching_forms(r) for r in task_runs]
+        out["s1_proj_vs_patching_forms"] = {k: _mean([f[k] for f in forms]) for k in forms[0]}
     rec = {}
     for label in ("top1", "top5pct"):
         ratios = [r["recovery"][label]["ratio"] for r in task_runs]
@@ -153,6 +173,10 @@ def summarize(runs):
         "compute_ratio_flops": headline_all["compute"]["floor_flops"],
         "compute_ratio_counted_flops": headline_all["compute"]["counted_flops"],
         "compute_ratio_time": headline_all["compute"]["seconds"],
+        "compute_ratio_vs_patching_forms": {
+            k: _mean([t["s1_proj_vs_patching_forms"][k] for t in tasks.values()
+                      if "s1_proj_vs_patching_forms" in t])
+            for k in ("naive_batched", "prefix_reuse", "floor")},
     }
     return {"headline": headline, "families": per_family, "tasks": tasks,
             "stage_agreement": stage_agreement(runs)}

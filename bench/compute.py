@@ -72,6 +72,20 @@ def site_floor_flops(config, T, sites):
     return sum((L - l) * (T - p) * per + 2 * d * V for l, p in sites)
 
 
+def patching_forms_flops(config, T, pairs, sites):
+    """Analytic FLOPs of the three forms PROTOCOL.md asks to report, for ``sites``
+    (the (l, p) whose patch differs from the base run), each with the two base runs:
+    naive-batched (a full forward with head per site), prefix-reuse (positions >= p
+    through every block, the head at the answer) and the floor (only blocks l+1..L)."""
+    d, L, V = _dims(config)
+    per = token_layer_flops(config, T)
+    base = 2 * analytic_forward_flops(config, T)
+    naive = base + len(sites) * analytic_forward_flops(config, T)
+    prefix = base + sum(L * (T - p) * per + 2 * d * V for _, p in sites)
+    return {"naive_batched": pairs * naive, "prefix_reuse": pairs * prefix,
+            "floor": pairs * (base + site_floor_flops(config, T, sites))}
+
+
 def patching_floor_flops(config, T, pairs, first_diff=0):
     """PROTOCOL.md's cheapest correct patching: two base runs, then per pair and
     site (l, p) with p >= the first differing position, the site's floor."""

@@ -11,7 +11,6 @@ from .compute import Ledger, analytic_forward_flops, meta_forward_flops, patchin
 
 def compute_curves(config, T, n_fit, n_eval, max_sites):
     """Analytic compute ratio (S1 / patching) vs |S| and vs number of eval pairs."""
-    head = analytic_forward_flops(config, T, True)
     cache = analytic_forward_flops(config, T, False)
     steer = (2 * n_fit + 2 * n_eval) * cache
 
