@@ -54,20 +54,23 @@ def shard_path(out_dir, settings, task, train_seed, split_seed):
 
 
 def _run_jobs(jobs, settings, scale, split_seeds, out_dir, checkpoint_dir, device, progress):
-    """Runs the jobs whose shard is missing; returns how many it ran."""
+    """Runs the jobs whose shard is missing; returns (how many it ran, the models
+    excluded for held-out accuracy below 95%, whose jobs are skipped)."""
     from tqdm.auto import tqdm
-    ran = 0
+    ran, excluded = 0, {}
     bar = tqdm(jobs, desc=f"attribution benchmark ({scale})", disable=not progress)
     for task_name, train_seed, split_seed in bar:
         path = shard_path(out_dir, settings, task_name, train_seed, split_seed)
-        if os.path.exists(path):
+        if os.path.exists(path) or (task_name, train_seed) in excluded:
             continue
         bar.set_postfix_str(f"{task_name} train {train_seed} split {split_seed}")
         model, info = ensure_checkpoint(task_name, scale, train_seed, checkpoint_dir, device,
                                         progress)
-        if info["held_out_accuracy"] < 0.95:
-            raise RuntimeError(f"{task_name} seed {train_seed}: held-out accuracy "
-                               f"{info['held_out_accuracy']:.3f} < 0.95 (PROTOCOL.md)")
+        if info["held_out_accuracy"] < 0.95:  # PROTOCOL.md: the model is not used
+            excluded[(task_name, train_seed)] = info["held_out_accuracy"]
+            print(f"excluded: {task_name} training seed {train_seed}, held-out accuracy "
+                  f"{info['held_out_accuracy']:.3f} < 0.95", file=sys.stderr)
+            continue
         timed = split_seed == split_seeds[0]
         # the costly parts (timing repeats, bootstrap draws that rerun steered forwards) on
         # each model's first split seed
@@ -80,12 +83,12 @@ def _run_jobs(jobs, settings, scale, split_seeds, out_dir, checkpoint_dir, devic
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_json(path, strict_json(r))
         ran += 1
-    return ran
+    return ran, excluded
 
 
 def run(tasks, *, quick=False, device=None, out_dir="results/attribution", progress=True,
         checkpoint_dir=None, with_realistic=True, settings=None, threads=1, train_seeds=None,
-        distributed=None):
+        distributed=None, report_only=False):
     """Runs (or resumes) the benchmark; writes results.json / results.md / plots.
 
     Under torch.distributed (``distributed`` as in ``steerops.patching_sweep``) the
@@ -97,13 +100,13 @@ def run(tasks, *, quick=False, device=None, out_dir="results/attribution", progr
     torch.set_num_threads(threads)
     try:
         return _run(tasks, quick, device, out_dir, progress, checkpoint_dir, with_realistic,
-                    settings, train_seeds, distributed)
+                    settings, train_seeds, distributed, report_only)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(tasks, quick, device, out_dir, progress, checkpoint_dir, with_realistic, settings,
-         train_seeds, distributed):
+         train_seeds, distributed, report_only):
     settings = dict(settings or (QUICK if quick else FULL))
     env = environment()  # at the start: the commit the run's code came from
     env["torch_threads"] = torch.get_num_threads()
@@ -118,7 +121,8 @@ def _run(tasks, quick, device, out_dir, progress, checkpoint_dir, with_realistic
     if scale == "toy":
         seeds = [0]  # one shipped model per task
     split_seeds = [SEED + i for i in range(settings["split_seeds"])]
-    jobs = [(t, s, sp) for t in tasks for s in seeds for sp in split_seeds]
+    # training seed first: an interrupted run has every task at the earlier seeds
+    jobs = [(t, s, sp) for s in seeds for t in tasks for sp in split_seeds]
     env.update(world_size=world, device_used=str(device))
     results = {"protocol": {"version": PROTOCOL_VERSION, "document": PROTOCOL_DOC},
                "environment": env, "settings": dict(settings, seed=SEED, quick=quick),
@@ -127,19 +131,32 @@ def _run(tasks, quick, device, out_dir, progress, checkpoint_dir, with_realistic
                "complete": False, "stages_done": [], "runs_done": 0, "runs_total": len(jobs)}
     started = time.time()
     # one unit per task model (its split seeds together: it is trained or loaded once)
-    models = [(t, s) for t in tasks for s in seeds]
+    models = [(t, s) for s in seeds for t in tasks]
     mine = {models[u] for u in D.assign([len(split_seeds)] * len(models), world)[rank]}
-    ran = _run_jobs([j for j in jobs if j[:2] in mine], settings, scale, split_seeds, out_dir,
-                    checkpoint_dir, device, progress)
+    ran, excluded = 0, {}
+    if not report_only:
+        ran, excluded = _run_jobs([j for j in jobs if j[:2] in mine], settings, scale,
+                                  split_seeds, out_dir, checkpoint_dir, device, progress)
     if split:
-        ran = sum(D.gather(ran))
+        parts = D.gather((ran, excluded))
+        ran = sum(p[0] for p in parts)
+        excluded = {k: v for p in parts for k, v in p[1].items()}
         D.barrier()
-    runs = []
+    runs, missing = [], []
     for task_name, train_seed, split_seed in jobs:  # fresh and resumed runs alike
-        with open(shard_path(out_dir, settings, task_name, train_seed, split_seed)) as f:
+        path = shard_path(out_dir, settings, task_name, train_seed, split_seed)
+        if not os.path.exists(path):
+            missing.append([task_name, train_seed, split_seed])
+            continue
+        with open(path) as f:
             runs.append(json.load(f))
+    if not runs:
+        raise RuntimeError(f"no finished runs under {out_dir}/runs for these settings")
     results.update(runs_done=len(runs), runs_resumed=len(runs) - ran,
-                   run_seconds=round(time.time() - started, 1))
+                   run_seconds=round(time.time() - started, 1), partial=bool(missing),
+                   missing_runs=missing,
+                   excluded_models=[{"task": t, "train_seed": s, "held_out_accuracy": a}
+                                    for (t, s), a in excluded.items()])
     results["stages_done"].append("runs")
     if main:
         save_results(out_dir, "results", results)
@@ -192,6 +209,8 @@ def build_parser():
     p.add_argument("--no-realistic", action="store_true",
                    help="skip the GPT-2-small / 1B compute measurements")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: report the runs finished so far under --out (partial)")
     return p
 
 
@@ -202,7 +221,7 @@ def main(argv=None):
     _, table = run(args.tasks, quick=args.quick, device=args.device, out_dir=args.out,
                    progress=not args.no_progress, checkpoint_dir=args.checkpoints,
                    with_realistic=not args.no_realistic, threads=args.threads,
-                   train_seeds=args.train_seeds)
+                   train_seeds=args.train_seeds, report_only=args.report_only)
     if not D.is_main():
         return 0
     print(table)

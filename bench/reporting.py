@@ -42,6 +42,16 @@ def markdown(results):
         f"# Attribution benchmark, protocol v{results['protocol']['version']} "
         f"({results['protocol']['document']}), scale `{st['scale']}`",
         "",
+    ]
+    if results.get("partial"):
+        miss = results["missing_runs"]
+        lines += [f"**Partial: {results['runs_done']} of {results['runs_total']} runs** (missing: "
+                  f"{len(miss)} runs of {len({(t, s) for t, s, _ in miss})} task models; rerun the "
+                  "same command to complete them, finished runs are kept).", ""]
+    for e in results.get("excluded_models", []):
+        lines += [f"Excluded: {e['task']} training seed {e['train_seed']} (held-out accuracy "
+                  f"{e['held_out_accuracy']:.3f} < 0.95).", ""]
+    lines += [
         f"**Faithfulness ratio = {_f(h['faithfulness_ratio'])}**"
         f"{_ci(h['faithfulness_ratio_ci95'])} (95% bootstrap interval): mean over "
         f"{fam['all']['methods']['S1-proj']['tasks']} tasks of R for S1-proj, where R = mean "

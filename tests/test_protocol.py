@@ -325,3 +325,23 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert resumed["headline"]["faithfulness_ratio"] == full["headline"]["faithfulness_ratio"]
     data = json.loads((tmp_path / "b" / "results.json").read_text())
     assert data["complete"] and data["headline"]["faithfulness_ratio_seeds"]["combinations"] == 2
+
+
+def test_models_below_95_percent_are_excluded_and_report_only_is_partial(tmp_path, monkeypatch):
+    real = A.ensure_checkpoint
+
+    def weak_pronoun(task, *args, **kwargs):
+        model, info = real(task, *args, **kwargs)
+        return model, dict(info, held_out_accuracy=0.9) if task == "pronoun" else info
+    monkeypatch.setattr(A, "ensure_checkpoint", weak_pronoun)
+    settings = dict(TINY, split_seeds=1)
+    results, table = A.run(["successor", "pronoun"], out_dir=str(tmp_path), progress=False,
+                           with_realistic=False, settings=settings)
+    assert results["excluded_models"] == [{"task": "pronoun", "train_seed": 0,
+                                           "held_out_accuracy": 0.9}]
+    assert results["partial"] and results["missing_runs"] == [["pronoun", 0, 1234]]
+    assert list(results["tasks"]) == ["successor"] and "Excluded: pronoun" in table
+    monkeypatch.setattr(A, "run_one", lambda *a, **k: pytest.fail("report-only ran a job"))
+    report, table = A.run(["successor", "pronoun"], out_dir=str(tmp_path), progress=False,
+                          with_realistic=False, settings=settings, report_only=True)
+    assert report["partial"] and report["runs_done"] == 1 and "Partial: 1 of 2 runs" in table
