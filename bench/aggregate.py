@@ -93,6 +93,11 @@ def task_summary(task_runs):
                                       if k != "seconds" or r["compute"]["timed"]])
                             for k in COST_KEYS}
         out["methods"][m] = entry
+    for mode, key in (("abs", "R"), ("signed", "R_signed")):  # R'' from the task's means
+        norm = out["methods"]["norm"][key]
+        for m in METHODS:
+            out["methods"][m]["R_skill" if mode == "abs" else "R_skill_signed"] = F.skill(
+                out["methods"][m][key], norm)
     if all("model" in r for r in task_runs):
         forms = [patching_forms(r) for r in task_runs]
         out["s1_proj_vs_patching_forms"] = {k: _mean([f[k] for f in forms]) for k in forms[0]}
@@ -147,7 +152,9 @@ def summarize(runs):
                 _headline(tasks, names, m),
                 R_signed=_mean([tasks[n]["methods"][m]["R_signed"] for n in names]),
                 R_prime=_mean([tasks[n]["methods"][m]["R_prime"] for n in names]),
-                R_skill=_mean([tasks[n]["methods"][m]["R_skill"] for n in names]),
+                R_skill=F.skill(  # from the family's means (stable where norm is near 1)
+                    _mean([tasks[n]["methods"][m]["R"] for n in names]),
+                    _mean([tasks[n]["methods"]["norm"]["R"] for n in names])),
                 spearman=_mean([tasks[n]["methods"][m]["spearman"] for n in names]),
                 top10_recall=_mean([tasks[n]["methods"][m]["top10_recall"] for n in names]),
                 v1_R=_mean([tasks[n]["methods"][m]["v1_R"] for n in names]),

@@ -200,6 +200,12 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, heavy_d
     v2, history = stage("s2_optimise", lambda: M.optimise_s2(
         model, fit, s2_layer, s2_alpha, vectors[s2_layer], settings["s2_steps"], device),
         sequences=settings["s2_steps"] * n_fit, backward=True)
+    # the vector's gradient stops at the steered layer: one forward (with head) plus the
+    # backward through the blocks above it, per step and pair
+    fwd = analytic_forward_flops(cfg, T)
+    above = (cfg.num_hidden_layers - s2_layer) / cfg.num_hidden_layers
+    ledger.amend("s2_optimise", analytic_override=float(
+        settings["s2_steps"] * n_fit * fwd * (1 + above)))
     maps["S2"] = M.projection(diffs, v2.expand(L1, -1)).double().mean(0).numpy()
 
     scored = score_all(maps, g, star)

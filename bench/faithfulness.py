@@ -166,8 +166,11 @@ def measures(a, g, *, signed=False, R_norm=None):
 
 
 def skill(R, R_norm):
-    """R'' = (R - R_norm) / (1 - R_norm): skill over ranking sites by ||dh|| (< 0: worse)."""
-    return float((R - R_norm) / (1 - R_norm)) if not np.isclose(R_norm, 1.0) else float("nan")
+    """R'' = (R - R_norm) / (1 - R_norm): skill over ranking sites by ||dh|| (< 0: worse);
+    undefined (NaN) where the norm baseline leaves under 1% to gain (R_norm > 0.99)."""
+    if R_norm is None or not np.isfinite(R_norm) or R_norm > 0.99:
+        return float("nan")
+    return float((R - R_norm) / (1 - R_norm))
 
 
 def guarded_recovery(steering_effects, g, min_sum=0.1):
