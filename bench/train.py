@@ -13,6 +13,7 @@ with the config, seed, steps and measured held-out accuracy in its metadata.
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -39,7 +40,11 @@ SCALES = {
                      max_steps=2500,
                      # brackets at lr 3e-3 / 64 pairs stayed at chance (0.56) for 6000 steps;
                      # at 1e-3 / 128 pairs it reaches 100% in 1200 (measured, seed 0)
-                     overrides={"brackets": dict(lr=1e-3, batch_pairs=128)}),
+                     # (seed 1 stopped at 90.5% in 2500 steps: brackets gets 6000);
+                     # counting at 3e-3 / 64 pairs stayed at 26% for 2500 steps; at 1e-3 / 128
+                     # pairs it passes 95% by step 800 (measured, seed 0)
+                     overrides={"brackets": dict(lr=1e-3, batch_pairs=128, max_steps=6000),
+                                "counting": dict(lr=1e-3, batch_pairs=128)}),
 }
 STANDARD_VERSION = "standard-v1"  # bump when the config, tasks or training recipe change
 
@@ -104,7 +109,8 @@ def train_task(task, *, seed=0, max_steps=6000, batch_pairs=128, lr=3e-3, target
     bar.close()
     test = accuracy(model, task, 2000, TEST_SEED + seed)
     return model.eval(), {"task": task.name, "seed": seed, "steps": step, "lr": lr,
-                          "batch_pairs": batch_pairs, "held_out_accuracy": test,
+                          "batch_pairs": batch_pairs, "max_steps": max_steps,
+                          "target": target, "held_out_accuracy": test,
                           "seq_len": task.seq_len, "config": config,
                           "threads": torch.get_num_threads(),
                           "train_seconds": round(time.time() - t0, 1)}
@@ -120,31 +126,58 @@ def save_checkpoint(model, info, path):
     os.replace(tmp, path)  # a killed run never leaves a half-written checkpoint
 
 
+def read_info(path):
+    """A checkpoint's metadata (config, seed, recipe, steps, held-out accuracy)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        return json.loads(f.metadata()["steerops"])
+
+
 def load_checkpoint(task_name, directory=CHECKPOINT_DIR, device="cpu", scale="toy", seed=0):
     """(model, info) for a shipped (or freshly trained) task checkpoint."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
     path = os.path.join(directory, checkpoint_name(task_name, scale, seed))
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint for task {task_name!r} at {path}; train it with "
                                 f"python -m steerops.bench.train --tasks {task_name}"
                                 + ("" if scale == "toy" else f" --scale {scale} --seeds {seed}"))
-    with safe_open(path, framework="pt") as f:
-        info = json.loads(f.metadata()["steerops"])
+    info = read_info(path)
     model = build_model(info["config"])
     model.load_state_dict(load_file(path))
     return model.to(device).eval(), info
 
 
+def recipe(task_name, scale):
+    """The training recipe SCALES fixes for ``task_name``: lr, batch_pairs, max_steps."""
+    spec = SCALES[scale]
+    out = dict(lr=3e-3, batch_pairs=spec["batch_pairs"], max_steps=spec.get("max_steps", 6000))
+    out.update(spec.get("overrides", {}).get(task_name, {}))
+    return out
+
+
+def same_training(info, wanted):
+    """Whether a cached checkpoint is what ``wanted`` (a recipe) trains today.
+
+    Training is deterministic and stops at the accuracy target, so a model that
+    stopped at step s before its budget is also what any budget >= s gives; one
+    that ran out of budget is only the same under the same budget. Checkpoints
+    from before the budget was recorded ran under standard-v1's 2500."""
+    if info.get("lr") != wanted["lr"] or info.get("batch_pairs") != wanted["batch_pairs"]:
+        return False
+    budget = info.get("max_steps", 2500)
+    if info["steps"] < budget:
+        return info["steps"] <= wanted["max_steps"]
+    return budget == wanted["max_steps"]
+
+
 def train_scale_task(task_name, scale, seed, *, max_steps=None, progress=True):
     """Trains one task model of ``scale`` with ``seed`` (the recipe SCALES fixes)."""
     spec = SCALES[scale]
-    max_steps = max_steps or spec.get("max_steps", 6000)
-    recipe = dict(batch_pairs=spec["batch_pairs"], lr=3e-3)
-    recipe.update(spec.get("overrides", {}).get(task_name, {}))
-    return train_task(task_at(task_name, spec["seq_len"]), seed=seed, max_steps=max_steps,
-                      config=spec["config"], eval_every=100 if scale == "standard" else 250,
-                      progress=progress, **recipe)
+    r = recipe(task_name, scale)
+    if max_steps:
+        r["max_steps"] = max_steps
+    return train_task(task_at(task_name, spec["seq_len"]), seed=seed, config=spec["config"],
+                      eval_every=100 if scale == "standard" else 250, progress=progress, **r)
 
 
 def ensure_checkpoint(task_name, scale="toy", seed=0, directory=None, device="cpu",
@@ -155,6 +188,10 @@ def ensure_checkpoint(task_name, scale="toy", seed=0, directory=None, device="cp
         return load_checkpoint(task_name, directory or CHECKPOINT_DIR, device)
     directory = directory or cache_dir()
     path = os.path.join(directory, checkpoint_name(task_name, scale, seed))
+    if os.path.exists(path) and not same_training(read_info(path), recipe(task_name, scale)):
+        print(f"{path}: trained under another recipe; retraining with "
+              f"{recipe(task_name, scale)}", file=sys.stderr)
+        os.remove(path)
     if not os.path.exists(path):
         os.makedirs(directory, exist_ok=True)
         model, info = train_scale_task(task_name, scale, seed, progress=progress)

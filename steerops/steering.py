@@ -173,9 +173,19 @@ class Steering:
         return (pos.unsqueeze(1) == absolute.unsqueeze(0)).any(1).unsqueeze(0)
 
     def _row_args(self, hidden):
+        """(mask, vector_index, alpha) rows for this forward, on ``hidden``'s device:
+        built once per forward, moved once per device (device_map: layers differ)."""
         key = (self._info.calls if self._info else None, tuple(hidden.shape[:2]))
-        if self._rows_cache[0] == key:
-            return self._rows_cache[1]
+        if self._rows_cache[0] != key:
+            self._rows_cache = (key, {})
+        per_device = self._rows_cache[1]
+        if hidden.device not in per_device:
+            built = next(iter(per_device.values()), None) or self._build_row_args(hidden)
+            per_device[hidden.device] = tuple(
+                x.to(hidden.device) if isinstance(x, torch.Tensor) else x for x in built)
+        return per_device[hidden.device]
+
+    def _build_row_args(self, hidden):
         B, T = hidden.shape[:2]
         past, attn = self._info.current(hidden)
         sel = self._position_mask(B, T, past, hidden.device)
@@ -194,9 +204,7 @@ class Steering:
             if alpha.shape[0] != B:
                 raise ValueError(f"alpha has {alpha.shape[0]} entries, batch has {B} rows")
             alpha = alpha.unsqueeze(1).expand(B, T)
-        args = (mask, vi, alpha)
-        self._rows_cache = (key, args)
-        return args
+        return mask, vi, alpha
 
     def _make_hook(self, layer):
         vector = self.vectors[layer]
@@ -209,9 +217,6 @@ class Steering:
                 v = v.to(hidden.device)    # (a trained vector moves per call: stays live)
                 if not vector.requires_grad:
                     vector = self.vectors[layer] = v
-            # the per-forward row arguments are built on the first steered layer's device
-            mask, vi, alpha = (x.to(hidden.device) if isinstance(x, torch.Tensor) else x
-                               for x in (mask, vi, alpha))
             needs_grad = torch.is_grad_enabled() and (
                 hidden.requires_grad or v.requires_grad
                 or (isinstance(alpha, torch.Tensor) and alpha.requires_grad))

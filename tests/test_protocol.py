@@ -274,10 +274,13 @@ def test_standard_checkpoints_train_once_into_the_cache(tmp_path, monkeypatch):
     calls = []
     real = train.train_scale_task
 
-    def short(name, scale, seed, **kw):
+    # a 3-step budget: the recipe the cache is checked against
+    monkeypatch.setitem(train.SCALES, "standard", dict(train.SCALES["standard"], max_steps=3))
+
+    def counted(name, scale, seed, **kw):
         calls.append((name, seed))
-        return real(name, scale, seed, max_steps=3, progress=False)
-    monkeypatch.setattr(train, "train_scale_task", short)
+        return real(name, scale, seed, progress=False)
+    monkeypatch.setattr(train, "train_scale_task", counted)
     model, info = train.ensure_checkpoint("successor", "standard", 1, progress=False)
     assert calls == [("successor", 1)]
     assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 128
@@ -292,6 +295,24 @@ def test_standard_checkpoints_train_once_into_the_cache(tmp_path, monkeypatch):
     fresh, _ = real("successor", "standard", 1, max_steps=3, progress=False)
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
+    # a changed recipe (here a larger budget than the one this model ran out of) retrains
+    monkeypatch.setitem(train.SCALES, "standard", dict(train.SCALES["standard"], max_steps=4))
+    _, info4 = train.ensure_checkpoint("successor", "standard", 1, progress=False)
+    assert calls == [("successor", 1)] * 2 and info4["steps"] == 4 and info4["max_steps"] == 4
+
+
+@pytest.mark.parametrize("info, same", [
+    (dict(lr=1e-3, batch_pairs=128, steps=1200, max_steps=2500), True),   # stopped early
+    (dict(lr=1e-3, batch_pairs=128, steps=1200), True),                   # v1: budget 2500
+    (dict(lr=1e-3, batch_pairs=128, steps=2500), False),                  # ran out of 2500
+    (dict(lr=1e-3, batch_pairs=128, steps=6000, max_steps=6000), True),   # same budget
+    (dict(lr=1e-3, batch_pairs=128, steps=7000, max_steps=8000), False),  # past today's 6000
+    (dict(lr=1e-3, batch_pairs=128, steps=5000, max_steps=8000), True),   # within 6000
+    (dict(lr=3e-3, batch_pairs=128, steps=100, max_steps=2500), False),   # other lr
+    (dict(lr=1e-3, batch_pairs=64, steps=100, max_steps=2500), False),    # other batch
+])
+def test_a_cached_checkpoint_is_reused_only_under_the_same_recipe(info, same):
+    assert train.same_training(info, dict(lr=1e-3, batch_pairs=128, max_steps=6000)) is same
 
 
 # ----------------------------------------------------------------------------- resumable runs
