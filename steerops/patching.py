@@ -357,6 +357,8 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
             torchrun), True (split over the group, any size) or False. Work
             units are (a block of ``pairs_per_unit`` pairs (default all) x one
             layer), assigned to ranks by cost; every rank gets the whole result.
+            Under reuse, a rank's units of one block run as one sweep (sharing
+            the base runs); results are bitwise the same for any world size.
         shard_dir: a folder for finished units (safetensors); a rerun with the
             same inputs loads them and runs only the missing units.
 
@@ -443,23 +445,39 @@ def _sweep_in_units(model, clean, corrupt, metric, layers, pos, block, shard_dir
         key = D.fingerprint(ids[0], ids[1], layers, pos, block, model_name(model),
                             {k: v for k, v in options.items() if k != "layers_path"},
                             *D.weights_sample(model))
-    done = {}
-    for u in tqdm(mine, disable=not (progress and D.is_main()), desc="patching units"):
-        a, b, layer = units[u]
+    done, todo = {}, {}
+    for u in mine:
         path = None if key is None else os.path.join(shard_dir,
                                                       f"sweep-{key}-unit{u}.safetensors")
         if path is not None and os.path.exists(path):
             done[u] = D.load_shard(path)
-            continue
+        else:
+            todo.setdefault(units[u][:2], []).append((u, path))
+    # Under reuse, this rank's units of one pair block run as one sweep: the base runs
+    # (two whole forwards) are shared, and a layer's values do not depend on the other
+    # layers in the call (reuse.py: no batch mixes layers), so results stay bitwise the
+    # same for any world size. The plain sweep batches sites across layers: there each
+    # unit runs alone (its base runs are 2 of its P + 2 rows per pair).
+    groups = [g for block in todo.values()
+              for g in ([block] if options["reuse"] != "none" else [[x] for x in block])]
+    bar = tqdm(total=sum(len(g) for g in groups), disable=not (progress and D.is_main()),
+               desc="patching units")
+    for group in groups:
+        a, b, _ = units[group[0][0]]
         rows = torch.arange(a, b, device=model_device(model))
         r = patching_sweep(model, select_rows(clean, rows), select_rows(corrupt, rows),
-                           _rows_metric(metric, rows), [layer], pos, progress=False,
-                           distributed=False, **options)
-        done[u] = {"raw": r.raw[:, 0].float().cpu(), "clean": r.clean_metric.float().cpu(),
-                   "corrupt": r.corrupt_metric.float().cpu(),
-                   "forwards": torch.tensor(r.forwards), "rows": torch.tensor(r.rows)}
-        if path is not None:
-            D.save_shard(path, done[u], {"unit": units[u]})
+                           _rows_metric(metric, rows), [units[u][2] for u, _ in group], pos,
+                           progress=False, distributed=False, **options)
+        for k, (u, path) in enumerate(group):
+            # the group's forwards and rows are counted once, on its first unit
+            done[u] = {"raw": r.raw[:, k].float().cpu(), "clean": r.clean_metric.float().cpu(),
+                       "corrupt": r.corrupt_metric.float().cpu(),
+                       "forwards": torch.tensor(r.forwards if k == 0 else 0),
+                       "rows": torch.tensor(r.rows if k == 0 else 0)}
+            if path is not None:
+                D.save_shard(path, done[u], {"unit": units[u]})
+        bar.update(len(group))
+    bar.close()
     if world > 1:
         for part in D.gather(done):
             done.update(part)

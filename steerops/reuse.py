@@ -209,19 +209,22 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
         return prefix_cache.get(start)
 
     chunks = sorted(_chunks(source_store, hidden, layers, pos, T, report), key=lambda ch: ch[2])
-    pending = []  # deferred head: (pair rows, layer index, position indices, last hidden)
+    # deferred head, per layer: (pair rows, position indices, last hidden). A head batch
+    # never mixes layers, so a layer's values do not depend on which other layers the
+    # sweep covers (distributed units of one pair block run together; see patching.py)
+    pending = {li: [] for li in range(len(layers))}
 
-    def flush():
-        if not pending:
+    def flush(li):
+        if not pending[li]:
             return
-        r = torch.cat([p[0] for p in pending])
-        logits = head(torch.cat([p[3] for p in pending])[:, None])
+        r = torch.cat([p[0] for p in pending[li]])
+        logits = head(torch.cat([p[2] for p in pending[li]])[:, None])
         values = metric(logits, r).float()
         offset = 0
-        for rows, li, jr, _ in pending:
+        for rows, jr, _ in pending[li]:
             raw[rows, li, jr] = values[offset:offset + rows.numel()]
             offset += rows.numel()
-        pending.clear()
+        pending[li].clear()
 
     with torch.no_grad():
         for li, l, start, pair_rows, js, cols in tqdm(chunks, disable=not progress,
@@ -235,9 +238,9 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
                     hidden[l], cached if first > 0 else None, kw, as_tuple, skip_layers,
                     head, deferred, base_logits, model_output, T, layers_path)
                 if deferred:
-                    pending.append((r, li, jr, value))
-                    if sum(p[0].numel() for p in pending) >= batch_size:
-                        flush()
+                    pending[li].append((r, jr, value))
+                    if sum(p[0].numel() for p in pending[li]) >= batch_size:
+                        flush(li)
                 else:
                     raw[r, li, jr] = value
                 report["forwards"] += 1
@@ -245,7 +248,8 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
                 report["token_layers_run"] += r.numel() * (T - first) * (
                     L - l if skip_layers else L)
                 report["head_tokens"] += r.numel() * (1 if head is not None else T - first)
-        flush()
+        for li in pending:
+            flush(li)
     report["token_layers_plain"] = pairs * len(layers) * pos.numel() * T * L
     report["token_layers_floor"] = int(sum(
         pairs * (L - l) * (T - c) for l in layers for c in pos.tolist()))

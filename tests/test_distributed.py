@@ -99,32 +99,41 @@ def test_two_process_benchmark_equals_one_process(tmp_path):
 
 
 def test_killed_sweep_resumes_from_its_shards(tmp_path, monkeypatch):
-    """A run killed after 4 of 9 units: the rerun runs the other 5 and equals an
-    uninterrupted run."""
+    """A run killed after its first pair block (3 of 9 units: a block's layers run as
+    one sweep): the rerun runs the other 6 and equals an uninterrupted run."""
     model, _ = load_checkpoint("induction")
     pairs, metric = _inputs()
     full = steerops.patching_sweep(model, pairs.clean, pairs.corrupt, metric, progress=False,
                                    pairs_per_unit=3, shard_dir=str(tmp_path / "a"))
-    calls, limit = [], [4]
+    calls, limit = [], [1]
     real = steerops.patching.patching_sweep
 
     def dies(*args, **kwargs):
-        if kwargs.get("distributed") is False:  # one unit
+        if kwargs.get("distributed") is False:  # one pair block's units: its layers
             if len(calls) == limit[0]:
                 raise RuntimeError("killed")
-            calls.append(1)
+            calls.append(len(args[4]))
         return real(*args, **kwargs)
     monkeypatch.setattr(steerops.patching, "patching_sweep", dies)
     with pytest.raises(RuntimeError, match="killed"):
         dies(model, pairs.clean, pairs.corrupt, metric, progress=False, pairs_per_unit=3,
              shard_dir=str(tmp_path / "b"))
-    assert len(os.listdir(tmp_path / "b")) == 4
+    assert len(os.listdir(tmp_path / "b")) == 3 and calls == [3]
     calls.clear()
     limit[0] = None
     resumed = dies(model, pairs.clean, pairs.corrupt, metric, progress=False, pairs_per_unit=3,
                    shard_dir=str(tmp_path / "b"))
-    assert len(calls) == 9 - 4                              # only the missing units ran
+    assert calls == [3, 3]                                  # only the missing units ran
     assert torch.equal(resumed.raw, full.raw) and torch.equal(resumed.effects, full.effects)
+    # single missing units run alone, in a sweep of one layer: a layer's values do not
+    # depend on which layers share its sweep
+    shards = sorted(os.listdir(tmp_path / "b"))
+    for name in (shards[1], shards[5]):
+        os.remove(tmp_path / "b" / name)
+    calls.clear()
+    again = dies(model, pairs.clean, pairs.corrupt, metric, progress=False, pairs_per_unit=3,
+                 shard_dir=str(tmp_path / "b"))
+    assert calls == [1, 1] and torch.equal(again.raw, full.raw)
     # another model (same architecture) never picks up these shards
     other, _ = load_checkpoint("induction")
     with torch.no_grad():
@@ -132,7 +141,20 @@ def test_killed_sweep_resumes_from_its_shards(tmp_path, monkeypatch):
     calls.clear()
     dies(other, pairs.clean, pairs.corrupt, metric, progress=False, pairs_per_unit=3,
          shard_dir=str(tmp_path / "b"))
-    assert len(calls) == 9
+    assert calls == [3, 3, 3]
+
+
+def test_units_of_one_block_share_their_base_runs(tmp_path):
+    """One block of every pair: the units path is the plain reuse sweep (same batches,
+    same forwards), not one sweep (and two base runs) per layer."""
+    model, _ = load_checkpoint("induction")
+    pairs, metric = _inputs()
+    plain = steerops.patching_sweep(model, pairs.clean, pairs.corrupt, metric, progress=False)
+    units = steerops.patching_sweep(model, pairs.clean, pairs.corrupt, metric, progress=False,
+                                    shard_dir=str(tmp_path))
+    assert units.extra["units"]["count"] == 3 and len(os.listdir(tmp_path)) == 3
+    assert torch.equal(units.raw, plain.raw) and torch.equal(units.effects, plain.effects)
+    assert units.forwards == plain.forwards and units.rows == plain.rows
 
 
 def test_distributed_true_needs_a_process_group():
