@@ -180,6 +180,23 @@ def test_steered_effects_match_one_steered_forward():
     assert torch.allclose(out[:, 1, 4].float(), (steered - base).float(), atol=1e-5)
 
 
+def test_steered_effects_of_a_resample_from_its_distinct_pairs():
+    """bootstrap_heavy steers each distinct pair of a resample once and re-indexes:
+    the same per-pair effects as steering the resample with its repeats."""
+    model, task = _toy()
+    pairs = task.sample(5, torch.Generator().manual_seed(2))
+    vectors = torch.randn(3, model.config.hidden_size)
+    sites = np.zeros((3, task.seq_len), bool)
+    sites[1, 3:] = sites[2, 5] = True
+    draw = torch.tensor([4, 0, 4, 2, 0, 0, 1])
+    uniq, inv = torch.unique(draw, return_inverse=True)
+    whole = M.steered_effects(model, pairs.select(draw), vectors, [1.0, 0.5, 2.0], sites, "cpu")
+    distinct = M.steered_effects(model, pairs.select(uniq), vectors, [1.0, 0.5, 2.0], sites,
+                                 "cpu")[inv]
+    assert torch.allclose(whole, distinct, atol=1e-5, equal_nan=True)
+    assert uniq.numel() == 4 and not torch.isnan(whole[:, 1, 3:]).any()
+
+
 def test_cache_gradients_give_atp():
     model, task = _toy()
     pairs = task.sample(4, torch.Generator().manual_seed(1))
