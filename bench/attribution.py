@@ -53,7 +53,8 @@ def shard_path(out_dir, settings, task, train_seed, split_seed):
                         f"{task}-train{train_seed}-split{split_seed}.json")
 
 
-def _run_jobs(jobs, settings, scale, split_seeds, out_dir, checkpoint_dir, device, progress):
+def _run_jobs(jobs, *, settings, scale, split_seeds, out_dir, checkpoint_dir, device,
+              progress):
     """Runs the jobs whose shard is missing; returns (how many it ran, the models
     excluded for held-out accuracy below 95%, whose jobs are skipped)."""
     from tqdm.auto import tqdm
@@ -99,13 +100,15 @@ def run(tasks, *, quick=False, device=None, out_dir="results/attribution", progr
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(tasks, quick, device, out_dir, progress, checkpoint_dir, with_realistic,
-                    settings, train_seeds, distributed, report_only)
+        return _run(tasks, quick=quick, device=device, out_dir=out_dir, progress=progress,
+                    checkpoint_dir=checkpoint_dir, with_realistic=with_realistic,
+                    settings=settings, train_seeds=train_seeds, distributed=distributed,
+                    report_only=report_only)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(tasks, quick, device, out_dir, progress, checkpoint_dir, with_realistic, settings,
+def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realistic, settings,
          train_seeds, distributed, report_only):
     settings = dict(settings or (QUICK if quick else FULL))
     env = environment()  # at the start: the commit the run's code came from
@@ -135,8 +138,10 @@ def _run(tasks, quick, device, out_dir, progress, checkpoint_dir, with_realistic
     mine = {models[u] for u in D.assign([len(split_seeds)] * len(models), world)[rank]}
     ran, excluded = 0, {}
     if not report_only:
-        ran, excluded = _run_jobs([j for j in jobs if j[:2] in mine], settings, scale,
-                                  split_seeds, out_dir, checkpoint_dir, device, progress)
+        ran, excluded = _run_jobs([j for j in jobs if j[:2] in mine], settings=settings,
+                                  scale=scale, split_seeds=split_seeds, out_dir=out_dir,
+                                  checkpoint_dir=checkpoint_dir, device=device,
+                                  progress=progress)
     if split:
         parts = D.gather((ran, excluded))
         ran = sum(p[0] for p in parts)
