@@ -40,10 +40,11 @@ SCALES = {
                      max_steps=2500,
                      # brackets at lr 3e-3 / 64 pairs stayed at chance (0.56) for 6000 steps;
                      # at 1e-3 / 128 pairs it reaches 100% in 1200 (measured, seed 0)
-                     # (seed 1 stopped at 90.5% in 2500 steps: brackets gets 6000);
-                     # counting at 3e-3 / 64 pairs stayed at 26% for 2500 steps; at 1e-3 / 128
-                     # pairs it passes 95% by step 800 (measured, seed 0)
-                     overrides={"brackets": dict(lr=1e-3, batch_pairs=128, max_steps=6000),
+                     # (seed 1 stops at 90.5% after 2500 steps and 91.8% after 6000: a
+                     # longer budget does not rescue it, so it stays at 2500 and seed 1 is
+                     # excluded); counting at 3e-3 / 64 pairs stayed at 26% for 2500 steps;
+                     # at 1e-3 / 128 pairs it passes 95% by step 800 (measured, seed 0)
+                     overrides={"brackets": dict(lr=1e-3, batch_pairs=128),
                                 "counting": dict(lr=1e-3, batch_pairs=128)}),
 }
 STANDARD_VERSION = "standard-v1"  # bump when the config, tasks or training recipe change
