@@ -133,9 +133,15 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
                "checkpoints": checkpoint_dir or ("shipped" if scale == "toy" else "cache"),
                "complete": False, "stages_done": [], "runs_done": 0, "runs_total": len(jobs)}
     started = time.time()
-    # one unit per task model (its split seeds together: it is trained or loaded once)
+    # one unit per task model (its split seeds together: it is trained or loaded once),
+    # costed by its runs still missing, so a resumed run spreads what is left; rank 0's
+    # view of the shards is the one every rank uses (no rank writes before this point)
     models = [(t, s) for s in seeds for t in tasks]
-    mine = {models[u] for u in D.assign([len(split_seeds)] * len(models), world)[rank]}
+    left = [sum(not os.path.exists(shard_path(out_dir, settings, t, s, sp))
+                for sp in split_seeds) for t, s in models]
+    if split:
+        left = D.gather(left)[0]
+    mine = {models[u] for u in D.assign(left, world)[rank]}
     ran, excluded = 0, {}
     if not report_only:
         ran, excluded = _run_jobs([j for j in jobs if j[:2] in mine], settings=settings,

@@ -45,7 +45,7 @@ def _sweeps(distributed, shard_dir=None):
 
 def _worker(rank, world, tmp, what):
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous",
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous-{what}",
                                          rank=rank, world_size=world)
     try:
         if what == "sweeps":
@@ -54,10 +54,16 @@ def _worker(rank, world, tmp, what):
                         "atp_scores": atp.scores, "units": sweep.extra["units"]},
                        os.path.join(tmp, f"rank{rank}.pt"))
         else:
+            ran, real = [], A.run_one
+
+            def counted(*args, **kwargs):
+                ran.append(args[0].name)
+                return real(*args, **kwargs)
+            A.run_one = counted
             results, _ = A.run(BENCH_TASKS, out_dir=os.path.join(tmp, "bench"), progress=False,
                                with_realistic=False, quick=True, device="cpu")
-            with open(os.path.join(tmp, f"bench{rank}.json"), "w") as f:
-                json.dump({"headline": results["headline"],
+            with open(os.path.join(tmp, f"{what}{rank}.json"), "w") as f:
+                json.dump({"headline": results["headline"], "ran": ran,
                            "runs": [r["methods"] for r in results["runs"]]}, f)
     finally:
         torch.distributed.destroy_process_group()
@@ -89,13 +95,24 @@ def test_two_process_benchmark_equals_one_process(tmp_path):
     one, _ = A.run(BENCH_TASKS, out_dir=str(tmp_path / "one"), progress=False,
                    with_realistic=False, quick=True, device="cpu")  # --quick on 3 tasks
     two = [json.loads((tmp_path / f"bench{r}.json").read_text()) for r in (0, 1)]
-    assert two[0] == two[1]
+    assert two[0].pop("ran") == ["successor", "ioi"] and two[1].pop("ran") == ["pronoun"]
+    assert two[0] == two[1]                                  # every rank: the whole result
     untimed = lambda h: {k: v for k, v in h.items() if k != "compute_ratio_time"}  # noqa: E731
     assert untimed(two[0]["headline"]) == untimed(json.loads(json.dumps(one["headline"])))
     assert two[0]["runs"] == [r["methods"] for r in one["runs"]]
     data = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert data["complete"] and data["environment"]["world_size"] == 2
     assert data["runs_done"] == len(BENCH_TASKS)
+    # resumed with two models' runs missing: the ranks split what is left, one model each
+    runs = tmp_path / "bench" / "runs"
+    for path in runs.rglob("*.json"):
+        if path.name.split("-")[0] in ("successor", "ioi"):
+            path.unlink()
+    _spawn(tmp_path, "resume")
+    again = [json.loads((tmp_path / f"resume{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(again[0]["ran"] + again[1]["ran"]) == ["ioi", "successor"]
+    assert len(again[0]["ran"]) == len(again[1]["ran"]) == 1
+    assert again[0]["runs"] == two[0]["runs"]
 
 
 def test_killed_sweep_resumes_from_its_shards(tmp_path, monkeypatch):
