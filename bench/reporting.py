@@ -50,7 +50,8 @@ def markdown(results):
                   "same command to complete them, finished runs are kept).", ""]
     for e in results.get("excluded_models", []):
         lines += [f"Excluded: {e['task']} training seed {e['train_seed']} (held-out accuracy "
-                  f"{e['held_out_accuracy']:.3f} < 0.95).", ""]
+                  f"{e['held_out_accuracy']:.3f} < 0.95; its "
+                  f"{len(results['split_seeds'])} runs are left out, not missing).", ""]
     lines += [
         f"**Faithfulness ratio = {_f(h['faithfulness_ratio'])}**"
         f"{_ci(h['faithfulness_ratio_ci95'])} (95% bootstrap interval): mean over "

@@ -181,6 +181,19 @@ def train_scale_task(task_name, scale, seed, *, max_steps=None, progress=True):
                       eval_every=100 if scale == "standard" else 250, progress=progress, **r)
 
 
+def checkpoint_path(task_name, scale="toy", seed=0, directory=None):
+    """Where the checkpoint lives: the shipped folder (toy) or the cache (standard)."""
+    directory = directory or (CHECKPOINT_DIR if scale == "toy" else cache_dir())
+    return os.path.join(directory, checkpoint_name(task_name, scale, seed))
+
+
+def checkpoint_info(task_name, scale="toy", seed=0, directory=None):
+    """The checkpoint's training record without loading or training it (None when
+    it is not there yet)."""
+    path = checkpoint_path(task_name, scale, seed, directory)
+    return read_info(path) if os.path.exists(path) else None
+
+
 def ensure_checkpoint(task_name, scale="toy", seed=0, directory=None, device="cpu",
                       progress=True):
     """(model, info): the shipped toy checkpoint, or a `standard` one from the cache,
@@ -188,7 +201,7 @@ def ensure_checkpoint(task_name, scale="toy", seed=0, directory=None, device="cp
     if scale == "toy":
         return load_checkpoint(task_name, directory or CHECKPOINT_DIR, device)
     directory = directory or cache_dir()
-    path = os.path.join(directory, checkpoint_name(task_name, scale, seed))
+    path = checkpoint_path(task_name, scale, seed, directory)
     if os.path.exists(path) and not same_training(read_info(path), recipe(task_name, scale)):
         print(f"{path}: trained under another recipe; retraining with "
               f"{recipe(task_name, scale)}", file=sys.stderr)

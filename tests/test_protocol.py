@@ -377,9 +377,21 @@ def test_models_below_95_percent_are_excluded_and_report_only_is_partial(tmp_pat
                            with_realistic=False, settings=settings)
     assert results["excluded_models"] == [{"task": "pronoun", "train_seed": 0,
                                            "held_out_accuracy": 0.9}]
-    assert results["partial"] and results["missing_runs"] == [["pronoun", 0, 1234]]
+    # an excluded model's runs are left out, not missing: the run is complete
+    assert not results["partial"] and results["missing_runs"] == []
+    assert results["runs_excluded"] == 1 and results["runs_done"] == 1
     assert list(results["tasks"]) == ["successor"] and "Excluded: pronoun" in table
     monkeypatch.setattr(A, "run_one", lambda *a, **k: pytest.fail("report-only ran a job"))
+    # --report-only loads no model: the exclusion comes from the checkpoint's record
+    real_info = A.checkpoint_info
+    monkeypatch.setattr(A, "checkpoint_info", lambda task, *a: dict(
+        real_info(task, *a), held_out_accuracy=0.9 if task == "pronoun" else 1.0))
     report, table = A.run(["successor", "pronoun"], out_dir=str(tmp_path), progress=False,
                           with_realistic=False, settings=settings, report_only=True)
-    assert report["partial"] and report["runs_done"] == 1 and "Partial: 1 of 2 runs" in table
+    assert report["excluded_models"] == results["excluded_models"] and not report["partial"]
+    # a run still missing (its model not excluded) makes the report partial
+    monkeypatch.setattr(A, "checkpoint_info", real_info)
+    report, table = A.run(["successor", "pronoun"], out_dir=str(tmp_path), progress=False,
+                          with_realistic=False, settings=settings, report_only=True)
+    assert report["partial"] and report["missing_runs"] == [["pronoun", 0, 1234]]
+    assert report["runs_done"] == 1 and "Partial: 1 of 2 runs" in table
