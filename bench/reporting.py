@@ -155,6 +155,9 @@ def plot_plane(results, path):
     import matplotlib.pyplot as plt
     fams = list(results["families"])
     colours = _colours()
+    # hollow markers of distinct shapes: methods that coincide (S1-class is S1-proj where
+    # a task has one class) stay visible on top of each other
+    markers = dict(zip(METHODS, "osD^vPXhp<>"))
     fig, axes = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 4.4), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         ms = results["families"][fam]["methods"]
@@ -169,7 +172,8 @@ def plot_plane(results, path):
             # a bootstrap percentile interval need not contain the point estimate
             ax.errorbar([x], [e["value"]], yerr=[[max(0.0, e["value"] - lo)],
                                                  [max(0.0, hi - e["value"])]],
-                        fmt="o", color=colours[m], capsize=3, label=m)
+                        fmt=markers[m], mfc="none", ms=8, mew=1.5, color=colours[m],
+                        capsize=3, label=m)
         ax.scatter([1.0], [1.0], marker="*", s=120, color="k", label="patching", zorder=4)
         ax.axhline(PAPER_R, color="gray", ls="--", lw=0.8, label="paper: R 0.88")
         ax.axvline(PAPER_COMPUTE, color="gray", ls="-.", lw=0.8, label="paper: compute 0.04")
