@@ -137,7 +137,7 @@ def read_info(path):
 def load_checkpoint(task_name, directory=CHECKPOINT_DIR, device="cpu", scale="toy", seed=0):
     """(model, info) for a shipped (or freshly trained) task checkpoint."""
     from safetensors.torch import load_file
-    path = os.path.join(directory, checkpoint_name(task_name, scale, seed))
+    path = checkpoint_path(task_name, scale, seed, directory)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint for task {task_name!r} at {path}; train it with "
                                 f"python -m steerops.bench.train --tasks {task_name}"
@@ -198,13 +198,14 @@ def ensure_checkpoint(task_name, scale="toy", seed=0, directory=None, device="cp
                       progress=True):
     """(model, info): the shipped toy checkpoint, or a `standard` one from the cache,
     trained (deterministically: fixed seeds, recorded thread count) and cached on first use."""
-    if scale == "toy":
-        return load_checkpoint(task_name, directory or CHECKPOINT_DIR, device)
-    directory = directory or cache_dir()
     path = checkpoint_path(task_name, scale, seed, directory)
-    if os.path.exists(path) and not same_training(read_info(path), recipe(task_name, scale)):
-        print(f"{path}: trained under another recipe; retraining with "
-              f"{recipe(task_name, scale)}", file=sys.stderr)
+    directory = os.path.dirname(path)
+    if scale == "toy":
+        return load_checkpoint(task_name, directory, device)
+    wanted = recipe(task_name, scale)
+    if os.path.exists(path) and not same_training(read_info(path), wanted):
+        print(f"{path}: trained under another recipe; retraining with {wanted}",
+              file=sys.stderr)
         os.remove(path)
     if not os.path.exists(path):
         os.makedirs(directory, exist_ok=True)
