@@ -1,6 +1,6 @@
 """From runs (task x training seed x split seed) to the benchmark's numbers:
 per task and method, per family, the headlines, each with its interval and its
-spread over seeds (PROTOCOL.md v2: a single seed is never the headline).
+spread over seeds (docs/protocol.md v2: a single seed is never the headline).
 
 Intervals: every run carries bootstrap draws of R (D_fit and D_eval resampled,
 vectors refit). Draw b of a task is the mean over that task's runs of their draw
@@ -190,7 +190,7 @@ def summarize(runs):
 
 
 def stage_agreement(runs):
-    """Largest |counted / analytic - 1| per stage name over all runs (PROTOCOL.md:
+    """Largest |counted / analytic - 1| per stage name over all runs (docs/protocol.md:
     FlopCounterMode and the analytic count must agree within 25% per stage)."""
     worst = defaultdict(float)
     for r in runs:

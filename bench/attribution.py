@@ -1,4 +1,4 @@
-"""The attribution benchmark (PROTOCOL.md version 2; docs/protocol.md): do steering
+"""The attribution benchmark (protocol version 2, docs/protocol.md): do steering
 vectors recover activation patching's causal attribution at a fraction of its compute?
 
     steerops bench attribution --quick         # toy scale, one seed, about a minute on CPU
@@ -10,7 +10,6 @@ seeds with bootstrap intervals (``bench.aggregate``) and reported as JSON, Markd
 and plots (``bench.reporting``). Each run is saved as a shard under ``OUT/runs`` as
 soon as it finishes, so a killed run continues where it stopped.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -20,6 +19,8 @@ import time
 import torch
 
 from steerops import distributed as D
+from steerops.cli_args import (FolderLock, Parser, UsageError, device, existing_folder,
+                               nonnegative_int, output_folder, positive_int)
 
 from .aggregate import summarize
 from .evaluate import run_one
@@ -38,7 +39,7 @@ QUICK = dict(scale="toy", n_fit=32, n_val=16, n_eval=24, s2_steps=10, n_boot=100
 FULL = dict(scale="standard", n_fit=64, n_val=32, n_eval=48, s2_steps=30, n_boot=200,
             n_boot_heavy=10, repeats=3, split_seeds=5, realistic_pairs=4, realistic_pairs_1b=1)
 SEED = 1234
-MIN_ACCURACY = 0.95  # PROTOCOL.md: a task model below this held-out accuracy is not used
+MIN_ACCURACY = 0.95  # docs/protocol.md: a task model below this held-out accuracy is left out
 
 
 def _settings_key(settings):
@@ -98,15 +99,55 @@ def run(tasks, *, quick=False, device=None, out_dir="results/attribution", progr
     device (``device=None``: cuda:LOCAL_RANK, else the CPU); every rank writes its
     runs' shards, then every rank aggregates all of them and rank 0 alone writes the
     results, runs the realistic stage and draws the plots."""
+    if not tasks:
+        raise UsageError("tasks is empty: name at least one task of " + ", ".join(TASKS))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    lock = _lock_output(out_dir, distributed, report_only)
     try:
         return _run(tasks, quick=quick, device=device, out_dir=out_dir, progress=progress,
                     checkpoint_dir=checkpoint_dir, with_realistic=with_realistic,
                     settings=settings, train_seeds=train_seeds, distributed=distributed,
                     report_only=report_only)
     finally:
+        lock.__exit__(None, None, None)
         torch.set_num_threads(previous_threads)
+
+
+def _lock_output(out_dir, distributed, report_only):
+    """One run at a time per output folder (timings taken under another run's load
+    would be wrong, and both would recompute the same shards): rank 0 takes the
+    folder's lock and every rank learns whether it got it. A report reads only."""
+    split = D.active(distributed)
+    lock = FolderLock(out_dir) if not report_only and (not split or D.is_main()) else None
+    refused = None
+    try:
+        if lock is not None:
+            lock.__enter__()
+    except UsageError as e:
+        refused, lock = str(e), None
+    if split:
+        refused = D.gather(refused)[0]
+    if refused:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+        raise UsageError(refused)
+    return lock or FolderLock(out_dir)  # an unlocked one: its __exit__ does nothing
+
+
+def set_aside_unreadable(paths):
+    """A shard cut short (a run killed mid-write, a full disk) is renamed to
+    ``NAME.unreadable`` with a line naming it, so that the run recomputes it."""
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                json.load(f)
+        except (ValueError, OSError) as e:
+            os.replace(path, path + ".unreadable")
+            print(f"set aside {path} (not readable JSON: {e}); it will be recomputed",
+                  file=sys.stderr)
 
 
 def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realistic, settings,
@@ -119,7 +160,8 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     main = rank == 0
     device = torch.device(device) if device is not None else D.local_device()
     progress = progress and main
-    os.makedirs(out_dir, exist_ok=True)
+    if not report_only:
+        os.makedirs(out_dir, exist_ok=True)
     scale = settings["scale"]
     seeds = list(train_seeds if train_seeds is not None else SCALES[scale]["seeds"])
     if scale == "toy":
@@ -138,6 +180,8 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     # costed by its runs still missing, so a resumed run spreads what is left; rank 0's
     # view of the shards is the one every rank uses (no rank writes before this point)
     models = [(t, s) for s in seeds for t in tasks]
+    if main:
+        set_aside_unreadable(shard_path(out_dir, settings, *j) for j in jobs)
     left = [sum(not os.path.exists(shard_path(out_dir, settings, t, s, sp))
                 for sp in split_seeds) for t, s in models]
     if split:
@@ -169,8 +213,12 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
         if info is not None and info["held_out_accuracy"] < MIN_ACCURACY:
             excluded[(t, s)] = info["held_out_accuracy"]
     missing = [m for m in missing if tuple(m[:2]) not in excluded]
+    if not runs and report_only:
+        raise UsageError(f"--report-only: no finished runs under {out_dir}/runs for these "
+                         f"settings ({scale} scale); run without --report-only first")
     if not runs:
-        raise RuntimeError(f"no finished runs under {out_dir}/runs for these settings")
+        raise RuntimeError(f"no finished runs under {out_dir}/runs: every task model was "
+                           f"excluded (held-out accuracy below {MIN_ACCURACY})")
     results.update(runs_done=len(runs), runs_resumed=len(runs) - ran,
                    run_seconds=round(time.time() - started, 1), partial=bool(missing),
                    missing_runs=missing,
@@ -202,29 +250,29 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="steerops bench attribution",
         description="The attribution benchmark (protocol v2, docs/protocol.md): activation "
                     "patching vs steering-vector attributions, faithfulness and compute, over "
                     "12 tasks, two model scales and several seeds.")
-    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS),
                    metavar="TASK", help=f"tasks to run (default: all): {', '.join(TASKS)}")
     p.add_argument("--quick", action="store_true",
                    help="toy scale, one split seed, fewer pairs and bootstrap draws (same "
                         "protocol), about a minute on CPU")
-    p.add_argument("--device", default=None,
+    p.add_argument("--device", default=None, type=device,
                    help="torch device (default: cuda:LOCAL_RANK if CUDA is available, else cpu)")
-    p.add_argument("--out", default="results/attribution",
+    p.add_argument("--out", default="results/attribution", type=output_folder,
                    help="output folder for results.json, results.md and the plots "
                         "(default: results/attribution)")
-    p.add_argument("--checkpoints", default=None, metavar="DIR",
+    p.add_argument("--checkpoints", default=None, metavar="DIR", type=existing_folder,
                    help="folder of task checkpoints, e.g. from python -m steerops.bench.train "
                         "(default: the shipped toy ones; standard ones are trained on demand "
                         "into $STEEROPS_CACHE or ~/.cache/steerops)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads, set explicitly and recorded (default: 1; two "
                         "threads on a loaded 2-core machine stall and skew the times)")
-    p.add_argument("--train-seeds", type=int, nargs="*", default=None,
+    p.add_argument("--train-seeds", type=nonnegative_int, nargs="+", default=None,
                    help="standard-scale training seeds (default: 0 1 2)")
     p.add_argument("--no-realistic", action="store_true",
                    help="skip the GPT-2-small / 1B compute measurements")

@@ -18,7 +18,6 @@ local-memory spills and LDG.E.128/STG.E.128 are 128-bit vector accesses.
 Needs the Triton JIT (not the interpreter): run it with TRITON_INTERPRET unset.
 These are compile-time figures, not measurements on a GPU.
 """
-import argparse
 import contextlib
 import json
 import os
@@ -27,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from steerops.cli_args import Parser, output_folder, positive_int
 
 TARGETS = {"sm_90a": 90, "sm_80": 80}
 # per-SM limits used for the occupancy estimate (CUDA occupancy calculator values)
@@ -358,7 +359,7 @@ def markdown(result):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="steerops bench compile",
         description="Compile every kernel specialization the launchers produce for sm_90a "
                     "(H100) and sm_80 (A100) without a GPU; report registers, spills, stack, "
@@ -368,8 +369,8 @@ def build_parser():
                         "D 4096..32768, bf16/fp32, sm_90a (default: full)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results", "compile"),
-                   help="output folder (default: bench/results/compile)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   type=output_folder, help="output folder (default: bench/results/compile)")
+    p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="compile processes (default: up to 4)")
     p.add_argument("--no-fail", action="store_true",
                    help="exit 0 even when a specialization spills or fails to compile")

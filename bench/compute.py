@@ -73,7 +73,7 @@ def site_floor_flops(config, T, sites):
 
 
 def patching_forms_flops(config, T, pairs, sites):
-    """Analytic FLOPs of the three forms PROTOCOL.md asks to report, for ``sites``
+    """Analytic FLOPs of the three forms docs/protocol.md asks to report, for ``sites``
     (the (l, p) whose patch differs from the base run), each with the two base runs:
     naive-batched (a full forward with head per site), prefix-reuse (positions >= p
     through every block, the head at the answer) and the floor (only blocks l+1..L)."""
@@ -87,7 +87,7 @@ def patching_forms_flops(config, T, pairs, sites):
 
 
 def patching_floor_flops(config, T, pairs, first_diff=0):
-    """PROTOCOL.md's cheapest correct patching: two base runs, then per pair and
+    """docs/protocol.md's cheapest correct patching: two base runs, then per pair and
     site (l, p) with p >= the first differing position, the site's floor."""
     _, L, _ = _dims(config)
     sites = [(l, p) for l in range(L + 1) for p in range(first_diff, T)]

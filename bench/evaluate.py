@@ -1,4 +1,4 @@
-"""One run of the attribution benchmark (PROTOCOL.md v2): one task model, one split
+"""One run of the attribution benchmark (docs/protocol.md v2): one task model, one split
 seed. Patching gives the ground truth g; every method of ``bench.methods`` scores the
 same sites on the same pairs; every stage is counted (FlopCounterMode), priced
 analytically and (when asked) timed; the bootstrap refits the vectors.

@@ -1,4 +1,4 @@
-"""Faithfulness measures of PROTOCOL.md, on flat site arrays.
+"""Faithfulness measures of docs/protocol.md, on flat site arrays.
 
 g: ground-truth patching effects per site; a: a method's scores per site.
 Rankings are by signed value, highest first (a literal reading of top_k).
@@ -105,7 +105,7 @@ def bootstrap_interval(statistic, n_items, n_boot=200, seed=0, level=0.95):
 
 
 # ----------------------------------------------------------------------------- version 2
-# PROTOCOL.md v2: scores on the informative sites S*, ranking by |a| (primary) or
+# docs/protocol.md v2: scores on the informative sites S*, ranking by |a| (primary) or
 # signed a, ties broken by expectation (the mean over every order of the tied sites).
 
 def informative_sites(diffs, contrast, last_layer=None, last_position=None):

@@ -14,7 +14,6 @@ that same function (default, and mode="max-autotune" with --autotune).
 Refuses to run under TRITON_INTERPRET or without CUDA: interpreter timings mean
 nothing.
 """
-import argparse
 import os
 import sys
 
@@ -22,8 +21,9 @@ import torch
 
 import steerops
 from steerops import reference as R
+from steerops.cli_args import Parser, output_folder, positive_int
 
-from .provenance import git_commit, save_results
+from .provenance import git_commit, repo_relative, save_results
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FULL_N = (1, 64, 4096, 16384, 65536)
@@ -72,9 +72,16 @@ def patch_bytes(M, D, elem):
     return 2 * M * D * elem + 2 * M * 8
 
 
-def predicted_us(nbytes, copy_gbps):
-    """Time to move ``nbytes`` at the copy bandwidth: the kernel's floor."""
-    return nbytes / (copy_gbps * 1e9) * 1e6
+# A kernel cannot finish faster than a launch: an empty kernel timed by do_bench on
+# an H100 takes a few microseconds (an assumed round figure, not measured here), so
+# small shapes are floored at this per launch instead of a nonsense 0.002 us.
+LAUNCH_FLOOR_US = 3.0
+
+
+def predicted_us(nbytes, copy_gbps, launches=1):
+    """The kernel's floor: the time to move ``nbytes`` at the copy bandwidth, and
+    never below ``launches`` x the launch floor."""
+    return max(nbytes / (copy_gbps * 1e9) * 1e6, launches * LAUNCH_FLOOR_US)
 
 
 def _launch_config(D, which):
@@ -123,14 +130,16 @@ def predict(Ns, Ds, Ks, dtypes, passes, copy_gbps, report=None):
                                              **_resources(report, name, block, single, dname))
                         rows.append(dict(op="steer", pass_=which, dtype=dname, N=N, D=D, K=K,
                                          bytes=nbytes,
-                                         predicted_us=predicted_us(nbytes, copy_gbps),
+                                         predicted_us=predicted_us(nbytes, copy_gbps,
+                                                                   len(kernels)),
                                          launch=launch))
     return rows
 
 
 def _predict_markdown(result):
-    lines = [f"Predicted from bytes alone at {result['copy_GBps']:.0f} GB/s ({result['basis']}); "
-             f"resources from the sm_90a compile report. No time here was measured.", "",
+    lines = [f"Predicted from bytes alone at {result['copy_GBps']:.0f} GB/s ({result['basis']}), "
+             f"floored at {result['launch_floor_us']:g} us per kernel launch; resources from "
+             f"the sm_90a compile report. No time here was measured.", "",
              "| pass | dtype | N | D | K | MB moved | predicted us | BLOCK_D | single pass | warps "
              "| regs | programs/SM |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -153,8 +162,8 @@ def run_predict(out_dir, quick):
     rows = predict(QUICK_N if quick else FULL_N, QUICK_D if quick else FULL_D, (1, 8),
                    ("bf16", "fp32"), ("fwd", "bwd"), copy, report)
     result = {"basis": "nominal H100 copy bandwidth (read + write), not measured",
-              "copy_GBps": copy, "commit": git_commit(),
-              "compile_report": report_path if report else None, "rows": rows}
+              "copy_GBps": copy, "launch_floor_us": LAUNCH_FLOOR_US, "commit": git_commit(),
+              "compile_report": repo_relative(report_path) if report else None, "rows": rows}
     table = _predict_markdown(result)
     save_results(out_dir, "kernels_predicted", result, table)
     return result, table
@@ -317,23 +326,23 @@ def _plot(result, out_dir):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="steerops bench kernels",
         description="Kernel benchmarks on a CUDA GPU: steerops vs eager PyTorch vs torch.compile, "
-                    "do_bench medians, GB/s and %% of the measured copy bandwidth.")
+                    "do_bench medians, GB/s and % of the measured copy bandwidth.")
     p.add_argument("--quick", action="store_true", help="a smaller shape grid")
-    p.add_argument("--ops", nargs="*", default=["steer", "patch"], choices=["steer", "patch"],
+    p.add_argument("--ops", nargs="+", default=["steer", "patch"], choices=["steer", "patch"],
                    help="ops to time (default: steer patch)")
-    p.add_argument("--modes", nargs="*", default=["fwd", "bwd", "fwdbwd"],
+    p.add_argument("--modes", nargs="+", default=["fwd", "bwd", "fwdbwd"],
                    choices=["fwd", "bwd", "fwdbwd"], help="passes to time (default: all)")
-    p.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES),
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
                    help="dtypes (default: all)")
-    p.add_argument("--steer-modes", nargs="*", default=["norm_scaled", "add"],
+    p.add_argument("--steer-modes", nargs="+", default=["norm_scaled", "add"],
                    choices=["add", "norm_scaled", "ablate", "clamp"],
                    help="steering modes (default: norm_scaled add)")
-    p.add_argument("--K", nargs="*", type=int, default=[1, 8],
+    p.add_argument("--K", nargs="+", type=positive_int, default=[1, 8],
                    help="numbers of per-row vectors (default: 1 8)")
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", default=None, type=output_folder,
                    help="output folder (default: bench/results/kernels_<gpu>)")
     p.add_argument("--predict", action="store_true",
                    help="no GPU: print the byte/time model (bytes moved, time at the nominal "

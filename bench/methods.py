@@ -1,4 +1,4 @@
-"""The method family of PROTOCOL.md v2: how each reading of "a steering vector as a
+"""The method family of docs/protocol.md v2: how each reading of "a steering vector as a
 per-site attribution" turns cached activations (and a few steered forwards) into
 scores a_s, per eval pair, over the sites (l, p).
 

@@ -6,12 +6,13 @@ a forward hook doing the same math in plain PyTorch. Medians of repeated runs,
 wall-clock around each call (synchronising the GPU first on CUDA). On the CPU it
 measures the CPU path, not the kernels.
 """
-import argparse
 import json
 import statistics
 import time
 
 import torch
+
+from steerops.cli_args import Parser, device, positive_int
 
 
 def _llama(hidden, layers, device, dtype):
@@ -83,15 +84,15 @@ def measure(hidden=256, layers=4, batch=4, seq=64, mode="norm_scaled", repeats=3
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="steerops bench overhead",
-                                description=__doc__.splitlines()[0])
+    p = Parser(prog="steerops bench overhead",
+               description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--hidden", type=int, default=256, help="d_model (default: 256)")
-    p.add_argument("--layers", type=int, default=4, help="number of blocks (default: 4)")
-    p.add_argument("--batch", type=int, default=4, help="batch size (default: 4)")
-    p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default: 64)")
-    p.add_argument("--repeats", type=int, default=30, help="timed forwards (default: 30)")
+                   type=device, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--hidden", type=positive_int, default=256, help="d_model (default: 256)")
+    p.add_argument("--layers", type=positive_int, default=4, help="number of blocks (default: 4)")
+    p.add_argument("--batch", type=positive_int, default=4, help="batch size (default: 4)")
+    p.add_argument("--seq", type=positive_int, default=64, help="tokens per sequence (default: 64)")
+    p.add_argument("--repeats", type=positive_int, default=30, help="timed forwards (default: 30)")
     return p
 
 

@@ -20,7 +20,6 @@ sites per second, the ratio of each form to reuse, FLOPs actually run
 peak memory (CUDA allocator peak; on CPU the sweep's own estimate, labelled so).
 Torch's thread count is set explicitly and recorded.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import steerops
+from steerops.cli_args import Parser, device, output_folder, positive_int
 from steerops.models import find_layers
 
 from .compute import analytic_forward_flops, patching_floor_flops, reuse_sweep_flops
@@ -213,23 +213,23 @@ def markdown(result):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="steerops bench patching",
         description="Patching sweep forms side by side: reuse vs plain vs hand-written hook "
                     "loops; sites/s, FLOPs run vs the floor, memory.")
-    p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS),
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                    metavar="CONFIG", help=f"configs (default: all): {'; '.join(CONFIGS)}")
     p.add_argument("--quick", action="store_true",
                    help="GPT-2-small at T = 12 only, one repeat")
-    p.add_argument("--pairs", type=int, default=2, help="prompt pairs (default: 2)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per form (default: 3)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--pairs", type=positive_int, default=2, help="prompt pairs (default: 2)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per form (default: 3)")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads, set explicitly and recorded (default: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available, else cpu)")
+                   type=device, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results", "patching"),
-                   help="output folder (default: bench/results/patching)")
+                   type=output_folder, help="output folder (default: bench/results/patching)")
     return p
 
 

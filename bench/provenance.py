@@ -8,6 +8,14 @@ import subprocess
 import torch
 
 
+def repo_relative(path):
+    """``path`` relative to the repository root when it lies inside it (result files
+    must not carry the absolute paths of the machine that wrote them)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.abspath(path)
+    return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
+
+
 def git_commit():
     """Short commit hash, with "+dirty" when the working tree has uncommitted
     changes (the result then did not come from that commit alone)."""

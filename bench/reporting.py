@@ -1,4 +1,4 @@
-"""The attribution benchmark's Markdown report and plots (PROTOCOL.md v2 output):
+"""The attribution benchmark's Markdown report and plots (docs/protocol.md v2 output):
 the faithfulness-compute plane first, then Cap(k) curves, compute vs |S| and
 patching-vs-method heatmaps for every task."""
 import json

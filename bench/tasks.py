@@ -1,4 +1,4 @@
-"""The 12 synthetic tasks of PROTOCOL.md as clean/corrupt pair generators.
+"""The 12 synthetic tasks of docs/protocol.md as clean/corrupt pair generators.
 
 One shared vocabulary (128 tokens). Every task has a fixed sequence length;
 the answer is the next token after the last position. A pair is a clean and a
@@ -364,7 +364,7 @@ TASKS = {t.name: t for t in (Induction(), IOI(), GreaterThan(), Docstring(), Bra
                              ModularAddition(), Sorting(), Counting(), Successor(),
                              FactualRecall(), Pronoun(), Agreement())}
 
-# The two families of PROTOCOL.md: one binary variable (oriented pairs, a consistent
+# The two families of docs/protocol.md: one binary variable (oriented pairs, a consistent
 # contrast direction) vs pairs that each contrast different tokens.
 FAMILIES = {"consistent": tuple(n for n, t in TASKS.items() if t.binary),
             "symmetric": tuple(n for n, t in TASKS.items() if not t.binary)}

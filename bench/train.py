@@ -10,13 +10,14 @@ accuracy reaches the target (checked on prompts from a separate generator
 stream) or the step budget runs out. The checkpoint is a safetensors file
 with the config, seed, steps and measured held-out accuracy in its metadata.
 """
-import argparse
 import json
 import os
 import sys
 import time
 
 import torch
+
+from steerops.cli_args import Parser, nonnegative_int, output_folder, positive_int
 
 from .tasks import TASKS, VOCAB, VOCAB_STANDARD, task_at
 
@@ -27,7 +28,7 @@ MODEL_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                     eos_token_id=1, pad_token_id=0)
 TRAIN_SEED, EVAL_SEED, TEST_SEED = 0, 10_000, 20_000
 
-# The two model scales of PROTOCOL.md. `toy` ships with the package (bench/checkpoints);
+# The two model scales of docs/protocol.md. `toy` ships with the package (bench/checkpoints);
 # `standard` is trained on demand (3 seeds per task) and cached outside the repository.
 STANDARD_CONFIG = dict(MODEL_CONFIG, hidden_size=128, intermediate_size=384,
                        num_hidden_layers=4, vocab_size=VOCAB_STANDARD,
@@ -219,13 +220,13 @@ DEFAULT_OUT = "checkpoints/attribution"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m steerops.bench.train",
         description="Train the attribution-benchmark task models (one small Llama per task). "
                     "Use them with: steerops bench attribution --checkpoints OUT")
-    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS),
                    metavar="TASK", help=f"tasks to train (default: all): {', '.join(TASKS)}")
-    p.add_argument("--out", default=DEFAULT_OUT,
+    p.add_argument("--out", default=DEFAULT_OUT, type=output_folder,
                    help=f"folder for the checkpoints (default: {DEFAULT_OUT}); the shipped "
                         f"ones are only replaced with --overwrite-shipped")
     p.add_argument("--overwrite-shipped", action="store_true",
@@ -233,9 +234,9 @@ def main(argv=None):
     p.add_argument("--scale", choices=list(SCALES), default="toy",
                    help="toy: 2 layers, d_model 64, the tasks' own lengths (shipped); standard: "
                         "4 layers, d_model 128, 16 tokens, 3 seeds (default: toy)")
-    p.add_argument("--seeds", type=int, nargs="*", default=None,
+    p.add_argument("--seeds", type=nonnegative_int, nargs="+", default=None,
                    help="training seeds (default: 0 for toy, 0 1 2 for standard)")
-    p.add_argument("--max-steps", type=int, default=None,
+    p.add_argument("--max-steps", type=positive_int, default=None,
                    help="step budget per task (default: 6000 toy, 2500 standard)")
     args = p.parse_args(argv)
     if args.overwrite_shipped:

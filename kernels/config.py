@@ -59,9 +59,11 @@ def backward_row_launch(D, device=None):
     """(BLOCK_D, SINGLE_PASS, num_warps) of the steering backward for rows of D."""
     block = triton.next_power_of_2(max(int(D), 1))
     if block <= MAX_SINGLE_PASS_BLOCK_BWD:
-        # 1024 columns: 8 warps, not 4; at 4 ptxas parks a predicate word in local
-        # memory for the fully featured fp32 specialization (a 1-instruction spill)
-        return block, True, 8 if block == 1024 else row_warps(block)
+        # 1024 and 2048 columns: 8 warps, not 4. At 4, ptxas parks a value in local
+        # memory for some flag combinations although registers are plentiful (1024:
+        # the fully featured fp32 one; 2048: K vectors + per-row alpha + mask with the
+        # vector and alpha gradients, fp32, add/clamp: 8-byte stack at 40 registers)
+        return block, True, 8 if block in (1024, 2048) else row_warps(block)
     arch = device_arch(device)
     return min(LOOP_BLOCK_BWD, block), False, LOOP_WARPS_BWD[90 if arch >= 90 else 80]
 

@@ -355,6 +355,9 @@ def steer_fwd(x, *, residual=None, source=None, patch_src=None, patch_weight=Non
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if N == 0 or D == 0:
         return out
+    if vector is None:  # nothing steers: the steering flags are moot, one specialization
+        vector_index = alpha = mask = None
+        mode = "add"
     stride_alpha, has_alpha = _alpha_args(alpha, N)
     block, single = config.row_block(D)
     _steer_fwd_kernel[(N,)](
@@ -384,18 +387,25 @@ def steer_bwd(g, x, *, residual=None, source=None, patch_src=None, patch_weight=
     ``dsource_rows`` (N, D) accumulator dtype, row i holds ``w dL/dh_i`` for
     patched rows (reduce by patch_src with :func:`segment_sum_rows`);
     ``dvector_partials`` (P, K, D) accumulator dtype, dL/du (dL/dv for add)
-    partial sums per program; ``dalpha_rows`` (N,) accumulator dtype.
-    Entries not requested are None.
+    partial sums per program; ``dalpha_rows`` (N,) accumulator dtype, computed
+    whenever alpha is a tensor (``need_dalpha`` is accepted for symmetry: the
+    gradient costs N values beside the rows' traffic).
+    Other entries not requested are None.
     """
     N, D = x.shape
     for name, t in (("g", g), ("x", x), ("residual", residual), ("source", source),
                     ("vector", vector)):
         _check_2d(name, t)
+    if vector is None:  # as in the forward: no steering, no steering flags
+        vector_index = alpha = mask = None
+        mode = "add"
     acc_torch = config.torch_accumulator_dtype(x.dtype)
     dev = x.device
     dx = torch.empty((N, D), dtype=g.dtype, device=dev)
     need_dvector = need_dvector and vector is not None
-    need_dalpha = need_dalpha and vector is not None
+    # a per-row alpha's gradient is always written (N values beside the row traffic
+    # of 3-4 N x D): one specialization fewer per flag combination, unchanged results
+    need_dalpha = alpha is not None and vector is not None
     need_dsource = need_dsource and patch_src is not None
     K = 1 if vector is None else vector.shape[0]
     block, single, warps = config.backward_row_launch(D, x.device)

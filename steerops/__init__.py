@@ -1,6 +1,6 @@
 """steerops: fused Triton kernels for steering and activation patching.
 
-Public ops (see SPEC.md): :func:`steer`, :func:`steer_`, :func:`patch`,
+Public ops (see docs/ops.md): :func:`steer`, :func:`steer_`, :func:`patch`,
 :func:`patch_`, :func:`intervene`. Hugging Face layer: :class:`Steering`,
 :func:`cache_activations`, :func:`patching_sweep`, :func:`attribution_patching`,
 :class:`SteeringVector`, :func:`learn_steering_vector`. Backend switches: :func:`set_backend`,
@@ -17,15 +17,19 @@ if _os.path.isfile(_os.path.join(_root, "setup.py")) and _os.path.isfile(
         _os.path.join(_root, "kernels", "__init__.py")):
     __path__.append(_root)  # noqa: F821  (package __path__)
 
-from .backend import get_backend, set_backend, unchecked, use_backend  # noqa: E402
-from .ops import intervene, patch, patch_, steer, steer_  # noqa: E402
-from .models import find_layers  # noqa: E402
-from .patching import (ActivationCache, AttributionResult, GradientCache,  # noqa: E402
-                       PatchingResult,
-                       attribution_patching, cache_activations, cache_gradients, logit_diff,
-                       patching_sweep, prob_diff)
-from .steering import Steering  # noqa: E402
-from .vectors import SteeringVector, learn_steering_vector  # noqa: E402
+# Public names load on first use (PEP 562), so `import steerops` (and the `steerops`
+# command's --help) does not pay for importing torch and transformers up front.
+_PUBLIC = {
+    "backend": ("get_backend", "set_backend", "unchecked", "use_backend"),
+    "ops": ("intervene", "patch", "patch_", "steer", "steer_"),
+    "models": ("find_layers",),
+    "patching": ("ActivationCache", "AttributionResult", "GradientCache", "PatchingResult",
+                 "attribution_patching", "cache_activations", "cache_gradients", "logit_diff",
+                 "patching_sweep", "prob_diff"),
+    "steering": ("Steering",),
+    "vectors": ("SteeringVector", "learn_steering_vector"),
+}
+_HOME = {name: module for module, names in _PUBLIC.items() for name in names}
 
 __version__ = "0.1.0"
 
@@ -34,3 +38,23 @@ __all__ = ["steer", "steer_", "patch", "patch_", "intervene", "set_backend", "ge
            "cache_activations", "cache_gradients", "patching_sweep", "attribution_patching",
            "logit_diff", "prob_diff", "find_layers", "ActivationCache", "GradientCache",
            "PatchingResult", "AttributionResult"]
+
+
+_SUBMODULES = ("backend", "ops", "models", "patching", "steering", "vectors", "reuse",
+               "validation", "reference", "distributed", "kernels", "bench")
+
+
+def __getattr__(name):
+    import importlib
+    if name in _SUBMODULES:  # steerops.vectors etc. without an import of their own
+        return importlib.import_module(f".{name}", __name__)
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'steerops' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,6 +1,6 @@
 """Backend choice and the value-check switch.
 
-Dispatch (SPEC.md section 5): CUDA tensors run the Triton kernels; CPU tensors
+Dispatch (docs/ops.md section 5): CUDA tensors run the Triton kernels; CPU tensors
 run the plain-PyTorch reference unless the Triton backend is forced, which on
 CPU needs the Triton interpreter (``TRITON_INTERPRET=1`` set before import).
 

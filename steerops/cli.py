@@ -1,26 +1,32 @@
-"""The ``steerops`` command: ``steerops bench {attribution,kernels,overhead,compile} [options]``."""
-import argparse
+"""The ``steerops`` command: ``steerops bench {attribution,kernels,overhead,patching,compile}``.
+
+Arguments are parsed before anything heavy is imported (``steerops --help`` does not
+load torch). Every user error is one line on stderr and exit status 2; Ctrl-C is one
+line that says how to resume.
+"""
 import sys
 
+from .cli_args import Parser, UsageError, report_user_error
+
 BENCHMARKS = {
-    "attribution": ("attribution", "the main job: PROTOCOL.md patching-vs-steering benchmark "
-                                   "on the 12 shipped task models"),
+    "attribution": ("attribution", "the main job: the patching-vs-steering attribution "
+                                   "benchmark (docs/protocol.md) on 12 task models"),
     "kernels": ("kernels", "kernel benchmarks vs eager PyTorch and torch.compile (CUDA GPU)"),
     "overhead": ("overhead", "per-forward cost of steering vs a plain hook"),
     "patching": ("patching", "patching sweep forms side by side: reuse vs plain vs hook loops"),
     "compile": ("compile_check", "compile every kernel specialization for sm_90a / sm_80 "
-                                 "without a GPU: registers, spills, occupancy"),
+                                 "without a GPU: registers, spills, local memory"),
 }
+INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
 
 
 def _parser():
-    p = argparse.ArgumentParser(
-        prog="steerops", description="steerops: fused steering and activation-patching ops.",
-        epilog="Each command has its own --help, e.g. steerops bench attribution --help")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p = Parser(prog="steerops", description="steerops: fused steering and activation-patching ops.",
+               epilog="Each command has its own --help, e.g. steerops bench attribution --help")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     bench = sub.add_parser("bench", help="run a benchmark", description="Run a benchmark.",
                            epilog="Each benchmark has its own --help.")
-    which = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    which = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", parser_class=Parser)
     for name, (_, text) in BENCHMARKS.items():
         # options are parsed by the benchmark's own parser (add_help=False: its --help wins)
         which.add_parser(name, help=text, add_help=False)
@@ -29,6 +35,17 @@ def _parser():
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except UsageError as e:
+        return report_user_error("steerops", e)
+    except KeyboardInterrupt:
+        print("steerops: interrupted. Finished work is kept: run the same command again to "
+              "resume where it stopped.", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _main(argv):
     parser, bench = _parser()
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
         import importlib
@@ -36,10 +53,9 @@ def main(argv=None):
         code = module.main(argv[2:])
         return code if isinstance(code, int) else 0
     args = parser.parse_args(argv)  # --help, or an unknown command: argparse says so
-    if args.command is None:
-        parser.print_help()
-        return 0 if not argv else 2
-    bench.print_help(sys.stderr)
+    # a command is required: a bare `steerops` and a bare `steerops bench` both print
+    # the usage and exit 2, as argparse does for any missing argument
+    (parser if args.command is None else bench).print_help(sys.stderr)
     return 2
 
 

@@ -12,6 +12,7 @@ redoes only the missing units (with any number of ranks).
 import hashlib
 import json
 import os
+import sys
 
 import torch
 
@@ -130,5 +131,14 @@ def save_shard(path, tensors, meta=None):
 
 
 def load_shard(path):
+    """The shard's tensors, or None when the file cannot be read (cut short by a
+    killed writer or a full disk): it is renamed ``NAME.unreadable``, with a line
+    naming it, and the caller recomputes it."""
     from safetensors.torch import load_file
-    return load_file(path)
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' errors name no file
+        os.replace(path, path + ".unreadable")
+        print(f"set aside {path} (not a readable safetensors file: {e}); it will be "
+              f"recomputed", file=sys.stderr)
+        return None

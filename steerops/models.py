@@ -113,23 +113,32 @@ def num_sites_layers(model, layers_path=None):
     return len(find_layers(model, layers_path)) + 1
 
 
-def resolve_layers(model, layers, layers_path=None):
+def resolve_layers(model, layers, layers_path=None, name="layers"):
     """A sorted list of site layers, validated against 0..L; None means all."""
     n = num_sites_layers(model, layers_path)
     if layers is None:
         return list(range(n))
-    if isinstance(layers, int):
+    if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"{name} must be an int, a list of ints or None (every layer), got "
+                        f"{type(layers).__name__} {layers!r}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"{name} is empty: give at least one layer in 0 .. {n - 1}, or None "
+                         f"for every layer")
     out = []
     for layer in layers:
+        if isinstance(layer, torch.Tensor) and layer.dim() == 0 and not layer.is_floating_point():
+            layer = int(layer)
         if not isinstance(layer, int) or isinstance(layer, bool):
-            raise TypeError(f"layers must be ints, got {layer!r}")
+            raise TypeError(f"{name} must be ints, got {layer!r}")
         if not 0 <= layer < n:
             raise ValueError(f"layer {layer} out of range: sites are 0 (embeddings) .. {n - 1} "
                              f"(output of the last block)")
         out.append(layer)
     if len(set(out)) != len(out):
-        raise ValueError(f"layers has duplicates: {out}")
+        raise ValueError(f"{name} has duplicates: {out}")
     return out
 
 
@@ -381,3 +390,31 @@ def make_hooks_visible_to_compile(model):
 
 class StopForward(Exception):
     """Raised by a capture hook once every requested layer is seen."""
+
+
+class eval_mode:
+    """Runs ``model`` in eval mode for the duration, and says so when it was training.
+
+    A model in train mode (``from_config`` returns one; GPT-2 has dropout 0.1)
+    gives a different answer on every forward: two identical sweeps would
+    differ. Measurements (caching, patching, attribution, learning a vector)
+    switch dropout off for their forwards and restore the model's mode after.
+    """
+
+    def __init__(self, model, who):
+        self.model, self.who, self.was_training = model, who, False
+
+    def __enter__(self):
+        self.was_training = bool(getattr(self.model, "training", False))
+        if self.was_training:
+            warnings.warn(
+                f"steerops.{self.who}: the model is in train mode (dropout would make every "
+                f"forward differ); it runs in eval mode for this call and is put back in train "
+                f"mode after. Call model.eval() to silence this.", stacklevel=3)
+            self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.was_training:
+            self.model.train()
+        return False

@@ -1,4 +1,4 @@
-"""Public ops: steer, steer_, patch, patch_, intervene (SPEC.md sections 1-3)."""
+"""Public ops: steer, steer_, patch, patch_, intervene (docs/ops.md sections 1-3)."""
 import torch
 
 from . import _custom_ops as cops
@@ -213,7 +213,7 @@ def intervene(hidden, *, residual=None, source=None, patch_src=None, patch_weigh
         src_rows = V.check_source(source, hidden, D)
         V.require_tensor("patch_src", patch_src, integer=True)
         V.require_device("patch_src", patch_src, hidden.device)
-        psrc = V.per_row("patch_src", patch_src, hidden, N)
+        psrc = V.widened(V.per_row("patch_src", patch_src, hidden, N))
         V.check_range(checks, "patch_src", psrc, -1, src_rows.shape[0],
                       f"-1 or a row of source, which has {src_rows.shape[0]} rows")
         if patch_weight is not None:

@@ -19,7 +19,8 @@ import torch
 from . import ops
 from .backend import unchecked
 from .distributed import active as dist_active
-from .models import StopForward, model_device, model_name, register_site_hook, resolve_layers
+from .models import (StopForward, eval_mode, model_device, model_name, register_site_hook,
+                     resolve_layers)
 from .reuse import resolve_reuse, reuse_sweep
 
 
@@ -39,7 +40,25 @@ def as_inputs(inputs, device, name="inputs"):
                                           or ids.dtype == torch.bool):
         raise TypeError(f"{name}: input_ids must be integer token ids, got {ids.dtype} "
                         f"(pass float embeddings as inputs_embeds)")
+    main = ids if ids is not None else inputs.get("inputs_embeds")
+    if isinstance(main, torch.Tensor):
+        if main.dim() < 2:
+            raise ValueError(f"{name} must be (batch, tokens), got shape {tuple(main.shape)}; "
+                             f"add a batch dimension (ids[None]) for one prompt")
+        if main.shape[0] == 0 or main.shape[1] == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(main.shape[:2])} (batch, tokens); "
+                             f"give at least one prompt of at least one token")
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def positive_int(name, value, allow_none=True):
+    """A count option (batch size, pairs per unit): None (default) or an int >= 1."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+    return value
 
 
 def _aligned_pairs(clean, corrupt, device):
@@ -86,6 +105,10 @@ def as_metric(metric):
             raise ValueError(f"metric must return one value per row of logits, shape ({rows},); "
                              f"got {shape}. Reduce over positions/vocabulary inside the metric, "
                              f"not over the batch.")
+        if not value.is_floating_point():
+            raise TypeError(f"metric must return floating values (e.g. a logit or probability "
+                            f"difference), got {value.dtype}: an integer or boolean metric "
+                            f"(argmax correctness) has no gradient and no graded effect")
         return value
     checked.num_pairs = getattr(metric, "num_pairs", None)
     checked.positions = getattr(metric, "positions", None)  # logits positions it reads
@@ -101,8 +124,21 @@ def check_metric_pairs(metric, pairs):
                          f"{pairs} pairs")
 
 
+def check_finite_metric(values, run):
+    """The metric on a whole run (clean, corrupt, patched) must be finite."""
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        where = torch.nonzero(bad.reshape(values.shape[0], -1).any(-1)).flatten().tolist()
+        raise ValueError(f"metric is NaN or Inf on the {run} run of {len(where)} of "
+                         f"{values.shape[0]} pairs (first: pair {where[0]}); effects would be "
+                         f"NaN. Use a metric that stays finite (e.g. a logit difference rather "
+                         f"than a log of a probability that can reach 0).")
+
+
 def check_denominator(clean_metric, corrupt_metric):
     """m(clean) - m(corrupt), refusing 0 (effects would be 0/0) and non-finite values."""
+    check_finite_metric(clean_metric, "clean")
+    check_finite_metric(corrupt_metric, "corrupt")
     denom = (clean_metric - corrupt_metric).mean()
     scale = float(clean_metric.abs().mean() + corrupt_metric.abs().mean()) + 1.0
     if not bool(torch.isfinite(denom)) or abs(float(denom)) <= 1e-7 * scale:
@@ -136,7 +172,15 @@ def _answer_logits(logits, pair_index, position, tokens):
                          f"{int(tokens.max())}")
     tok = tokens.to(logits.device)
     tok = tok.expand(B) if tok.dim() == 0 else tok[pair_index]
-    if not isinstance(position, int):
+    T = logits.shape[1]
+    if isinstance(position, int):
+        if not -T <= position < T:
+            raise ValueError(f"position {position} is outside these logits' {T} positions "
+                             f"(valid: -{T} .. {T - 1})")
+    else:
+        if position.numel() and (int(position.min()) < -T or int(position.max()) >= T):
+            raise ValueError(f"position must be in -{T} .. {T - 1} (these logits' positions), "
+                             f"got min {int(position.min())} max {int(position.max())}")
         position = position.to(logits.device)[pair_index]
     return logits[rows, position, tok]
 
@@ -247,7 +291,8 @@ def cache_activations(model, inputs, layers=None, positions=None, *, layers_path
     inputs = as_inputs(inputs, model_device(model))
     B, T = _batch_shape(inputs)
     pos = resolve_positions(positions, T, model_device(model))
-    store, output = _capture(model, inputs, layers, pos, layers_path, stop_early)
+    with eval_mode(model, "cache_activations"):
+        store, output = _capture(model, inputs, layers, pos, layers_path, stop_early)
     device = model_device(model)  # layers may sit on several devices (device_map)
     return ActivationCache(torch.stack([store[l].to(device) for l in layers], 1), layers, pos,
                            output)
@@ -263,10 +308,15 @@ class SiteMap:
         raise NotImplementedError
 
     def top_sites(self, k=10):
-        """The k sites with the largest values: [(layer, position, value), ...]."""
+        """The k sites with the largest values: [(layer, position, value), ...]
+        (a NaN value, if any, ranks last)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int (how many sites), got {k!r}")
         values = self._values().detach().float().cpu()
         flat = values.flatten()
-        order = torch.argsort(flat, descending=True, stable=True)[:k]
+        key = torch.where(torch.isnan(flat), torch.full_like(flat, -float("inf")), flat)
+        order = torch.argsort(key, descending=True, stable=True)
+        order = torch.cat([order[~torch.isnan(flat[order])], order[torch.isnan(flat[order])]])[:k]
         P = values.shape[1]
         pos = self.positions.tolist()
         return [(self.layers[i // P], pos[i % P], float(flat[i])) for i in order.tolist()]
@@ -300,7 +350,7 @@ class SiteMap:
 
 @dataclass
 class PatchingResult(SiteMap):
-    """effects[l, p]: normalised patching effect per site (PROTOCOL.md ratio of means);
+    """effects[l, p]: normalised patching effect per site (docs/protocol.md ratio of means);
     raw[i, l, p]: the metric with that site patched, per pair. ``top_sites(k)``
     and ``plot(path)`` show the map."""
     effects: torch.Tensor
@@ -362,11 +412,27 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
         shard_dir: a folder for finished units (safetensors); a rerun with the
             same inputs loads them and runs only the missing units.
 
-    Returns a :class:`PatchingResult`: effects normalised as in PROTOCOL.md,
+    Returns a :class:`PatchingResult`: effects normalised as in docs/protocol.md,
     g_s = E[m(patched) - m(corrupt)] / E[m(clean) - m(corrupt)] (denoising) or
     E[m(clean) - m(patched)] / E[m(clean) - m(corrupt)] (noising);
     ``result.extra["reuse"]`` says what was reused and the token-layers run.
     """
+    positive_int("batch_size", batch_size)
+    positive_int("pairs_per_unit", pairs_per_unit)
+    if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) \
+            or not memory_budget_mb > 0 or not math.isfinite(memory_budget_mb):
+        raise ValueError(f"memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
+    with eval_mode(model, "patching_sweep"):
+        return _patching_sweep(model, clean, corrupt, metric, layers, positions,
+                               noising=noising, reuse=reuse, batch_size=batch_size,
+                               memory_budget_mb=memory_budget_mb, progress=progress,
+                               layers_path=layers_path, distributed=distributed,
+                               shard_dir=shard_dir, pairs_per_unit=pairs_per_unit)
+
+
+def _patching_sweep(model, clean, corrupt, metric, layers, positions, *, noising, reuse,
+                    batch_size, memory_budget_mb, progress, layers_path, distributed,
+                    shard_dir, pairs_per_unit):
     device = model_device(model)
     layers = resolve_layers(model, layers, layers_path)
     metric = as_metric(metric)
@@ -402,7 +468,7 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
             model_output=model_output, layers_path=layers_path, progress=progress)
     clean_metric, corrupt_metric = ((target_metric, source_metric) if noising
                                     else (source_metric, target_metric))
-    effects = _normalised(raw, clean_metric, corrupt_metric, noising)
+    effects = _normalised(raw, clean_metric, corrupt_metric, noising, layers, pos)
     return PatchingResult(effects, raw, clean_metric, corrupt_metric, layers, pos, noising,
                           forwards=1 + report["forwards"], rows=pairs + report["rows"],
                           batch_size=batch_size, extra={"reuse": report})
@@ -416,8 +482,22 @@ def _rows_metric(metric, rows):
     return sub
 
 
-def _normalised(raw, clean_metric, corrupt_metric, noising):
+def check_finite_sites(raw, layers, pos, what="metric"):
+    """``raw`` (pairs, layers, positions) per-site values must be finite: a NaN at
+    one site would make its effect NaN (and rank it anywhere)."""
+    bad = ~torch.isfinite(raw)
+    if bool(bad.any()):
+        i, li, j = (int(x) for x in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"{what} is NaN or Inf at {int(bad.sum())} of {raw.numel()} patched (pair, site) "
+            f"rows, first at pair {i}, layer {layers[li]}, position {int(pos[j])}: effects "
+            f"would be NaN. Use a metric that stays finite under patching (e.g. a logit "
+            f"difference rather than a log-probability margin).")
+
+
+def _normalised(raw, clean_metric, corrupt_metric, noising, layers, pos):
     denom = check_denominator(clean_metric, corrupt_metric)
+    check_finite_sites(raw, layers, pos)
     if noising:
         return (clean_metric.mean() - raw.mean(0)) / denom
     return (raw.mean(0) - corrupt_metric.mean()) / denom
@@ -449,8 +529,9 @@ def _sweep_in_units(model, clean, corrupt, metric, layers, pos, block, shard_dir
     for u in mine:
         path = None if key is None else os.path.join(shard_dir,
                                                       f"sweep-{key}-unit{u}.safetensors")
-        if path is not None and os.path.exists(path):
-            done[u] = D.load_shard(path)
+        shard = D.load_shard(path) if path is not None and os.path.exists(path) else None
+        if shard is not None:
+            done[u] = shard
         else:
             todo.setdefault(units[u][:2], []).append((u, path))
     # Under reuse, this rank's units of one pair block run as one sweep: the base runs
@@ -490,7 +571,7 @@ def _sweep_in_units(model, clean, corrupt, metric, layers, pos, block, shard_dir
     raw, clean_metric, corrupt_metric = (x.to(device) for x in (raw, clean_metric,
                                                                  corrupt_metric))
     noising = options["noising"]
-    effects = _normalised(raw, clean_metric, corrupt_metric, noising)
+    effects = _normalised(raw, clean_metric, corrupt_metric, noising, layers, pos)
     return PatchingResult(
         effects, raw, clean_metric, corrupt_metric, layers, pos, noising,
         forwards=int(sum(int(d["forwards"]) for d in done.values())),
@@ -627,8 +708,10 @@ def cache_gradients(model, inputs, metric, layers=None, positions=None, *, layer
     B, T = _batch_shape(inputs)
     check_metric_pairs(metric, B)
     pos = resolve_positions(positions, T, device)
-    m, acts, grads = _metric_gradients(model, inputs, metric, torch.arange(B, device=device),
-                                       layers, pos, layers_path)
+    with eval_mode(model, "cache_gradients"):
+        m, acts, grads = _metric_gradients(model, inputs, metric,
+                                           torch.arange(B, device=device), layers, pos,
+                                           layers_path)
     return GradientCache(torch.stack([a.to(device) for a in acts], 1),
                          torch.stack([g.to(device) for g in grads], 1), m, layers, pos)
 
@@ -644,6 +727,14 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
     the micro-batches are split over the ranks and gathered (same micro-batches,
     so the same numbers as one process).
     """
+    positive_int("batch_size", batch_size)
+    with eval_mode(model, "attribution_patching"):
+        return _attribution_patching(model, clean, corrupt, metric, layers, positions,
+                                     batch_size, layers_path, distributed)
+
+
+def _attribution_patching(model, clean, corrupt, metric, layers, positions, batch_size,
+                          layers_path, distributed):
     from . import distributed as D
     device = model_device(model)
     layers = resolve_layers(model, layers, layers_path)
@@ -675,4 +766,5 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
     raw, m_clean, m_corrupt = (torch.cat([done[u][i] for u in range(len(blocks))])
                                for i in range(3))
     scores = raw.mean(0) / check_denominator(m_clean, m_corrupt)
+    check_finite_sites(raw, layers, pos, "the metric's gradient times the activation change")
     return AttributionResult(scores, raw, m_clean, m_corrupt, layers, pos)

@@ -7,7 +7,7 @@ formulas, and gradcheck checks them in float64), and the eager baseline of the
 benchmarks.
 
 All functions take flattened 2-D rows (N, D) and compute in float32 (float64
-for float64 inputs), returning the input dtype; see SPEC.md for the math.
+for float64 inputs), returning the input dtype; see docs/ops.md for the math.
 """
 import torch
 
@@ -91,7 +91,7 @@ def intervene_forward(x, residual=None, source=None, patch_src=None, patch_weigh
 def intervene_backward(g, x, residual=None, source=None, patch_src=None, patch_weight=None,
                        vector=None, alpha=None, alpha_scalar=1.0, mask=None, vector_index=None,
                        mode="add"):
-    """Explicit backward of :func:`intervene_forward` (SPEC.md tables).
+    """Explicit backward of :func:`intervene_forward` (docs/ops.md tables).
 
     Returns (dx, dsource, dvector, dalpha_rows); dx is also dL/dresidual,
     dsource is None without a patch, dvector/dalpha None without a vector.

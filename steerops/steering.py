@@ -59,7 +59,10 @@ class Steering:
                                  f"not {layer}")
             vector = vector.per_layer()
         layers = sorted(vector.keys()) if isinstance(vector, dict) else layer
-        self.layers = resolve_layers(model, layers, layers_path)
+        if layers is None:
+            raise ValueError("layer is None: give the layer(s) to steer (or a SteeringVector, "
+                             "which carries its own)")
+        self.layers = resolve_layers(model, layers, layers_path, name="layer")
         D = hidden_size(model)
         device = model_device(model)
         self.vectors = {}
@@ -78,6 +81,7 @@ class Steering:
         self._handles = []
         self._info = None
         self._rows_cache = (None, None)
+        self._depth = 0  # nested `with` blocks on this object: detach when the outermost exits
 
     # ------------------------------------------------------------------ validation (once)
     def _check_vector(self, v, D, device):
@@ -240,6 +244,8 @@ class Steering:
         return self
 
     def detach(self):
+        """Removes the hooks (whatever the number of open ``with`` blocks)."""
+        self._depth = 0
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -256,9 +262,15 @@ class Steering:
             self._info.reset()
 
     def __enter__(self):
-        return self.attach()
+        # re-entering the same object (``with s:`` inside ``with s:``) keeps one set of
+        # hooks; only the outermost block's exit removes them
+        self.attach()
+        self._depth += 1
+        return self
 
     def __exit__(self, *exc):
-        self.detach()
+        self._depth -= 1
+        if self._depth <= 0:
+            self.detach()
         return False
 

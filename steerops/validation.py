@@ -1,4 +1,4 @@
-"""Argument validation for the public ops (SPEC.md section 4).
+"""Argument validation for the public ops (docs/ops.md section 4).
 
 Every check runs before any kernel launch. Static checks (types, shapes,
 dtypes, devices, mode) always run. Value checks are gathered and evaluated
@@ -108,7 +108,7 @@ def check_range(checks, name, index, low, high, what):
     """Values of ``index`` must lie in [low, high)."""
     if index.numel() == 0:
         return
-    checks.add(lambda: (index.min() < low) | (index.max() >= high), ValueError, lambda: (
+    checks.add(lambda: (index.min().long() < low) | (index.max().long() >= high), ValueError, lambda: (
         f"{name} out of range: values must be in [{low}, {high}) ({what}), "
         f"got min {int(index.min())} max {int(index.max())}"))
 
@@ -149,11 +149,21 @@ def alpha_arg(alpha, hidden, N, compute_dtype, checks):
     check_finite(checks, "alpha", alpha)
     if alpha.numel() == 1:
         return alpha.to(compute_dtype).reshape(1).expand(N), 1.0
+    if tuple(alpha.shape) == (N,):
+        return alpha.to(compute_dtype), 1.0
+    lead = tuple(hidden.shape[:-1])
+    # a per-row alpha names every leading dim of hidden (size 1 to broadcast): a shorter
+    # one, e.g. (B,) for hidden (B, T, D), would broadcast along the last leading dim
+    # (per position, not per batch row) and is refused rather than guessed
     try:
-        rows = alpha.expand(hidden.shape[:-1]).reshape(N) if alpha.shape != (N,) else alpha
+        if alpha.dim() != len(lead):
+            raise RuntimeError
+        rows = alpha.expand(lead).reshape(N)
     except RuntimeError:
-        raise ValueError(f"alpha must be a scalar, ({N},) or broadcastable to "
-                         f"{tuple(hidden.shape[:-1])}, got shape {tuple(alpha.shape)}") from None
+        hint = (f"; for one alpha per batch row use alpha[:, None] (shape ({lead[0]}, 1))"
+                if len(lead) == 2 and tuple(alpha.shape) == (lead[0],) else "")
+        raise ValueError(f"alpha must be a scalar, ({N},), or of shape {lead} (size-1 dims "
+                         f"broadcast), got shape {tuple(alpha.shape)}{hint}") from None
     return rows.to(compute_dtype), 1.0
 
 
@@ -180,7 +190,7 @@ def steer_args(hidden, vector, alpha, mode, mask, vector_index, checks):
     if vector_index is not None:
         require_tensor("vector_index", vector_index, integer=True)
         require_device("vector_index", vector_index, hidden.device)
-        vector_index = per_row("vector_index", vector_index, hidden, N)
+        vector_index = widened(per_row("vector_index", vector_index, hidden, N))
         check_range(checks, "vector_index", vector_index, 0, K, f"vector has {K} rows")
     elif K > 1:
         raise ValueError(f"vector has {K} rows, so vector_index (one vector row per hidden "
@@ -190,6 +200,15 @@ def steer_args(hidden, vector, alpha, mode, mask, vector_index, checks):
     return vec, alpha_rows, alpha_scalar, mask, vector_index
 
 
+def widened(index):
+    """Index tensors narrower than int32 (int8, int16, uint8) as int32: range checks
+    compare against bounds that need not fit the narrow type (uint8 cannot hold 300,
+    int8 wraps past 127), and the kernels read int32 or int64."""
+    if index.dtype in (torch.int8, torch.int16, torch.uint8):
+        return index.to(torch.int32)
+    return index
+
+
 def index_arg(name, index, device, length=None):
     require_tensor(name, index, integer=True)
     require_device(name, index, device)
@@ -197,7 +216,7 @@ def index_arg(name, index, device, length=None):
         raise ValueError(f"{name} must be 1-D, got shape {tuple(index.shape)}")
     if length is not None and index.shape[0] != length:
         raise ValueError(f"{name} must have {length} entries (as dst_index), got {index.shape[0]}")
-    return index.contiguous()
+    return widened(index).contiguous()
 
 
 def check_source(source, hidden, D):

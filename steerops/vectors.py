@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .models import hidden_size, model_device, model_name, resolve_layers
+from .models import eval_mode, hidden_size, model_device, model_name, resolve_layers
 from .patching import as_inputs, as_metric, cache_activations, model_output
 from .steering import Steering
 
@@ -66,13 +66,39 @@ class SteeringVector:
 
     @classmethod
     def load(cls, path, device=None):
+        """Loads a file written by :meth:`save`; a file that is missing, not a steerops
+        vector, truncated or corrupted (non-finite values) is a ValueError naming it."""
+        import os
+
         from safetensors import safe_open
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            if "steerops" not in header:
-                raise ValueError(f"{path} is not a steerops steering vector (no metadata)")
-            meta = json.loads(header["steerops"])
-            vector = f.get_tensor("vector")
+        path = str(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"SteeringVector.load: no such file: {path}")
+        if os.path.isdir(path):
+            raise ValueError(f"SteeringVector.load: {path} is a folder; give the .safetensors "
+                             f"file written by SteeringVector.save")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                header = f.metadata() or {}
+                if "steerops" not in header:
+                    raise ValueError(f"{path} is not a steerops steering vector (no steerops "
+                                     f"metadata)")
+                meta = json.loads(header["steerops"])
+                vector = f.get_tensor("vector")
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors' own errors (truncated, bad header) name no file
+            raise ValueError(f"SteeringVector.load: {path} is not a readable safetensors file "
+                             f"(truncated or corrupted?): {e}") from None
+        missing = ([k for k in ("layer", "hidden_size") if k not in meta]
+                   if isinstance(meta, dict) else [])
+        if missing or not isinstance(meta, dict):
+            raise ValueError(f"SteeringVector.load: {path} has steerops metadata without "
+                             f"{', '.join(missing) or 'a record'}; it was not written by "
+                             f"SteeringVector.save")
+        if not vector.is_floating_point() or not bool(torch.isfinite(vector).all()):
+            raise ValueError(f"SteeringVector.load: {path} holds non-finite (NaN/Inf) or "
+                             f"non-floating values: the file's data is corrupted")
         if device is not None:
             vector = vector.to(device)
         return cls(vector, meta["layer"], meta["hidden_size"], meta.get("model_name"),
@@ -106,7 +132,18 @@ def learn_steering_vector(model, positive, negative, layer, *, method="mean_diff
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    resolve_layers(model, [layer], layers_path)
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an int (one site layer), got {layer!r}")
+    resolve_layers(model, [layer], layers_path, name="layer")
+    with eval_mode(model, "learn_steering_vector"):
+        return _learn(model, positive, negative, layer, method=method, position=position,
+                      metric=metric, mode=mode, alpha=alpha, steps=steps, lr=lr,
+                      weight_decay=weight_decay, steer_positions=steer_positions,
+                      layers_path=layers_path, progress=progress)
+
+
+def _learn(model, positive, negative, layer, *, method, position, metric, mode, alpha, steps,
+           lr, weight_decay, steer_positions, layers_path, progress):
     diffs = contrastive_differences(model, positive, negative, layer, position, layers_path)
     if not bool(diffs.any()):
         raise ValueError(
@@ -159,13 +196,20 @@ def optimize_vector(model, inputs, layer, init, metric, *, mode="add", alpha=1.0
     steering = Steering(model, layer, v, alpha, mode=mode, positions=positions,
                         layers_path=layers_path)
     with steering, torch.enable_grad():
-        for _ in tqdm(range(steps), disable=not progress, desc="optimising vector"):
+        for step in tqdm(range(steps), disable=not progress, desc="optimising vector"):
             steering.reset()
             m = metric(model_output(model(**inputs)), pair_index).float().mean()
+            if not bool(torch.isfinite(m)):
+                raise ValueError(f"metric is NaN or Inf at optimisation step {step} (mean over "
+                                 f"the pairs {float(m)}); the vector would be NaN. Use a "
+                                 f"metric that stays finite, or a smaller lr / alpha.")
             loss = -m + weight_decay * v.pow(2).sum()
             (grad,) = torch.autograd.grad(loss, [v])  # no gradients into the model
             opt.zero_grad()
             v.grad = grad
             opt.step()
+            if not bool(torch.isfinite(v.detach()).all()):
+                raise ValueError(f"the vector became NaN or Inf at optimisation step {step} "
+                                 f"(lr={lr}); use a smaller lr")
             history.append(float(m.detach()))
     return v, history

@@ -45,6 +45,9 @@ def test_byte_model():
     assert KB.steer_bytes(4, 8, 2, 1, "fwd") == 2 * 4 * 8 * 2 + 8 * 4 + 4 * 4
     assert KB.steer_bytes(4, 8, 2, 3, "bwd") == 3 * 4 * 8 * 2 + 3 * 8 * 4 + 4 * 4 + 4 * 8
     assert KB.predicted_us(3e9, 3000.0) == pytest.approx(1000.0)
+    # a 6 KB launch is not 0.002 us: one launch floor, two for forward + backward
+    assert KB.predicted_us(6000, 3000.0) == KB.LAUNCH_FLOOR_US
+    assert KB.predicted_us(6000, 3000.0, launches=2) == 2 * KB.LAUNCH_FLOOR_US
     rows = KB.predict((64,), (8192,), (1,), ("bf16",), ("fwd", "bwd", "fwdbwd"), 3000.0)
     assert [r["pass_"] for r in rows] == ["fwd", "bwd", "fwdbwd"]
     assert rows[2]["bytes"] == rows[0]["bytes"] + rows[1]["bytes"]

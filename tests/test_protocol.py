@@ -1,4 +1,4 @@
-"""PROTOCOL.md v2 measures on hand-built cases whose answers are known, the method
+"""docs/protocol.md (v2) measures on hand-built cases whose answers are known, the method
 family's pieces, the standard scale's tasks and training cache, and resumable runs."""
 import itertools
 import json

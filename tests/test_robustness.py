@@ -259,7 +259,7 @@ def test_cli_help_lists_commands_and_exits_zero(capsys):
         module = importlib.import_module(f"steerops.bench.{module}")
         for action in module.build_parser()._actions:  # every option has help text
             assert action.help, action.option_strings
-    assert main([]) == 0 and "COMMAND" in capsys.readouterr().out
+    assert main([]) == 2 and "COMMAND" in capsys.readouterr().err  # a command is required
     with pytest.raises(SystemExit) as e:
         main(["bench", "nope"])
     assert e.value.code == 2

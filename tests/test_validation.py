@@ -1,4 +1,4 @@
-"""SPEC.md section 4: bad input raises a clear error naming the argument,
+"""docs/ops.md section 4: bad input raises a clear error naming the argument,
 before any kernel launch, and nothing is written."""
 import pytest
 import torch
