@@ -22,7 +22,7 @@ setup(
     extras_require={
         "hf": [TRANSFORMERS, "safetensors", "tqdm"],
         "bench": [TRANSFORMERS, "safetensors", "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", TRANSFORMERS, "safetensors", "tqdm",
+        "test": ["pytest", "pytest-benchmark", "hypothesis", TRANSFORMERS, "safetensors", "tqdm",
                  "matplotlib", "accelerate"],
     },
 )

@@ -11,14 +11,19 @@ own binder for a CUDA backend and compiled ahead of time with
 ``cuobjdump`` inside Triton's nvidia backend gives registers, stack and local
 memory (``--dump-resource-usage``) and the SASS, where STL/LDL instructions are
 local-memory spills and LDG.E.128/STG.E.128 are 128-bit vector accesses.
+Every combination of the steering kernels' flags is enumerated
+(:func:`steer_flag_combinations`): residual, patch (plain / weighted), source
+gradient, K vectors, per-row alpha, mask, mode, vector gradient.
 
-    steerops bench compile                  # the full grid, sm_90a + sm_80, JSON + Markdown
-    steerops bench compile --subset ci      # what CI runs (fails on any spill)
+    steerops bench compile                  # what CI runs: every flag combination (fails on
+                                            # any local memory or failed compile)
+    steerops bench compile --subset hopper  # ... at every launch configuration, fp32 + bf16
 
 Needs the Triton JIT (not the interpreter): run it with TRITON_INTERPRET unset.
 These are compile-time figures, not measurements on a GPU.
 """
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -34,8 +39,13 @@ TARGETS = {"sm_90a": 90, "sm_80": 80}
 SM_LIMITS = {90: dict(regs=65536, warps=64, smem=227 * 1024, blocks=32),
              80: dict(regs=65536, warps=64, smem=163 * 1024, blocks=32)}
 MODES = ("add", "norm_scaled", "ablate", "clamp")
+# D values that reach every launch configuration (BLOCK_D, single pass or looped, warps)
+# the launchers choose for rows of 512+ columns, forward and backward
+EVERY_D = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 FULL_D = (768, 2048, 4096, 5120, 8192, 16384, 32768)
-CI_D = (4096, 8192, 16384, 32768)   # 32768 takes the looped path
+# the CI gate: 2048 (both kernels single pass), 8192 (forward single pass at 8 warps,
+# backward looped) and 32768 (forward looped); every flag combination at each
+CI_D = (2048, 8192, 32768)
 N_ROWS = 64
 
 
@@ -54,8 +64,19 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.calls.append((self.case[0], self.fn, args, kwargs))
+            self.calls.append((self.case[0], self.fn, tuple(_stand_in(a) for a in args),
+                               kwargs))
         return launch
+
+
+def _stand_in(arg):
+    """A one-element tensor of the same dtype for an aligned tensor argument: Triton
+    specializes on a pointer's dtype and 16-byte alignment only, and thousands of
+    recorded launches must not keep their full-size tensors alive."""
+    if hasattr(arg, "data_ptr") and arg.data_ptr() % 16 == 0:
+        import torch
+        return torch.empty(1, dtype=arg.dtype)
+    return arg
 
 
 @contextlib.contextmanager
@@ -74,8 +95,65 @@ def _recording(calls, case):
             setattr(m, n, fn)
 
 
+def steer_flag_combinations(kind, modes=MODES):
+    """Every combination of the steering kernels' flags the launchers can produce, as
+    the launchers canonicalise them: with no vector the steering flags are moot (one
+    specialization); the backward writes a per-row alpha's gradient whenever alpha is
+    per row, and the source gradient only for a patch. ``kind``: 'fwd' or 'bwd'."""
+    for residual, patch in itertools.product((False, True), ("none", "patch", "weighted")):
+        for dsource in ((False, True) if kind == "bwd" and patch != "none" else (False,)):
+            base = dict(residual=residual, patch=patch, dsource=dsource)
+            yield dict(base, steer=False)
+            for vidx, alpha, mask, mode in itertools.product((False, True), (False, True),
+                                                             (False, True), modes):
+                for dvector in ((False, True) if kind == "bwd" else (False,)):
+                    yield dict(base, steer=True, vidx=vidx, alpha=alpha, mask=mask, mode=mode,
+                               dvector=dvector)
+
+
+def flag_label(kind, flags):
+    on = [k for k in ("residual", "dsource", "vidx", "alpha", "mask", "dvector") if flags.get(k)]
+    patch = [] if flags["patch"] == "none" else [flags["patch"]]
+    steer = [flags["mode"]] if flags["steer"] else ["no-steer"]
+    return f"steer_{kind} " + "+".join(steer + patch + on)
+
+
+def _steer_inputs(N, D, dtype):
+    """The tensors a steering launch may take, made once per shape (thousands of
+    launches allocating their own would fragment the heap into gigabytes)."""
+    import torch
+    idx = torch.arange(N)
+    return dict(x=torch.randn(N, D, dtype=dtype), g=torch.randn(N, D, dtype=dtype),
+                residual=torch.randn(N, D, dtype=dtype), source=torch.randn(N, D, dtype=dtype),
+                patch_src=idx.flip(0), patch_weight=torch.rand(N), vector1=torch.randn(1, D,
+                dtype=dtype), vector4=torch.randn(4, D, dtype=dtype), vector_index=idx % 4,
+                alpha=torch.rand(N), mask=torch.ones(N, dtype=torch.uint8))
+
+
+def _steer_launch(kind, flags, t):
+    """Calls the launcher with the tensors ``t`` that produce ``flags``."""
+    from steerops import kernels as K
+    kw = {}
+    if flags["residual"]:
+        kw["residual"] = t["residual"]
+    if flags["patch"] != "none":
+        kw.update(source=t["source"], patch_src=t["patch_src"])
+        if flags["patch"] == "weighted":
+            kw["patch_weight"] = t["patch_weight"]
+    if flags["steer"]:
+        kw.update(vector=t["vector4" if flags["vidx"] else "vector1"], mode=flags["mode"])
+        for name in ("vector_index", "alpha", "mask"):
+            if flags[{"vector_index": "vidx"}.get(name, name)]:
+                kw[name] = t[name]
+    if kind == "fwd":
+        return K.steer_fwd(t["x"], **kw)
+    return K.steer_bwd(t["g"], t["x"], need_dsource=flags["dsource"],
+                       need_dvector=flags.get("dvector", False), need_dalpha=True, **kw)
+
+
 def _cases(D, dtype, modes, variants):
-    """(label, launcher call) pairs covering the launchers' paths."""
+    """(label, launcher call) pairs: every flag combination of the steering kernels
+    ('steer'), and the sparse patch and segment-sum kernels' variants ('sparse')."""
     import torch
     from steerops import kernels as K
     N = N_ROWS
@@ -84,26 +162,12 @@ def _cases(D, dtype, modes, variants):
         return torch.randn(*shape, dtype=dt)
     idx = torch.arange(N)
     acc = torch.float32
-    for mode in modes:
-        if "plain" in variants:
-            yield (f"steer_fwd {mode}", lambda m=mode: K.steer_fwd(t(N, D), vector=t(1, D), mode=m))
-            yield (f"steer_bwd {mode}", lambda m=mode: K.steer_bwd(
-                t(N, D), t(N, D), vector=t(1, D), mode=m, need_dvector=True, need_dalpha=True))
-        if "full" in variants:  # residual, weighted patch, K vectors, per-row alpha, mask
-            def full_kwargs(m):
-                return dict(residual=t(N, D), source=t(N, D), patch_src=idx.flip(0),
-                            patch_weight=torch.rand(N, dtype=acc), vector=t(4, D),
-                            vector_index=idx % 4, alpha=torch.rand(N, dtype=acc),
-                            mask=torch.ones(N, dtype=torch.bool), mode=m)
-            yield (f"intervene_fwd full {mode}",
-                   lambda m=mode: K.steer_fwd(t(N, D), **full_kwargs(m)))
-            yield (f"intervene_bwd full {mode}", lambda m=mode: K.steer_bwd(
-                t(N, D), t(N, D), **full_kwargs(m), need_dsource=True, need_dvector=True,
-                need_dalpha=True))
-        if "patch" in variants:  # patch + source grad + vector grad, one vector (regs path)
-            yield (f"intervene_bwd patch {mode}", lambda m=mode: K.steer_bwd(
-                t(N, D), t(N, D), source=t(N, D), patch_src=idx.flip(0), vector=t(1, D),
-                mode=m, need_dsource=True, need_dvector=True, need_dalpha=True))
+    if "steer" in variants:
+        inputs = _steer_inputs(N, D, dtype)
+        for kind in ("fwd", "bwd"):
+            for flags in steer_flag_combinations(kind, modes):
+                yield (flag_label(kind, flags),
+                       lambda k=kind, f=flags: _steer_launch(k, f, inputs))
     if "sparse" in variants:
         for w in (False, True):
             for d in (False, True):
@@ -118,8 +182,8 @@ def _cases(D, dtype, modes, variants):
             t(N, D), idx % 5, torch.zeros(5, D, dtype=acc)))
 
 
-def enumerate_specializations(d_values, dtypes, modes=MODES,
-                              variants=("plain", "full", "patch", "sparse"), cc=90):
+def enumerate_specializations(d_values, dtypes, modes=MODES, variants=("steer", "sparse"),
+                              cc=90):
     """The distinct kernel launches of the launchers over the grid, as they
     choose them for compute capability ``cc``: a list of dicts {kernel, fn,
     args, kwargs, cases}."""
@@ -244,8 +308,13 @@ def occupancy(regs, warps, shared, cc):
 # ----------------------------------------------------------------------------- driver
 
 SUBSETS = {
-    # the CI check: each kernel, each mode, single-pass and looped, bf16 and fp32
-    "ci": dict(d_values=CI_D, dtypes=("bf16", "fp32"), targets=("sm_90a",)),
+    # the CI gate (about 10 minutes on 2 cores): every flag combination of every kernel
+    # at the single-pass and looped configurations of CI_D, fp32, sm_90a
+    "ci": dict(d_values=CI_D, dtypes=("fp32",), targets=("sm_90a",)),
+    # every flag combination at every launch configuration, fp32 and bf16, sm_90a
+    # (about 45 minutes on 2 cores; fp16 compiles as bf16 does, but for the convert)
+    "hopper": dict(d_values=EVERY_D, dtypes=("fp32", "bf16"), targets=("sm_90a",)),
+    # the widths of real models in all three dtypes, for H100 and A100 (hours)
     "full": dict(d_values=FULL_D, dtypes=("fp32", "fp16", "bf16"),
                  targets=("sm_90a", "sm_80")),
 }
@@ -313,17 +382,23 @@ def _environment():
             "note": "compiled ahead of time on a machine without a GPU; no run-time figure"}
 
 
+def uses_local_memory(record):
+    """Any local memory: a stack frame, local bytes, or spill loads/stores (the gate
+    allows none; a stack frame without STL/LDL still means ptxas parked a value)."""
+    return bool(record["stack_bytes"] or record["local_bytes"] or record["spill_stores"]
+                or record["spill_loads"])
+
+
 def summary(records):
     ok = [r for r in records if "error" not in r]
     out = {"specializations": len(records), "failed": len(records) - len(ok),
-           "spilling": sum(1 for r in ok if r["spill_stores"] or r["spill_loads"]
-                           or r["local_bytes"]),
+           "spilling": sum(1 for r in ok if uses_local_memory(r)),
            "max_registers": max((r["registers"] for r in ok), default=0)}
     for kernel in sorted({r["kernel"] for r in ok}):
         rs = [r for r in ok if r["kernel"] == kernel]
         out[kernel] = {"max_registers": max(r["registers"] for r in rs),
                        "min_programs_per_sm": min(r["programs_per_sm"] for r in rs),
-                       "spilling": sum(1 for r in rs if r["spill_stores"] or r["spill_loads"]),
+                       "spilling": sum(1 for r in rs if uses_local_memory(r)),
                        "vector128_fraction": round(
                            sum(r["vector128_accesses"] for r in rs)
                            / max(1, sum(r["global_accesses"] for r in rs)), 3)}
@@ -364,9 +439,12 @@ def build_parser():
         description="Compile every kernel specialization the launchers produce for sm_90a "
                     "(H100) and sm_80 (A100) without a GPU; report registers, spills, stack, "
                     "128-bit access fraction and occupancy as JSON + Markdown.")
-    p.add_argument("--subset", default="full", choices=list(SUBSETS),
-                   help="'full': D in 768..32768, fp32/fp16/bf16, sm_90a and sm_80; 'ci': "
-                        "D 4096..32768, bf16/fp32, sm_90a (default: full)")
+    p.add_argument("--subset", default="ci", choices=list(SUBSETS),
+                   help="every flag combination the launchers produce at: 'ci' D 2048, 8192, "
+                        "32768, fp32, sm_90a (about 10 min on 2 cores); 'hopper' every launch "
+                        "configuration (D 512..32768), fp32 and bf16, sm_90a (about 45 min); "
+                        "'full' D 768..32768, fp32/fp16/bf16, sm_90a and sm_80 (hours) "
+                        "(default: ci)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results", "compile"),
                    type=output_folder, help="output folder (default: bench/results/compile)")

@@ -140,6 +140,19 @@ def _timed(fn, repeats, device):
                     "runs": times}
 
 
+def dry_run(name, kind, T, pairs, device, memory_budget_mb=1024):
+    """The plans of a config's sweep in the reuse and plain forms, with estimated times
+    from a short calibration: what `run_config` would cost, without running it."""
+    model = build_model(kind, device)
+    clean, corrupt, metric = make_pairs(model, pairs, T, device)
+    for reuse in ("auto", "none"):
+        print(f"\n{name}, reuse={reuse!r}:")
+        plan = steerops.plan_sweep(model, clean, corrupt, metric, reuse=reuse,
+                                   memory_budget_mb=memory_budget_mb)
+        plan.calibrate()
+        plan.describe()
+
+
 def run_config(name, kind, T, pairs, repeats, device, memory_budget_mb=1024):
     model = build_model(kind, device)
     cfg = model.config
@@ -227,6 +240,9 @@ def build_parser():
                    help="torch CPU threads, set explicitly and recorded (default: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    type=device, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each config's sweep plan (sites, forwards, FLOPs, memory, a "
+                        "calibrated time estimate) for the reuse and plain forms, run nothing")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results", "patching"),
                    type=output_folder, help="output folder (default: bench/results/patching)")
@@ -239,6 +255,10 @@ def main(argv=None):
     configs = ["gpt2-small T=12"] if args.quick else args.configs
     repeats = 1 if args.quick else args.repeats
     device = torch.device(args.device)
+    if args.dry_run:
+        for name in configs:
+            dry_run(name, *CONFIGS[name], args.pairs, device)
+        return 0
     result = {"environment": environment(), "threads": torch.get_num_threads(),
               "repeats": repeats, "configs": []}
     for name in configs:

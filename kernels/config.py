@@ -19,14 +19,19 @@ MAX_SINGLE_PASS_BLOCK = 16384
 # partial row is read-modify-written in the program's own L2-resident slot.
 MAX_SINGLE_PASS_BLOCK_BWD = 4096
 LOOP_BLOCK = 4096
-# The looped backward walks rows in 2048-column chunks with 4 warps: <= 86
-# registers, no spills, 5+ programs per SM on sm_90a. (4096-column chunks took
-# up to 161 registers; with 8 warps ptxas parked the thread index in local
-# memory for the fully featured fp16 specialization: `steerops bench compile`.)
+# The looped backward walks rows in 2048-column chunks (4096-column chunks took up
+# to 161 registers: `steerops bench compile`).
 LOOP_BLOCK_BWD = 2048
-# ptxas differs by architecture: on sm_80 the 4-warp looped backward parks a
-# value in local memory for two fully featured specializations, 8 warps do not.
-LOOP_WARPS_BWD = {90: 4, 80: 8}
+# 8 warps on both architectures: at 4, with every flag combination compiled, ptxas
+# needed more than 128 registers for 16 of them (patch + residual + source and
+# vector gradients in ablate / clamp) and spilled; at 8 the worst takes 96.
+LOOP_WARPS_BWD = {90: 8, 80: 8}
+# The backward is compiled with an explicit register cap (PTX .maxnreg): without one,
+# ptxas parks a loop-invariant 64-bit address in local memory for some flag
+# combinations at only 40-48 registers (at 4, 8 and 16 warps alike; `steerops bench
+# compile` over every combination found 18 of 1300 at D = 2048 / 8192). With the cap
+# it keeps everything in registers. 128 keeps 2+ programs per SM at 8 warps.
+MAXNREG_BWD = 128
 # compute capability (e.g. 90) the launchers choose for; None: the tensor's device
 # (set by `steerops bench compile`, which launches nothing)
 TARGET_ARCH = None

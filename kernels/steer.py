@@ -440,6 +440,6 @@ def steer_bwd(g, x, *, residual=None, source=None, patch_src=None, patch_weight=
         HAS_VIDX=vector_index is not None, HAS_ALPHA=has_alpha, HAS_MASK=mask is not None,
         NEED_DSRC=need_dsource, NEED_DVEC=need_dvector, NEED_DALPHA=need_dalpha,
         ACC_IN_REGS=acc_in_regs and need_dvector,
-        BLOCK_D=block, SINGLE_PASS=single, num_warps=warps,
+        BLOCK_D=block, SINGLE_PASS=single, num_warps=warps, maxnreg=config.MAXNREG_BWD,
     )
     return dx, dsrc, part, dalpha

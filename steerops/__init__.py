@@ -27,6 +27,7 @@ _PUBLIC = {
                  "attribution_patching", "cache_activations", "cache_gradients", "logit_diff",
                  "patching_sweep", "prob_diff"),
     "steering": ("Steering",),
+    "plan": ("SweepPlan", "plan_sweep"),
     "vectors": ("SteeringVector", "learn_steering_vector"),
 }
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}
@@ -37,11 +38,12 @@ __all__ = ["steer", "steer_", "patch", "patch_", "intervene", "set_backend", "ge
            "use_backend", "unchecked", "Steering", "SteeringVector", "learn_steering_vector",
            "cache_activations", "cache_gradients", "patching_sweep", "attribution_patching",
            "logit_diff", "prob_diff", "find_layers", "ActivationCache", "GradientCache",
-           "PatchingResult", "AttributionResult"]
+           "PatchingResult", "AttributionResult", "plan_sweep", "SweepPlan"]
 
 
 _SUBMODULES = ("backend", "ops", "models", "patching", "steering", "vectors", "reuse",
-               "validation", "reference", "distributed", "kernels", "bench")
+               "validation", "reference", "distributed", "kernels", "bench", "plan", "inputs",
+               "metrics", "caching", "attribution", "sitemap", "flops", "positions")
 
 
 def __getattr__(name):

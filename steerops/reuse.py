@@ -44,20 +44,29 @@ def is_causal_lm(model):
     return bool(getattr(cfg, "is_decoder", False) or (callable(can_generate) and can_generate()))
 
 
-def resolve_reuse(model, reuse):
+def choose_form(model, reuse):
+    """(form, why): the sweep's form for ``reuse`` ('auto' chooses) and the reason."""
     if reuse not in REUSE_MODES:
         raise ValueError(f"reuse must be one of {REUSE_MODES}, got {reuse!r}")
     causal = is_causal_lm(model)
+    split = len({p.device for p in model.parameters()}) > 1
     if reuse == "auto":
-        # a model split over devices (device_map) runs the plain sweep: the reuse path's
-        # cache crops and block stand-ins are checked on one device only
-        split = len({p.device for p in model.parameters()}) > 1
-        return "full" if causal and not split else "none"
+        if not causal:
+            return "none", "auto: not a causal LM (a position may see later tokens)"
+        if split:
+            # the reuse path's cache crops and block stand-ins are checked on one device
+            return "none", "auto: the model is split over devices (device_map)"
+        return "full", "auto: a causal LM on one device"
     if reuse != "none" and not causal:
         raise ValueError(
             f"reuse={reuse!r} needs a causal LM (a position must not see later tokens); "
             f"{type(model).__name__} is not one: use reuse='none'")
-    return reuse
+    return reuse, "asked for"
+
+
+def resolve_reuse(model, reuse):
+    """The sweep's form for ``reuse`` ('auto' chooses): see :func:`choose_form`."""
+    return choose_form(model, reuse)[0]
 
 
 class _SkippedBlock(torch.nn.Module):
@@ -262,22 +271,30 @@ CHUNK_WASTE = 0.15
 
 
 def _chunks(source_store, hidden, layers, pos, T, report):
+    """Forward groups of the sites whose source and base activations differ (the
+    identical ones are dropped, counted in the report): see :func:`group_chunks`."""
+    pairs = next(iter(hidden.values())).shape[0]
+    differing = {}
+    for li, l in enumerate(layers):
+        for j, c in enumerate(pos.tolist()):
+            rows = (source_store[l][:, j] != hidden[l][:, c]).any(-1).nonzero().flatten()
+            report["identical_sites_skipped"] += pairs - rows.numel()
+            differing[li, j] = rows
+    return group_chunks(differing, layers, pos, T)
+
+
+def group_chunks(differing, layers, pos, T):
     """Forward groups: per layer, runs of consecutive computed positions that
     share a start column (so a forward holds many rows: on a CPU or with few
     pairs, per-forward weight reads dominate), each row computing at most
-    CHUNK_WASTE of its own floor in extra tokens. Sites whose source and base
-    activations are identical are dropped (counted in the report).
-    Yields (layer index, layer, start column, pair rows, position indices, columns)."""
-    pairs = next(iter(hidden.values())).shape[0]
+    CHUNK_WASTE of its own floor in extra tokens. ``differing[li, j]``: the pair
+    rows whose site (layers[li], pos[j]) must be computed (the sweep measures
+    them; :func:`steerops.plan_sweep` predicts them from the inputs).
+    Returns [(layer index, layer, start column, pair rows, position indices, columns)]."""
     out = []
     for li, l in enumerate(layers):
-        per_pos = []
-        for j, c in enumerate(pos.tolist()):
-            differs = (source_store[l][:, j] != hidden[l][:, c]).any(-1)
-            rows = differs.nonzero().flatten()
-            report["identical_sites_skipped"] += pairs - rows.numel()
-            if rows.numel():
-                per_pos.append((c, j, rows))
+        per_pos = [(c, j, differing[li, j]) for j, c in enumerate(pos.tolist())
+                   if differing[li, j].numel()]
         per_pos.sort(key=lambda x: x[0])
         k = 0
         while k < len(per_pos):

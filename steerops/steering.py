@@ -8,9 +8,8 @@ from . import ops
 from .backend import unchecked
 from .models import (ForwardInfo, hidden_size, layer_device, make_hooks_visible_to_compile,
                      model_device, register_site_hook, resolve_layers)
+from .positions import POSITION_MODES, SteeredPositions  # noqa: F401 (re-exported)
 from .reference import MODES
-
-POSITION_MODES = ("all", "prompt", "generated")
 
 
 class Steering:
@@ -72,12 +71,8 @@ class Steering:
         K = max(v.shape[0] if v.dim() == 2 else 1 for v in self.vectors.values())
         self.vector_index = self._check_vector_index(vector_index, K, device)
         self.alpha = self._check_alpha(alpha, device)
-        self.positions = self._check_positions(positions, device)
-        # explicit positions: their range, as ints, checked against each prompt's length
-        self._position_range = (
-            (int(self.positions.min()), int(self.positions.max()))
-            if isinstance(self.positions, torch.Tensor) and self.positions.dtype != torch.bool
-            else None)
+        self._positions = SteeredPositions(positions, device)
+        self.positions = self._positions.value
         self._handles = []
         self._info = None
         self._rows_cache = (None, None)
@@ -126,56 +121,7 @@ class Steering:
             return alpha.to(device)
         raise TypeError("alpha must be a float, a 0-d tensor or a (batch,) floating tensor")
 
-    @staticmethod
-    def _check_positions(positions, device):
-        if isinstance(positions, str):
-            if positions not in POSITION_MODES:
-                raise ValueError(f"positions must be one of {POSITION_MODES}, explicit "
-                                 f"positions or a (batch, seq) bool mask; got {positions!r}")
-            return positions
-        if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
-            if positions.dim() != 2:
-                raise ValueError("a positions mask must be (batch, seq) bool")
-            return positions.to(device)
-        if isinstance(positions, int) and not isinstance(positions, bool):
-            positions = [positions]
-        pos = torch.as_tensor(positions, device=device)
-        if pos.numel() == 0:
-            raise ValueError("positions is empty: nothing would be steered")
-        if pos.dim() != 1 or pos.is_floating_point() or pos.dtype == torch.bool:
-            raise ValueError("positions must be 'all', 'prompt', 'generated', ints, or a "
-                             "(batch, seq) bool mask")
-        return pos.long()
-
     # ------------------------------------------------------------------ per forward
-    def _position_mask(self, B, T, past, device):
-        """(B, T) or (1, T) bool of steered tokens, or None for all."""
-        p = self.positions
-        if isinstance(p, str) and p == "all":
-            return None
-        prompt_len = self._info.prompt_len
-        if prompt_len is None:  # blocks called without the top-level model: one prompt
-            prompt_len = past + T
-        pos = torch.arange(past, past + T, device=device)
-        if isinstance(p, str):
-            sel = pos < prompt_len if p == "prompt" else pos >= prompt_len
-            return sel.unsqueeze(0)
-        if p.dtype == torch.bool:
-            cols = p[:, past:past + T]
-            if cols.shape[0] != B:
-                raise ValueError(f"positions mask has {cols.shape[0]} rows, batch has {B}")
-            if cols.shape[1] < T:
-                cols = torch.cat([cols, cols.new_zeros(B, T - cols.shape[1])], 1)
-            return cols
-        lo, hi = self._position_range
-        if lo < -prompt_len or hi >= prompt_len:
-            raise ValueError(
-                f"positions {self.positions.tolist()} fall outside the {prompt_len}-token prompt "
-                f"(valid: -{prompt_len} .. {prompt_len - 1}); they would steer nothing. Use "
-                f"positions='generated' or a (batch, seq) bool mask for generated tokens.")
-        absolute = torch.where(p < 0, p + prompt_len, p)
-        return (pos.unsqueeze(1) == absolute.unsqueeze(0)).any(1).unsqueeze(0)
-
     def _row_args(self, hidden):
         """(mask, vector_index, alpha) rows for this forward, on ``hidden``'s device:
         built once per forward, moved once per device (device_map: layers differ)."""
@@ -192,7 +138,7 @@ class Steering:
     def _build_row_args(self, hidden):
         B, T = hidden.shape[:2]
         past, attn = self._info.current(hidden)
-        sel = self._position_mask(B, T, past, hidden.device)
+        sel = self._positions.mask(B, T, past, self._info.prompt_len, hidden.device)
         if attn is not None:
             keep = attn != 0
             sel = keep if sel is None else sel & keep

@@ -1,6 +1,6 @@
-"""Hopper evidence in CI: every kernel specialization the launchers produce
-compiles for sm_90a with no spills (``steerops bench compile --subset ci``),
-and the enumeration / occupancy / byte-model logic on hand-made cases."""
+"""Hopper evidence in CI: every kernel specialization the launchers produce, every
+flag combination, compiles for sm_90a with no local memory (``steerops bench compile
+--subset ci``), and the enumeration / occupancy / byte-model logic on hand-made cases."""
 import json
 import os
 import subprocess
@@ -22,22 +22,47 @@ def test_occupancy_follows_the_register_file():
     assert C.occupancy(32, 4, 100 * 1024, 90) == 2  # shared-memory limit
 
 
-def test_enumeration_covers_each_kernel_path_mode_and_dtype():
-    entries = C.enumerate_specializations(C.CI_D, ("bf16", "fp32"))
-    kernels = {e["kernel"] for e in entries}
-    assert kernels == {"_steer_fwd_kernel", "_steer_bwd_kernel", "_patch_fwd_kernel",
-                       "_patch_bwd_kernel", "_segment_sum_rows_kernel"}
-    steer = [e for e in entries if e["kernel"].startswith("_steer")]
-    single = {(e["kernel"], e["kwargs"]["SINGLE_PASS"]) for e in steer}
+def test_enumeration_covers_every_flag_combination():
+    fwd = list(C.steer_flag_combinations("fwd"))
+    bwd = list(C.steer_flag_combinations("bwd"))
+    # residual x patch (none / plain / weighted) x [no steering | K vectors x per-row alpha
+    # x mask x mode]; the backward adds the source gradient (with a patch) and the
+    # vector gradient (with steering)
+    assert len(fwd) == 2 * 3 * (1 + 2 * 2 * 2 * 4) == 198
+    assert len(bwd) == 2 * (1 + 2 * 2) * (1 + 2 * 2 * 2 * 4 * 2) == 650
+    assert len({C.flag_label("bwd", f) for f in bwd}) == 650  # labels tell them apart
+    entries = C.enumerate_specializations((2048,), ("fp32",))
+    by_kernel = {}
+    for e in entries:
+        by_kernel.setdefault(e["kernel"], []).append(e)
+    # every combination is a distinct specialization of the launcher's own choosing
+    assert len(by_kernel["_steer_fwd_kernel"]) == 198
+    assert len(by_kernel["_steer_bwd_kernel"]) == 650
+    assert set(by_kernel) == {"_steer_fwd_kernel", "_steer_bwd_kernel", "_patch_fwd_kernel",
+                              "_patch_bwd_kernel", "_segment_sum_rows_kernel"}
+    flags = {tuple(sorted((k, v) for k, v in e["kwargs"].items()
+                          if k.startswith(("HAS_", "NEED_", "MODE"))))
+             for e in by_kernel["_steer_bwd_kernel"]}
+    assert len(flags) == 650
+    for e in by_kernel["_steer_bwd_kernel"]:
+        kw = e["kwargs"]
+        assert kw["BLOCK_D"] <= config.MAX_SINGLE_PASS_BLOCK_BWD and kw["num_warps"] == 8
+        if not kw["HAS_STEER"]:  # canonical: no steering, no steering flags
+            assert not (kw["HAS_VIDX"] or kw["HAS_ALPHA"] or kw["HAS_MASK"] or kw["MODE"])
+        assert kw["NEED_DALPHA"] == (kw["HAS_ALPHA"] and kw["HAS_STEER"])
+    # the CI grid reaches single-pass and looped launches of both kernels
+    ci = C.enumerate_specializations(C.CI_D, ("fp32",))
+    single = {(e["kernel"], e["kwargs"]["SINGLE_PASS"]) for e in ci
+              if e["kernel"].startswith("_steer")}
     assert single == {(k, p) for k in ("_steer_fwd_kernel", "_steer_bwd_kernel")
                       for p in (True, False)}
-    assert {e["kwargs"]["MODE"] for e in steer} == {0, 1, 2, 3}
-    cases = " ".join(c for e in entries for c in e["cases"])
-    assert " bf16" in cases and " fp32" in cases
-    # the launch configuration is the launchers' own: backward single pass <= 4096
-    for e in steer:
-        if e["kernel"] == "_steer_bwd_kernel" and e["kwargs"]["SINGLE_PASS"]:
-            assert e["kwargs"]["BLOCK_D"] <= config.MAX_SINGLE_PASS_BLOCK_BWD
+
+
+def test_uses_local_memory_counts_a_bare_stack_frame():
+    clean = dict(stack_bytes=0, local_bytes=0, spill_stores=0, spill_loads=0)
+    assert not C.uses_local_memory(clean)
+    for key in clean:
+        assert C.uses_local_memory(dict(clean, **{key: 8}))
 
 
 def test_byte_model():
@@ -55,17 +80,18 @@ def test_byte_model():
     assert rows[0]["launch"]["fwd"]["single_pass"] is True
 
 
-def test_every_ci_specialization_compiles_for_sm90a_without_spills(tmp_path):
+def test_every_ci_specialization_compiles_for_sm90a_without_local_memory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "steerops.bench.compile_check", "--subset",
                            "ci", "--out", str(tmp_path), "--workers", "2", "--no-progress"],
-                          env=env, capture_output=True, text=True, timeout=1200)
+                          env=env, capture_output=True, text=True, timeout=2400)
     report = json.loads((tmp_path / "compile_ci.json").read_text())
     s = report["summary"]
     assert s["failed"] == 0, [r for r in report["records"] if "error" in r][:3]
-    spilling = [(r["kernel"], r["constexprs"], r["cases"][0]) for r in report["records"]
-                if r["spill_stores"] or r["spill_loads"] or r["local_bytes"]]
-    assert spilling == []
+    local = [(r["kernel"], r["constexprs"], r["cases"][0]) for r in report["records"]
+             if C.uses_local_memory(r)]
+    assert local == []  # no stack frame, no local bytes, no STL/LDL anywhere
+    assert s["specializations"] >= 3 * 198 + 2 * 650  # every flag combination at each D
     assert proc.returncode == 0, proc.stderr[-2000:]
     for r in report["records"]:
         c = r["constexprs"]

@@ -123,15 +123,15 @@ def test_killed_sweep_resumes_from_its_shards(tmp_path, monkeypatch):
     full = steerops.patching_sweep(model, pairs.clean, pairs.corrupt, metric, progress=False,
                                    pairs_per_unit=3, shard_dir=str(tmp_path / "a"))
     calls, limit = [], [1]
-    real = steerops.patching.patching_sweep
+    real = steerops.patching.run_group
 
-    def dies(*args, **kwargs):
-        if kwargs.get("distributed") is False:  # one pair block's units: its layers
-            if len(calls) == limit[0]:
-                raise RuntimeError("killed")
-            calls.append(len(args[4]))
-        return real(*args, **kwargs)
-    monkeypatch.setattr(steerops.patching, "patching_sweep", dies)
+    def group(plan):  # one pair block's units: its layers
+        if len(calls) == limit[0]:
+            raise RuntimeError("killed")
+        calls.append(len(plan.layers))
+        return real(plan)
+    monkeypatch.setattr(steerops.patching, "run_group", group)
+    dies = steerops.patching_sweep
     with pytest.raises(RuntimeError, match="killed"):
         dies(model, pairs.clean, pairs.corrupt, metric, progress=False, pairs_per_unit=3,
              shard_dir=str(tmp_path / "b"))

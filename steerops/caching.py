@@ -1,0 +1,128 @@
+"""Activation and gradient caching at residual sites (one forward; one forward and
+one backward)."""
+from dataclasses import dataclass
+
+import torch
+
+from .inputs import as_inputs, batch_shape, model_output, resolve_positions
+from .metrics import as_metric, check_metric_pairs
+from .models import (StopForward, eval_mode, model_device, register_site_hook,
+                     resolve_layers)
+
+
+@dataclass
+@dataclass
+class ActivationCache:
+    """Residual activations: ``acts`` (batch, len(layers), len(positions), D)."""
+    acts: torch.Tensor
+    layers: list
+    positions: torch.Tensor
+    output: torch.Tensor = None  # logits (or last hidden state) when the forward completed
+
+    def __getitem__(self, layer):
+        return self.acts[:, self.layers.index(layer)]
+
+
+def capture(model, inputs, layers, pos, layers_path, stop_early):
+    store = {}
+    last = max(layers)
+
+    def make(layer):
+        def fn(hidden):
+            store[layer] = hidden.detach().index_select(1, pos.to(hidden.device))
+            if stop_early and layer == last:
+                raise StopForward
+        return fn
+
+    handles = [register_site_hook(model, l, make(l), layers_path) for l in layers]
+    output = None
+    try:
+        with torch.no_grad():
+            output = model_output(model(**inputs))
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return store, output
+
+
+def cache_activations(model, inputs, layers=None, positions=None, *, layers_path=None,
+                      stop_early=True):
+    """Residual-stream activations at the requested sites, from one forward pass.
+
+    Only the requested positions are kept, and with ``stop_early`` the forward
+    stops after the last requested layer (no later blocks, no LM head).
+    Returns an :class:`ActivationCache`; ``cache[layer]`` is (batch, P, D).
+    """
+    layers = resolve_layers(model, layers, layers_path)
+    inputs = as_inputs(inputs, model_device(model))
+    B, T = batch_shape(inputs)
+    pos = resolve_positions(positions, T, model_device(model))
+    with eval_mode(model, "cache_activations"):
+        store, output = capture(model, inputs, layers, pos, layers_path, stop_early)
+    device = model_device(model)  # layers may sit on several devices (device_map)
+    return ActivationCache(torch.stack([store[l].to(device) for l in layers], 1), layers, pos,
+                           output)
+
+
+def metric_gradients(model, inputs, metric, index, layers, pos, layers_path):
+    """One forward with gradients and one backward: (metric values, [h_l at pos],
+    [dm/dh_l at pos]) per requested layer (the gradient of the summed metric, so
+    each row's gradient is its own metric's)."""
+    captured = {}
+
+    def make(layer):
+        def fn(hidden):
+            if layer == 0:  # gradients must reach every site even with frozen weights;
+                # a clone of the new leaf (not the leaf itself) keeps hook-based tools
+                # (FlopCounterMode's module tracker) working with autograd.grad
+                hidden = hidden.detach().requires_grad_(True).clone()
+            captured[layer] = hidden
+            return hidden if layer == 0 else None
+        return fn
+
+    hook_layers = sorted(set(layers) | {0})
+    handles = [register_site_hook(model, l, make(l), layers_path) for l in hook_layers]
+    try:
+        with torch.enable_grad():
+            m = metric(model_output(model(**inputs)), index).float()
+            grads = torch.autograd.grad(m.sum(), [captured[l] for l in layers],
+                                        allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    acts = [captured[l].detach().index_select(1, pos.to(captured[l].device)) for l in layers]
+    grads = [torch.zeros_like(h) if g is None else g.index_select(1, pos.to(g.device))
+             for h, g in zip(acts, grads)]
+    return m.detach(), acts, grads
+
+
+@dataclass
+class GradientCache:
+    """Residual activations and the metric's gradient at them: ``acts`` and
+    ``grads`` (batch, len(layers), len(positions), D); ``metric`` (batch,)."""
+    acts: torch.Tensor
+    grads: torch.Tensor
+    metric: torch.Tensor
+    layers: list
+    positions: torch.Tensor
+
+
+def cache_gradients(model, inputs, metric, layers=None, positions=None, *, layers_path=None):
+    """Activations and dm/dh at the requested residual sites from one forward and
+    one backward (to the activations only; the model's weights get no gradient).
+    ``metric(logits, pair_index)`` gives one value per row of ``inputs``."""
+    device = model_device(model)
+    layers = resolve_layers(model, layers, layers_path)
+    metric = as_metric(metric)
+    inputs = as_inputs(inputs, device)
+    B, T = batch_shape(inputs)
+    check_metric_pairs(metric, B)
+    pos = resolve_positions(positions, T, device)
+    with eval_mode(model, "cache_gradients"):
+        m, acts, grads = metric_gradients(model, inputs, metric,
+                                           torch.arange(B, device=device), layers, pos,
+                                           layers_path)
+    return GradientCache(torch.stack([a.to(device) for a in acts], 1),
+                         torch.stack([g.to(device) for g in grads], 1), m, layers, pos)

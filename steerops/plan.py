@@ -1,0 +1,302 @@
+"""A patching sweep's plan, computed from the inputs without running the model: the
+sites, which are identical in the two runs (skipped), the form the sweep takes and
+why, its forwards and batches, work units, analytic FLOPs against naive-batched
+patching and the floor, memory, and (after a short calibration) an estimated time.
+
+``steerops.patching_sweep(...)`` is ``plan_sweep(...)`` then
+``steerops.patching.execute(plan)``; ``plan.describe()`` prints the plan.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import flops as F
+from .inputs import aligned_pairs, batch_shape, model_output, positive_int, resolve_positions
+from .inputs import select_rows
+from .metrics import as_metric, check_metric_pairs
+from .models import find_layers, hidden_size, model_device, resolve_layers
+from .reuse import choose_form, group_chunks
+
+FORM_TEXT = {
+    "full": "KV prefix reused, blocks before the site skipped, LM head at the metric's "
+            "position",
+    "prefix": "KV prefix reused, every block run",
+    "none": "plain batched: every (pair, site) row a full forward",
+}
+
+
+def auto_batch_size(model, T, memory_budget_mb):
+    """Rows per forward that keep a batch's live activations within the budget."""
+    return max(1, int(memory_budget_mb * 2**20 // max(_row_bytes(model, T), 1)))
+
+
+def _row_bytes(model, T):
+    """Live activations of one sequence at inference: a few D-wide and one MLP-wide
+    tensor per token, plus fp32 logits."""
+    cfg = getattr(model, "config", None)
+    D = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
+    V = getattr(cfg, "vocab_size", 0) or 0
+    inter = getattr(cfg, "intermediate_size", None) or 4 * D
+    elem = next(model.parameters()).element_size()
+    return T * ((6 * D + 2 * inter) * elem + 4 * V)
+
+
+def _tokens(inputs):
+    t = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    return t if t.dim() == 2 else t.flatten(2)
+
+
+@dataclass
+class SweepPlan:
+    """What a sweep will do and cost; build it with :func:`plan_sweep`."""
+    model: object
+    clean: dict
+    corrupt: dict
+    metric: object
+    layers: list
+    positions: torch.Tensor
+    noising: bool
+    form: str
+    why: str
+    batch_size: int
+    memory_budget_mb: float
+    layers_path: str = None
+    distributed: object = None
+    shard_dir: str = None
+    pairs_per_unit: int = None
+    pairs: int = 0
+    T: int = 0
+    differing: dict = field(default_factory=dict, repr=False)  # (li, j) -> pair rows
+    chunks: list = field(default_factory=list, repr=False)
+    forwards: int = 0
+    rows: int = 0
+    block_calls: int = 0  # blocks run, summed over forwards (skipped blocks cost ~nothing)
+    flops: dict = field(default_factory=dict)
+    memory_mb: dict = field(default_factory=dict)
+    estimate: dict = None
+
+    # ------------------------------------------------------------------ counts
+    @property
+    def sites(self):
+        """(pair, site) rows asked for: pairs x layers x positions."""
+        return self.pairs * len(self.layers) * self.positions.numel()
+
+    @property
+    def identical(self):
+        """(pair, site) rows whose source and base activations are identical (the
+        patch changes nothing): skipped by the reuse forms, run by the plain one."""
+        return self.sites - sum(int(r.numel()) for r in self.differing.values())
+
+    @property
+    def split(self):
+        """Whether the sweep runs as work units (ranks or shards on disk)."""
+        from .distributed import active
+        return active(self.distributed) or self.shard_dir is not None
+
+    def units(self):
+        """Work units (first pair, end pair, layer) and their costs (pairs x the blocks
+        after the layer and the two base runs), as the distributed path splits them."""
+        block = self.pairs_per_unit or self.pairs
+        L_max = max(self.layers)
+        units = [(a, min(a + block, self.pairs), l) for a in range(0, self.pairs, block)
+                 for l in self.layers]
+        return units, [(b - a) * (L_max - l + 2) for a, b, l in units]
+
+    def subset(self, rows, layers):
+        """The plan of pair ``rows`` and ``layers`` alone, run in this process."""
+        return plan_sweep(self.model, select_rows(self.clean, rows),
+                          select_rows(self.corrupt, rows), _rows_metric(self.metric, rows),
+                          layers, self.positions, noising=self.noising, reuse=self.form,
+                          batch_size=self.batch_size, memory_budget_mb=self.memory_budget_mb,
+                          layers_path=self.layers_path, distributed=False)
+
+    # ------------------------------------------------------------------ time
+    def calibrate(self, repeats=2):
+        """Estimated seconds for the sweep on this device, from a short calibration:
+        forwards of 1 row and of a full batch of the real inputs (the second of
+        ``repeats`` timings each), fitted as a fixed cost per block call (Python and
+        launch overhead: a forward that skips blocks pays for the ones it runs) plus a
+        rate per FLOP, applied to the plan's block calls and FLOPs. Sets
+        ``plan.estimate``."""
+        model, cfg = self.model, self.model.config
+        device = model_device(model)
+        target = self.clean if self.noising else self.corrupt
+        sizes = sorted({1, min(self.batch_size, 16, self.pairs * 16)})
+        seconds = {}
+        with torch.no_grad():
+            for b in sizes:
+                rows = torch.arange(b, device=device) % self.pairs
+                batch = select_rows(target, rows)
+                runs = []
+                for _ in range(repeats):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    model_output(model(**batch))
+                    _sync(device)
+                    runs.append(time.perf_counter() - t0)
+                seconds[b] = min(runs[1:] or runs)
+        fwd = F.analytic_forward_flops(cfg, self.T)
+        if len(sizes) > 1 and seconds[sizes[1]] > seconds[1]:
+            per_flop = (seconds[sizes[1]] - seconds[1]) / ((sizes[1] - 1) * fwd)
+            overhead = max(0.0, seconds[1] - per_flop * fwd)
+        else:  # one size only: all of it is rate
+            per_flop, overhead = seconds[1] / fwd, 0.0
+        L = len(find_layers(model, self.layers_path))
+        total = self.block_calls * overhead / L + self.flops["plan"] * per_flop
+        self.estimate = {"seconds": total, "per_block_call_s": overhead / L,
+                         "s_per_gflop": per_flop * 1e9,
+                         "calibration_forwards": len(sizes) * repeats,
+                         "device": str(device), "threads": torch.get_num_threads()}
+        return total
+
+    # ------------------------------------------------------------------ output
+    def summary(self):
+        """The plan as a plain dict (for results and JSON)."""
+        return {"pairs": self.pairs, "tokens": self.T, "layers": list(self.layers),
+                "positions": self.positions.numel(), "sites": self.sites,
+                "identical_skipped": self.identical if self.form != "none" else 0,
+                "form": self.form, "why": self.why, "batch_size": self.batch_size,
+                "forwards": self.forwards, "rows": self.rows, "flops": dict(self.flops),
+                "memory_mb": dict(self.memory_mb), "units": len(self.units()[0]),
+                "estimate": self.estimate}
+
+    def describe(self):
+        """A short table of the plan (also returned as a string)."""
+        f, m = self.flops, self.memory_mb
+        skipped = self.identical if self.form != "none" else 0
+        lines = [
+            f"patching sweep plan: {self.pairs} pairs x {len(self.layers)} layers x "
+            f"{self.positions.numel()} positions = {self.sites} (pair, site) rows",
+            f"  form        {self.form}: {FORM_TEXT[self.form]} ({self.why})",
+            f"  identical   {self.identical} rows (the patch changes nothing): "
+            + (f"{skipped} skipped" if skipped else "run anyway (plain form)"),
+            f"  forwards    {self.forwards} ({self.rows} sequences), batches of <= "
+            f"{self.batch_size} rows",
+            f"  FLOPs       {f['plan']:.3g} | floor {f['floor']:.3g} | naive-batched "
+            f"{f['naive_batched']:.3g}  (plan / floor {f['plan'] / f['floor']:.2f})",
+            f"  memory      weights {m['weights']:.0f} MB + caches {m['caches']:.0f} MB + "
+            f"per batch {m['per_batch']:.0f} MB = peak ~{m['peak']:.0f} MB (estimate)",
+        ]
+        if self.split:
+            units, _ = self.units()
+            lines.append(f"  units       {len(units)} (blocks of {self.pairs_per_unit or self.pairs}"
+                         f" pairs x 1 layer) over ranks / shards")
+        if self.estimate is not None:
+            e = self.estimate
+            lines.append(f"  est. time   {e['seconds']:.3g} s on {e['device']} ({e['threads']} "
+                         f"threads; calibrated on {e['calibration_forwards']} forwards)")
+        text = "\n".join(lines)
+        print(text)
+        return text
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rows_metric(metric, rows):
+    """``metric`` seen from a block of pairs: pair i of the block is pair rows[i]."""
+    def sub(logits, pair_index):
+        return metric(logits, rows.to(pair_index.device)[pair_index])
+    sub.positions = getattr(metric, "positions", None)
+    sub.num_pairs = None
+    return sub
+
+
+def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, noising=False,
+               reuse="auto", batch_size=None, memory_budget_mb=1024, layers_path=None,
+               distributed=None, shard_dir=None, pairs_per_unit=None):
+    """The plan of ``patching_sweep`` with the same arguments, without running the
+    model (see :class:`SweepPlan`); ``plan.calibrate()`` adds an estimated time."""
+    positive_int("batch_size", batch_size)
+    positive_int("pairs_per_unit", pairs_per_unit)
+    if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) \
+            or not memory_budget_mb > 0 or not math.isfinite(memory_budget_mb):
+        raise ValueError(f"memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
+    device = model_device(model)
+    layers = resolve_layers(model, layers, layers_path)
+    metric = as_metric(metric)
+    form, why = choose_form(model, reuse)
+    clean, corrupt = aligned_pairs(clean, corrupt, device)
+    pairs, T = batch_shape(clean)
+    check_metric_pairs(metric, pairs)
+    pos = resolve_positions(positions, T, device)
+    if batch_size is None:
+        batch_size = auto_batch_size(model, T, memory_budget_mb)
+    if form == "none":
+        batch_size = max(1, min(batch_size, pairs * len(layers) * pos.numel()))
+    plan = SweepPlan(model, clean, corrupt, metric, layers, pos, noising, form, why, batch_size,
+                     memory_budget_mb, layers_path, distributed, shard_dir, pairs_per_unit,
+                     pairs=pairs, T=T)
+    plan.differing = _predicted_differing(clean, corrupt, layers, pos)
+    _count(plan)
+    return plan
+
+
+def _predicted_differing(clean, corrupt, layers, pos):
+    """Pair rows whose site differs between the two runs, from the inputs: at the
+    embeddings (layer 0) where the tokens differ; at later layers of a causal LM from
+    the first differing token on. (The reuse sweep compares the activations
+    themselves; for a causal LM the two agree.)"""
+    a, b = _tokens(clean), _tokens(corrupt)
+    token_differs = (a != b) if a.dim() == 2 else (a != b).any(-1)
+    T = token_differs.shape[1]
+    first = torch.where(token_differs.any(1), token_differs.float().argmax(1),
+                        torch.full_like(token_differs[:, 0], T, dtype=torch.long))
+    out = {}
+    for li, l in enumerate(layers):
+        for j, c in enumerate(pos.tolist()):
+            differs = token_differs[:, c] if l == 0 else first.to(pos.device) <= c
+            out[li, j] = differs.nonzero().flatten().to(pos.device)
+    return out
+
+
+def _count(plan):
+    """Forwards, rows, FLOPs and memory of the plan's form."""
+    model, cfg, pairs, T = plan.model, plan.model.config, plan.pairs, plan.T
+    L = len(find_layers(model, plan.layers_path))
+    fwd = F.analytic_forward_flops(cfg, T)
+    base = 2 * pairs * fwd
+    D = hidden_size(model)
+    V = getattr(cfg, "vocab_size", 0) or 0
+    if plan.form == "none":
+        batches = math.ceil(plan.sites / plan.batch_size)
+        plan.forwards, plan.rows = 2 + batches, 2 * pairs + plan.sites
+        plan.block_calls = plan.forwards * L
+        plan_flops = base + plan.sites * fwd
+    else:
+        plan.chunks = group_chunks(plan.differing, plan.layers, plan.positions, T)
+        head = getattr(plan.metric, "positions", None) == (-1,)
+        skip = plan.form == "full"  # blocks that return their cache run (told after the run)
+        token_layers = head_tokens = batches = rows = 0
+        plan.block_calls = 2 * L
+        for _, l, start, r, _, _ in plan.chunks:
+            n = r.numel()
+            batches += math.ceil(n / plan.batch_size)
+            plan.block_calls += math.ceil(n / plan.batch_size) * (L - l if skip else L)
+            rows += n
+            token_layers += n * (T - start) * (L - l if skip else L)
+            head_tokens += n * (1 if head else T - start)
+        plan.forwards, plan.rows = 2 + batches, 2 * pairs + rows
+        plan_flops = base + token_layers * F.token_layer_flops(cfg, T) + head_tokens * 2 * D * V
+    per_pair_sites = {}
+    for (li, j), r in plan.differing.items():
+        for i in r.tolist():
+            per_pair_sites.setdefault(i, []).append((plan.layers[li], int(plan.positions[j])))
+    floor = base + sum(F.site_floor_flops(cfg, T, s) for s in per_pair_sites.values())
+    plan.flops = {"plan": float(plan_flops), "floor": float(floor),
+                  "naive_batched": float(base + plan.sites * fwd)}
+    elem = next(model.parameters()).element_size()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    store = pairs * len(plan.layers) * plan.positions.numel() * D * elem
+    caches = store
+    if plan.form != "none":  # the base run's hidden states, KV cache (and one crop), logits
+        kv = 2 * L * T * D * elem
+        caches += pairs * (len(plan.layers) * T * D * elem + 2 * kv + T * V * 4)
+    per_batch = plan.batch_size * _row_bytes(model, T)
+    mb = 2 ** 20
+    plan.memory_mb = {"weights": weights / mb, "caches": caches / mb, "per_batch": per_batch / mb,
+                      "peak": (weights + caches + per_batch) / mb}
