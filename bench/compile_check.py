@@ -43,9 +43,9 @@ MODES = ("add", "norm_scaled", "ablate", "clamp")
 # the launchers choose for rows of 512+ columns, forward and backward
 EVERY_D = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 FULL_D = (768, 2048, 4096, 5120, 8192, 16384, 32768)
-# the CI gate: 2048 (both kernels single pass), 8192 (forward single pass at 8 warps,
-# backward looped) and 32768 (forward looped); every flag combination at each
-CI_D = (2048, 8192, 32768)
+# the CI gate: 2048 and 4096 (both kernels single pass), 8192 (forward single pass at
+# 8 warps, backward looped) and 32768 (forward looped); every flag combination at each
+CI_D = (2048, 4096, 8192, 32768)
 N_ROWS = 64
 
 

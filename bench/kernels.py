@@ -106,7 +106,8 @@ def _resources(report, kernel, block, single, dtype):
         return {}
     return {"registers": max(r["registers"] for r in recs),
             "programs_per_sm": min(r["programs_per_sm"] for r in recs),
-            "spilling": sum(1 for r in recs if r["spill_stores"] or r["spill_loads"])}
+            "spilling": sum(1 for r in recs if r["spill_stores"] or r["spill_loads"]
+                            or r["stack_bytes"] or r["local_bytes"])}
 
 
 def predict(Ns, Ds, Ks, dtypes, passes, copy_gbps, report=None):
@@ -155,9 +156,12 @@ def _predict_markdown(result):
 def run_predict(out_dir, quick):
     """``steerops bench kernels --predict``: the model for a CPU-only reader."""
     import json
-    report_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile",
-                               "compile_full.json")
-    report = json.load(open(report_path)) if os.path.exists(report_path) else None
+    # the widest sm_90a report there is: every flag combination at every launch
+    # configuration ('hopper'), else the older per-width grid ('full')
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile")
+    report_path = next((os.path.join(folder, f"compile_{name}.json") for name in ("hopper", "full")
+                        if os.path.exists(os.path.join(folder, f"compile_{name}.json"))), None)
+    report = json.load(open(report_path)) if report_path else None
     copy = NOMINAL_COPY_GBPS["H100"]
     rows = predict(QUICK_N if quick else FULL_N, QUICK_D if quick else FULL_D, (1, 8),
                    ("bf16", "fp32"), ("fwd", "bwd"), copy, report)

@@ -32,6 +32,10 @@ LOOP_WARPS_BWD = {90: 8, 80: 8}
 # compile` over every combination found 18 of 1300 at D = 2048 / 8192). With the cap
 # it keeps everything in registers. 128 keeps 2+ programs per SM at 8 warps.
 MAXNREG_BWD = 128
+# The forward's 16-warp launch (rows of 8193..16384) gets the hardware's cap for a
+# 512-thread program (128): uncapped, ptxas aimed at 64 registers and spilled one
+# bf16 combination (weighted patch + residual, no steering).
+MAXNREG_FWD_16_WARPS = 128
 # compute capability (e.g. 90) the launchers choose for; None: the tensor's device
 # (set by `steerops bench compile`, which launches nothing)
 TARGET_ARCH = None
@@ -68,7 +72,9 @@ def backward_row_launch(D, device=None):
         # memory for some flag combinations although registers are plentiful (1024:
         # the fully featured fp32 one; 2048: K vectors + per-row alpha + mask with the
         # vector and alpha gradients, fp32, add/clamp: 8-byte stack at 40 registers)
-        return block, True, 8 if block in (1024, 2048) else row_warps(block)
+        # 4096 columns: 16 warps (one 512-thread program per SM, 8 columns per thread);
+        # at 8 warps 25 fp32 flag combinations needed more than 128 registers and spilled
+        return block, True, {1024: 8, 2048: 8, 4096: 16}.get(block, row_warps(block))
     arch = device_arch(device)
     return min(LOOP_BLOCK_BWD, block), False, LOOP_WARPS_BWD[90 if arch >= 90 else 80]
 

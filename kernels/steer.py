@@ -360,6 +360,8 @@ def steer_fwd(x, *, residual=None, source=None, patch_src=None, patch_weight=Non
         mode = "add"
     stride_alpha, has_alpha = _alpha_args(alpha, N)
     block, single = config.row_block(D)
+    warps = config.row_warps(block)
+    cap = {"maxnreg": config.MAXNREG_FWD_16_WARPS} if warps == 16 else {}
     _steer_fwd_kernel[(N,)](
         x, _ptr_or(residual, x), out, _ptr_or(source, x),
         _ptr_or(patch_src, x), _ptr_or(patch_weight, x),
@@ -372,7 +374,7 @@ def steer_fwd(x, *, residual=None, source=None, patch_src=None, patch_weight=Non
         HAS_RES=residual is not None, HAS_PATCH=patch_src is not None,
         HAS_PATCH_W=patch_weight is not None, HAS_STEER=vector is not None,
         HAS_VIDX=vector_index is not None, HAS_ALPHA=has_alpha, HAS_MASK=mask is not None,
-        BLOCK_D=block, SINGLE_PASS=single, num_warps=config.row_warps(block),
+        BLOCK_D=block, SINGLE_PASS=single, num_warps=warps, **cap,
     )
     return out
 

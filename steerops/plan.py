@@ -123,7 +123,11 @@ class SweepPlan:
         model, cfg = self.model, self.model.config
         device = model_device(model)
         target = self.clean if self.noising else self.corrupt
-        sizes = sorted({1, min(self.batch_size, 16, self.pairs * 16)})
+        # 1 row, and the plan's own batch (at most 64 rows): a rate per FLOP read off
+        # small batches would miss what large ones cost (cache misses, memory traffic)
+        widest = max((min(self.batch_size, r.numel()) for _, _, _, r, _, _ in self.chunks),
+                     default=min(self.batch_size, self.sites))
+        sizes = sorted({1, max(1, min(widest, 64))})
         seconds = {}
         with torch.no_grad():
             for b in sizes:

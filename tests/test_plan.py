@@ -126,8 +126,8 @@ def test_the_plan_refuses_bad_arguments_like_the_sweep():
 
 # Measured here (2-core CPU, 1 torch thread, GPT-2-small-like shapes are too slow for
 # CI, so a 4-layer d128 Llama at T = 24, 4 pairs): the estimate fell within 0.6x-1.6x of
-# the run. The test allows a factor of 3 either way (a loaded CI machine).
-ESTIMATE_FACTOR = 3.0
+# the run. The test allows a factor of 4 either way (a loaded CI machine).
+ESTIMATE_FACTOR = 4.0
 
 
 @pytest.mark.parametrize("reuse", ["full", "none"])
