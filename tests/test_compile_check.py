@@ -96,7 +96,7 @@ def test_every_ci_specialization_compiles_for_sm90a_without_local_memory(tmp_pat
     for r in report["records"]:
         c = r["constexprs"]
         if r["kernel"] == "_steer_bwd_kernel" and c["BLOCK_D"] <= 8192:
-            # the backward up to the 70B-class width: <= 128 registers, >= 8 warps
-            # or 2+ programs per SM
-            assert r["registers"] <= 128 and r["programs_per_sm"] >= 2, r
+            # the backward up to the 70B-class width: <= 128 registers and 16+ warps
+            # resident per SM (2 programs of 8 warps, or one of 16)
+            assert r["registers"] <= 128 and r["programs_per_sm"] * r["num_warps"] >= 16, r
         assert r["vector128_accesses"] > 0, r  # 128-bit global accesses are emitted
