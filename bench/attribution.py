@@ -10,6 +10,7 @@ seeds with bootstrap intervals (``bench.aggregate``) and reported as JSON, Markd
 and plots (``bench.reporting``). Each run is saved as a shard under ``OUT/runs`` as
 soon as it finishes, so a killed run continues where it stopped.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -132,7 +133,7 @@ def _lock_output(out_dir, distributed, report_only):
         if lock is not None:
             lock.__exit__(None, None, None)
         raise UsageError(refused)
-    return lock or FolderLock(out_dir)  # an unlocked one: its __exit__ does nothing
+    return lock or contextlib.nullcontext()  # ranks other than 0, and reports
 
 
 def set_aside_unreadable(paths):
