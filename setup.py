@@ -20,7 +20,7 @@ setup(
     package_data={"steerops.bench": ["checkpoints/*.safetensors"]},
     entry_points={"console_scripts": ["steerops=steerops.cli:main"]},
     extras_require={
-        "hf": [TRANSFORMERS, "safetensors", "tqdm"],
+        "hf": [TRANSFORMERS, "safetensors", "tqdm", "matplotlib"],
         "bench": [TRANSFORMERS, "safetensors", "tqdm", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", TRANSFORMERS, "safetensors", "tqdm",
                  "matplotlib", "accelerate"],

@@ -43,7 +43,8 @@ __all__ = ["steer", "steer_", "patch", "patch_", "intervene", "set_backend", "ge
 
 _SUBMODULES = ("backend", "ops", "models", "patching", "steering", "vectors", "reuse",
                "validation", "reference", "distributed", "kernels", "bench", "plan", "inputs",
-               "metrics", "caching", "attribution", "sitemap", "flops", "positions")
+               "metrics", "caching", "attribution", "sitemap", "flops", "positions", "text",
+               "report", "commands", "tiny")
 
 
 def __getattr__(name):

@@ -1,6 +1,6 @@
 """Attribution patching (AtP): every site's linear estimate of its patching effect
 from two forwards and one backward per micro-batch of pairs."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,13 +22,15 @@ class AttributionResult(SiteMap):
     corrupt_metric: torch.Tensor
     layers: list
     positions: torch.Tensor
+    tokens: list = field(default=None, repr=False)          # clean token strings per pair
+    corrupt_tokens: list = field(default=None, repr=False)  # (pairs, T), with a tokenizer
 
     def _values(self):
         return self.scores
 
 
 def attribution_patching(model, clean, corrupt, metric, layers=None, positions=None, *,
-                         batch_size=None, layers_path=None, distributed=None):
+                         batch_size=None, layers_path=None, distributed=None, tokenizer=None):
     """Attribution patching (AtP) for every requested residual site.
 
     Two forwards (clean cache; corrupt with gradients) and one backward per
@@ -36,12 +38,19 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
     on the corrupt run. Gradients flow to the activations even when the
     model's parameters are frozen. ``distributed`` as in :func:`patching_sweep`:
     the micro-batches are split over the ranks and gathered (same micro-batches,
-    so the same numbers as one process).
+    so the same numbers as one process). Text prompts and answers with
+    ``tokenizer=`` as in :func:`patching_sweep`; ``result.tokens`` labels positions.
     """
+    from .text import pair_inputs
     positive_int("batch_size", batch_size)
+    clean, corrupt, metric, tokens = pair_inputs(model, tokenizer, clean, corrupt, metric,
+                                                 model_device(model))
     with eval_mode(model, "attribution_patching"):
-        return _attribution_patching(model, clean, corrupt, metric, layers, positions,
-                                     batch_size, layers_path, distributed)
+        result = _attribution_patching(model, clean, corrupt, metric, layers, positions,
+                                       batch_size, layers_path, distributed)
+    if tokens is not None:
+        result.tokens, result.corrupt_tokens = tokens
+    return result
 
 
 def _attribution_patching(model, clean, corrupt, metric, layers, positions, batch_size,

@@ -11,13 +11,13 @@ from .models import (StopForward, eval_mode, model_device, register_site_hook,
 
 
 @dataclass
-@dataclass
 class ActivationCache:
     """Residual activations: ``acts`` (batch, len(layers), len(positions), D)."""
     acts: torch.Tensor
     layers: list
     positions: torch.Tensor
     output: torch.Tensor = None  # logits (or last hidden state) when the forward completed
+    tokens: list = None  # token strings (batch, T), when made with a tokenizer
 
     def __getitem__(self, layer):
         return self.acts[:, self.layers.index(layer)]
@@ -48,14 +48,19 @@ def capture(model, inputs, layers, pos, layers_path, stop_early):
 
 
 def cache_activations(model, inputs, layers=None, positions=None, *, layers_path=None,
-                      stop_early=True):
+                      stop_early=True, tokenizer=None):
     """Residual-stream activations at the requested sites, from one forward pass.
 
     Only the requested positions are kept, and with ``stop_early`` the forward
     stops after the last requested layer (no later blocks, no LM head).
     Returns an :class:`ActivationCache`; ``cache[layer]`` is (batch, P, D).
+    ``inputs`` may be text (a string or list of strings) with ``tokenizer``
+    (padded on its side); then ``cache.tokens`` holds each position's token string.
     """
+    from .text import prompt_inputs
     layers = resolve_layers(model, layers, layers_path)
+    inputs = prompt_inputs(model, tokenizer, inputs, model_device(model))
+    tokens = getattr(inputs, "tokens", None)
     inputs = as_inputs(inputs, model_device(model))
     B, T = batch_shape(inputs)
     pos = resolve_positions(positions, T, model_device(model))
@@ -63,7 +68,7 @@ def cache_activations(model, inputs, layers=None, positions=None, *, layers_path
         store, output = capture(model, inputs, layers, pos, layers_path, stop_early)
     device = model_device(model)  # layers may sit on several devices (device_map)
     return ActivationCache(torch.stack([store[l].to(device) for l in layers], 1), layers, pos,
-                           output)
+                           output, tokens)
 
 
 def metric_gradients(model, inputs, metric, index, layers, pos, layers_path):

@@ -1,4 +1,5 @@
-"""The ``steerops`` command: ``steerops bench {attribution,kernels,overhead,patching,compile}``.
+"""The ``steerops`` command: ``steerops {patch,attribute,steer,tiny-model}`` on a local
+model folder, and ``steerops bench {attribution,kernels,overhead,patching,compile}``.
 
 Arguments are parsed before anything heavy is imported (``steerops --help`` does not
 load torch). Every user error is one line on stderr and exit status 2; Ctrl-C is one
@@ -20,10 +21,23 @@ BENCHMARKS = {
 INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
 
 
+COMMANDS = {  # module, function, help (the modules import torch: loaded on use)
+    "patch": ("commands", "patch_main", "activation patching from text prompts on a local "
+                                        "model folder: JSON, heatmap, HTML report"),
+    "attribute": ("commands", "attribute_main", "attribution patching (AtP) from text prompts; "
+                                                "--compare: beside the patching sweep"),
+    "steer": ("commands", "steer_main", "unsteered and steered generations side by side"),
+    "tiny-model": ("tiny", "main", "build a tiny local model + tokenizer (offline) to try "
+                                   "the commands on"),
+}
+
+
 def _parser():
     p = Parser(prog="steerops", description="steerops: fused steering and activation-patching ops.",
                epilog="Each command has its own --help, e.g. steerops bench attribution --help")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, (_, _, text) in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     bench = sub.add_parser("bench", help="run a benchmark", description="Run a benchmark.",
                            epilog="Each benchmark has its own --help.")
     which = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", parser_class=Parser)
@@ -47,6 +61,11 @@ def main(argv=None):
 
 def _main(argv):
     parser, bench = _parser()
+    if argv and argv[0] in COMMANDS:
+        import importlib
+        module, function, _ = COMMANDS[argv[0]]
+        code = getattr(importlib.import_module(f"steerops.{module}"), function)(argv[1:])
+        return code if isinstance(code, int) else 0
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
         import importlib
         module = importlib.import_module(f"steerops.bench.{BENCHMARKS[argv[1]][0]}")

@@ -117,34 +117,75 @@ def _answer_logits(logits, pair_index, position, tokens):
     return logits[rows, position, tok]
 
 
-def logit_diff(answer, wrong, position=-1):
+def logit_diff(answer, wrong, position=-1, *, tokenizer=None):
     """metric: logit(answer) - logit(wrong) at ``position`` (int, or one per pair).
 
-    ``answer`` / ``wrong``: (pairs,) token ids (or ints shared by all pairs).
+    ``answer`` / ``wrong``: (pairs,) token ids (or ints shared by all pairs), or
+    text: a string (shared) or a list of strings (one per pair), each exactly one
+    token, resolved with ``tokenizer`` now or with the measuring call's
+    ``tokenizer=``.
     """
+    return _answer_metric("logit_diff", answer, wrong, position, tokenizer)
+
+
+def prob_diff(answer, wrong, position=-1, *, tokenizer=None):
+    """metric: p(answer) - p(wrong) at ``position`` (softmax over the vocabulary);
+    answers as in :func:`logit_diff`."""
+    return _answer_metric("prob_diff", answer, wrong, position, tokenizer)
+
+
+def _answer_metric(kind, answer, wrong, position, tokenizer):
+    from .text import answer_ids, is_text
+    spec = (kind, answer, wrong, position)
+    if is_text(answer) or is_text(wrong):
+        if tokenizer is None:
+            return _unresolved(spec)
+        answer = answer_ids(tokenizer, answer, "answer") if is_text(answer) else answer
+        wrong = answer_ids(tokenizer, wrong, "wrong") if is_text(wrong) else wrong
     answer, wrong, pairs = _pair_tensors(answer, wrong)
     position = position if isinstance(position, int) else torch.as_tensor(position)
 
     def metric(logits, pair_index):
+        if kind == "prob_diff":
+            logits = logits.float().softmax(-1)
         return (_answer_logits(logits, pair_index, position, answer)
                 - _answer_logits(logits, pair_index, position, wrong))
     metric.num_pairs = pairs
     metric.positions = (position,) if isinstance(position, int) else None
+    metric.spec = spec
+    metric.answer_ids = (answer, wrong)
     return metric
 
 
-def prob_diff(answer, wrong, position=-1):
-    """metric: p(answer) - p(wrong) at ``position`` (softmax over the vocabulary)."""
-    answer, wrong, pairs = _pair_tensors(answer, wrong)
-    position = position if isinstance(position, int) else torch.as_tensor(position)
+def _unresolved(spec):
+    kind, answer, wrong = spec[:3]
 
     def metric(logits, pair_index):
-        probs = logits.float().softmax(-1)
-        return (_answer_logits(probs, pair_index, position, answer)
-                - _answer_logits(probs, pair_index, position, wrong))
-    metric.num_pairs = pairs
-    metric.positions = (position,) if isinstance(position, int) else None
+        raise ValueError(f"{kind}({answer!r}, {wrong!r}) has text answers: pass tokenizer= to "
+                         f"{kind} or to the call that uses it")
+    metric.spec = spec
+    metric.num_pairs = len(answer) if isinstance(answer, (list, tuple)) else None
+    metric.positions = None
     return metric
+
+
+def bind_metric(metric, tokenizer, last_positions=None):
+    """``metric`` with its text answers resolved through ``tokenizer``; a
+    logit_diff / prob_diff at position -1 on a right-padded batch reads each
+    pair's last real token (``last_positions``) instead of the padding."""
+    spec = getattr(metric, "spec", None)
+    if spec is None:
+        return metric
+    kind, answer, wrong, position = spec
+    from .text import is_text
+    if (is_text(answer) or is_text(wrong)) and tokenizer is None:
+        raise ValueError(f"{kind}({answer!r}, {wrong!r}) has text answers: pass tokenizer= to "
+                         f"{kind} or to this call")
+    if last_positions is not None and isinstance(position, int) and position == -1:
+        position = last_positions.cpu()
+    elif not (is_text(answer) or is_text(wrong)):
+        return metric
+    return _answer_metric(kind, answer, wrong, position, tokenizer)
 
 
 def _pair_tensors(answer, wrong):

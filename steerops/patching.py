@@ -43,6 +43,8 @@ class PatchingResult(SiteMap):
     rows: int = 0      # sequences forwarded, caches included
     batch_size: int = 0
     extra: dict = field(default_factory=dict)
+    tokens: list = field(default=None, repr=False)          # clean token strings per pair
+    corrupt_tokens: list = field(default=None, repr=False)  # (pairs, T), with a tokenizer
 
     def _values(self):
         return self.effects
@@ -51,15 +53,20 @@ class PatchingResult(SiteMap):
 def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *,
                    noising=False, reuse="auto", batch_size=None, memory_budget_mb=1024,
                    progress=True, layers_path=None, distributed=None, shard_dir=None,
-                   pairs_per_unit=None):
+                   pairs_per_unit=None, tokenizer=None):
     """Activation patching over every requested site and prompt pair.
 
     Denoising (default): run ``corrupt`` with h_s <- h_s(clean), one site at a
     time; noising: run ``clean`` with h_s <- h_s(corrupt).
 
     Args:
-        clean, corrupt: (pairs, T) input_ids, or dicts of inputs of equal shape.
-        metric: ``metric(logits, pair_index) -> (rows,)`` (or of logits only).
+        clean, corrupt: (pairs, T) input_ids, or dicts of inputs of equal shape;
+            or text (a string or a list of strings, one per pair) with ``tokenizer``:
+            clean[i] and corrupt[i] must tokenise to the same length; pairs of
+            different lengths are padded on the tokenizer's side.
+        metric: ``metric(logits, pair_index) -> (rows,)`` (or of logits only);
+            ``logit_diff(" Mary", " John")`` resolves its text answers through
+            ``tokenizer``.
         layers: site layers (default all, 0..L); positions: columns (default all).
         reuse: 'auto' (default: 'full' for causal LMs, else 'none'), 'full'
             (skip identical sites, reuse the base run's KV-cache prefix, skip
@@ -78,6 +85,8 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
             the base runs); results are bitwise the same for any world size.
         shard_dir: a folder for finished units (safetensors); a rerun with the
             same inputs loads them and runs only the missing units.
+        tokenizer: a Hugging Face tokenizer: text inputs and answers, and
+            ``result.tokens`` (the token string of each position) for plots.
 
     Returns a :class:`PatchingResult`: effects normalised as in docs/protocol.md,
     g_s = E[m(patched) - m(corrupt)] / E[m(clean) - m(corrupt)] (denoising) or
@@ -90,9 +99,11 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
         plan = plan_sweep(model, clean, corrupt, metric, layers, positions, noising=noising,
                           reuse=reuse, batch_size=batch_size, memory_budget_mb=memory_budget_mb,
                           layers_path=layers_path, distributed=distributed, shard_dir=shard_dir,
-                          pairs_per_unit=pairs_per_unit)
+                          pairs_per_unit=pairs_per_unit, tokenizer=tokenizer)
         result = execute(plan, progress=progress)
     result.extra["plan"] = plan.summary()
+    if plan.tokens is not None:
+        result.tokens, result.corrupt_tokens = plan.tokens
     return result
 
 

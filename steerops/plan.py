@@ -76,6 +76,7 @@ class SweepPlan:
     flops: dict = field(default_factory=dict)
     memory_mb: dict = field(default_factory=dict)
     estimate: dict = None
+    tokens: tuple = field(default=None, repr=False)  # (clean, corrupt) token strings per pair
 
     # ------------------------------------------------------------------ counts
     @property
@@ -212,9 +213,10 @@ def _rows_metric(metric, rows):
 
 def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, noising=False,
                reuse="auto", batch_size=None, memory_budget_mb=1024, layers_path=None,
-               distributed=None, shard_dir=None, pairs_per_unit=None):
+               distributed=None, shard_dir=None, pairs_per_unit=None, tokenizer=None):
     """The plan of ``patching_sweep`` with the same arguments, without running the
     model (see :class:`SweepPlan`); ``plan.calibrate()`` adds an estimated time."""
+    from .text import pair_inputs
     positive_int("batch_size", batch_size)
     positive_int("pairs_per_unit", pairs_per_unit)
     if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) \
@@ -222,6 +224,7 @@ def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, no
         raise ValueError(f"memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
     device = model_device(model)
     layers = resolve_layers(model, layers, layers_path)
+    clean, corrupt, metric, tokens = pair_inputs(model, tokenizer, clean, corrupt, metric, device)
     metric = as_metric(metric)
     form, why = choose_form(model, reuse)
     clean, corrupt = aligned_pairs(clean, corrupt, device)
@@ -234,7 +237,7 @@ def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, no
         batch_size = max(1, min(batch_size, pairs * len(layers) * pos.numel()))
     plan = SweepPlan(model, clean, corrupt, metric, layers, pos, noising, form, why, batch_size,
                      memory_budget_mb, layers_path, distributed, shard_dir, pairs_per_unit,
-                     pairs=pairs, T=T)
+                     pairs=pairs, T=T, tokens=tokens)
     plan.differing = _predicted_differing(clean, corrupt, layers, pos)
     _count(plan)
     return plan

@@ -23,26 +23,42 @@ class SiteMap:
         pos = self.positions.tolist()
         return [(self.layers[i // P], pos[i % P], float(flat[i])) for i in order.tolist()]
 
+    def position_labels(self):
+        """The x-axis labels: each position's token (with a tokenizer), else its index."""
+        from .report import position_labels
+        return position_labels(getattr(self, "tokens", None), self.positions.tolist())
+
     def plot(self, path=None, title=None, ax=None):
-        """Heatmap of the map (layers x positions); saved to ``path`` if given."""
+        """Heatmap of the map (layers x positions, labelled with the prompt's tokens
+        when the result has them); saved to ``path`` if given."""
         import matplotlib
         if path is not None and ax is None:
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        values = self._values().detach().float().cpu().numpy()
+        values = self._values().detach().float().cpu()
         fig = None
         if ax is None:
-            fig, ax = plt.subplots(figsize=(1.2 + 0.45 * values.shape[1],
-                                            1.2 + 0.35 * values.shape[0]))
-        lim = float(abs(values).max()) or 1.0
-        im = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
-        ax.set_xticks(range(values.shape[1]), self.positions.tolist())
-        ax.set_yticks(range(values.shape[0]), self.layers)
-        ax.set(xlabel="position", ylabel="layer", title=title or type(self).__name__)
-        ax.figure.colorbar(im, ax=ax)
+            fig, ax = plt.subplots(figsize=(2.2 + 0.42 * values.shape[1],
+                                            2.0 + 0.38 * values.shape[0]))
+        draw_heatmap(ax, values, self.layers, self.position_labels(),
+                     title or type(self).__name__, "value")
         if fig is not None:
             fig.tight_layout()
             if path is not None:
-                fig.savefig(path, dpi=120)
+                fig.savefig(path, dpi=130)
                 plt.close(fig)
         return ax
+
+
+def draw_heatmap(ax, values, layers, labels, title, value_name):
+    """layers (y, layer 0 at the bottom) x positions (x, labelled), diverging colours
+    centred at 0, a labelled colourbar."""
+    values = values.numpy() if hasattr(values, "numpy") else values
+    finite = abs(values[~(values != values)]) if values.size else values
+    lim = float(finite.max()) if finite.size and float(finite.max()) > 0 else 1.0
+    im = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower",
+                   interpolation="nearest")
+    ax.set_xticks(range(values.shape[1]), labels, rotation=90)
+    ax.set_yticks(range(values.shape[0]), layers)
+    ax.set(xlabel="position (token)", ylabel="layer", title=title)
+    return ax.figure.colorbar(im, ax=ax, label=value_name)

@@ -178,6 +178,17 @@ class Steering:
             return None
         return steer_site
 
+    # ------------------------------------------------------------------ text
+    def generate(self, prompts, tokenizer, max_new_tokens=20, **generate_kwargs):
+        """Steered continuations of text prompts: a list with one string per prompt
+        (the new tokens only, decoded). Prompts of different lengths are padded on
+        the left, as decoder-only generation needs; greedy unless ``generate_kwargs``
+        say otherwise. A per-row ``alpha`` (B,) gives each prompt its own strength."""
+        from .text import generate_text
+        with self:
+            return generate_text(self.model, tokenizer, prompts, max_new_tokens,
+                                 **generate_kwargs)
+
     # ------------------------------------------------------------------ lifecycle
     def attach(self):
         if self._handles:

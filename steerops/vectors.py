@@ -117,7 +117,7 @@ def contrastive_differences(model, positive, negative, layer, position=-1, layer
 def learn_steering_vector(model, positive, negative, layer, *, method="mean_diff", position=-1,
                           metric=None, mode="add", alpha=1.0, steps=50, lr=0.05,
                           weight_decay=0.0, steer_positions="all", layers_path=None,
-                          progress=False):
+                          progress=False, tokenizer=None):
     """Learn a steering vector at ``layer`` from contrastive prompt pairs.
 
     Methods:
@@ -129,12 +129,25 @@ def learn_steering_vector(model, positive, negative, layer, *, method="mean_diff
             ``steer_positions``), starting from mean_diff; gradients flow through
             the fused steering op's backward. Adam, ``steps`` full-batch steps,
             optional L2 ``weight_decay`` on the vector.
+
+    ``positive`` / ``negative`` may be text (lists of strings) with ``tokenizer``;
+    prompts of different lengths are padded on the left when ``position`` counts
+    from the end (the default -1: every prompt's last token), else on the
+    tokenizer's side.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise TypeError(f"layer must be an int (one site layer), got {layer!r}")
     resolve_layers(model, [layer], layers_path, name="layer")
+    from .text import prompt_inputs
+    side = "left" if isinstance(position, int) and position < 0 else None
+    device = model_device(model)
+    positive = prompt_inputs(model, tokenizer, positive, device, "positive", side)
+    negative = prompt_inputs(model, tokenizer, negative, device, "negative", side)
+    if metric is not None:
+        from .metrics import bind_metric
+        metric = bind_metric(metric, tokenizer)
     with eval_mode(model, "learn_steering_vector"):
         return _learn(model, positive, negative, layer, method=method, position=position,
                       metric=metric, mode=mode, alpha=alpha, steps=steps, lr=lr,

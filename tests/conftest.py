@@ -48,3 +48,21 @@ def looped(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """The tiny local model (steerops.tiny: word-level tokenizer, 4-block Llama trained
+    on a toy IOI task) saved once per session, as `steerops tiny-model DIR` saves it."""
+    from steerops.tiny import make_tiny_model
+    folder = str(tmp_path_factory.mktemp("tiny-model"))
+    accuracy = make_tiny_model(folder)
+    assert accuracy > 0.9, f"the tiny model did not learn its task ({accuracy:.0%})"
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_folder)

@@ -1,0 +1,357 @@
+"""``steerops patch``, ``steerops attribute`` and ``steerops steer``: a local
+Hugging Face model folder and prompts written as text in; the top sites printed,
+and JSON, a token-labelled PNG heatmap and a self-contained HTML report out.
+
+Every user error (a missing folder, a folder without a tokenizer, a layer out of
+range, a bad JSONL line, a multi-token answer, clean and corrupt of different
+lengths) is one line and exit status 2, found before the model runs.
+"""
+import json
+import os
+import sys
+import time
+
+from .cli_args import (FolderLock, Parser, UsageError, device, existing_folder, output_folder,
+                       positive_int)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ---------------------------------------------------------------------- inputs
+def load_tokenizer(folder):
+    """The folder's tokenizer (local files only), after checking it is a model folder."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise UsageError(f"--model {folder}: no config.json there; give a Hugging Face model "
+                         f"folder (what save_pretrained writes)")
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"--model {folder}: no usable tokenizer there (tokenizer.json or "
+                         f"tokenizer_config.json + vocabulary): {str(e).splitlines()[0]}") from None
+    if not callable(tokenizer) or isinstance(tokenizer, bool):
+        raise UsageError(f"--model {folder}: no tokenizer there")
+    return tokenizer
+
+
+def check_layers(folder, layers, option):
+    """Site layers against the config's block count, before any weight is loaded."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--model {folder}: unreadable config.json: "
+                         f"{str(e).splitlines()[0]}") from None
+    L = getattr(config, "num_hidden_layers", None)
+    for layer in layers if L is not None else ():
+        if not 0 <= layer <= L:
+            raise UsageError(f"{option} {layer}: out of range; this model has sites at layers "
+                             f"0..{L} (0 = embeddings, {L} = last block's output)")
+    return layers
+
+
+def load_model(folder, device_name="cpu", dtype="float32"):
+    """The causal LM in a local folder (no hub access), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                     **_dtype_argument(getattr(torch, dtype)))
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--model {folder}: cannot load a causal LM from it: "
+                         f"{str(e).splitlines()[0]}") from None
+    return model.to(device_name).eval()
+
+
+def _dtype_argument(dtype):
+    """from_pretrained's dtype keyword: ``dtype`` since transformers 4.56 (where
+    ``torch_dtype`` became deprecated), ``torch_dtype`` before."""
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def read_jsonl(path, keys, option):
+    """Objects with string ``keys``, one per line (blank lines skipped); a bad line
+    is named by its number."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{option} {path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{option} {path}, line {n}: not JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise UsageError(f"{option} {path}, line {n}: expected an object with keys "
+                                 f"{list(keys)}")
+            missing = [k for k in keys if not isinstance(obj.get(k), str) or not obj[k].strip()]
+            if missing:
+                raise UsageError(f"{option} {path}, line {n}: missing or empty {missing} "
+                                 f"(each line needs {list(keys)} as strings)")
+            rows.append({k: obj[k] for k in keys})
+    if not rows:
+        raise UsageError(f"{option} {path}: no lines")
+    return rows
+
+
+def provenance(args, model_folder):
+    import platform
+
+    import torch
+    import transformers
+
+    from . import __version__
+    return {"steerops": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "model": os.path.abspath(model_folder),
+            "device": str(args.device), "dtype": args.dtype, "python": platform.python_version(),
+            "command": "steerops " + " ".join(sys.argv[1:]) if sys.argv else "",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _user_errors(fn, *args, **kwargs):
+    """Runs ``fn``; a ValueError about the inputs (tokenisation, answers) is a user error."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+
+
+# ---------------------------------------------------------------------- patch / attribute
+def _pair_parser(prog, description):
+    p = Parser(prog=prog, description=description)
+    p.add_argument("--model", required=True, type=existing_folder,
+                   help="a local Hugging Face causal-LM folder with its tokenizer")
+    p.add_argument("--clean", help="the clean prompt (text)")
+    p.add_argument("--corrupt", help="the corrupted prompt: same number of tokens")
+    p.add_argument("--answer", help="the clean run's answer: one token, e.g. ' Mary'")
+    p.add_argument("--wrong", help="the competing answer: one token")
+    p.add_argument("--pairs", metavar="FILE.jsonl",
+                   help='many pairs: one {"clean", "corrupt", "answer", "wrong"} per line')
+    p.add_argument("--layers", type=int, nargs="+", help="site layers (default: all)")
+    p.add_argument("--metric", choices=("logit_diff", "prob_diff"), default="logit_diff")
+    p.add_argument("--out", type=output_folder, default="steerops-out",
+                   help="results folder (default steerops-out)")
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+PAIR_KEYS = ("clean", "corrupt", "answer", "wrong")
+
+
+def _pairs(args):
+    given = [k for k in PAIR_KEYS if getattr(args, k) is not None]
+    if args.pairs is not None:
+        if given:
+            raise UsageError(f"give either --pairs or --{'/--'.join(PAIR_KEYS)}, not both")
+        return read_jsonl(args.pairs, PAIR_KEYS, "--pairs")
+    missing = [k for k in PAIR_KEYS if getattr(args, k) is None]
+    if missing:
+        raise UsageError(f"missing --{', --'.join(missing)} (or give --pairs FILE.jsonl)")
+    return [{k: getattr(args, k) for k in PAIR_KEYS}]
+
+
+class PairJob:
+    """The model, tokenizer, pairs and metric of a patch / attribute command,
+    checked before any forward pass."""
+
+    def __init__(self, args):
+        from . import metrics, text
+        self.args = args
+        self.pairs = _pairs(args)
+        self.tokenizer = load_tokenizer(args.model)
+        self.layers = check_layers(args.model, args.layers, "--layers") if args.layers else None
+        self.clean = [p["clean"] for p in self.pairs]
+        self.corrupt = [p["corrupt"] for p in self.pairs]
+        _user_errors(text.encode_pairs, self.tokenizer, self.clean, self.corrupt)
+        make = getattr(metrics, args.metric)
+        self.metric = _user_errors(make, [p["answer"] for p in self.pairs],
+                                   [p["wrong"] for p in self.pairs], tokenizer=self.tokenizer)
+        self.model = load_model(args.model, args.device, args.dtype)  # inputs checked first
+        self.settings = {"metric": args.metric, "pairs": self.pairs, "layers": args.layers,
+                         "dtype": args.dtype}
+        self.provenance = provenance(args, args.model)
+
+    def sweep(self):
+        import steerops
+        return _user_errors(steerops.patching_sweep, self.model, self.clean, self.corrupt,
+                            self.metric, self.layers, tokenizer=self.tokenizer,
+                            progress=not self.args.no_progress)
+
+    def attribute(self):
+        import steerops
+        return _user_errors(steerops.attribution_patching, self.model, self.clean,
+                            self.corrupt, self.metric, self.layers, tokenizer=self.tokenizer)
+
+    def record(self, result, kind, extra=None):
+        from .report import site_record
+        settings = dict(self.settings, **(extra or {}))
+        return site_record(result, kind, settings, self.provenance)
+
+    def describe(self):
+        p = self.pairs[0]
+        more = f" (+{len(self.pairs) - 1} more pairs)" if len(self.pairs) > 1 else ""
+        return (f"clean: {p['clean']!r} -> {p['answer']!r}; corrupt: {p['corrupt']!r} "
+                f"(wrong {p['wrong']!r}){more}")
+
+
+def print_top(record, k=10):
+    print(f"top sites ({record['value_name']}):")
+    print(f"  {'layer':>5} {'pos':>4}  {'token':<16} value")
+    for s in record["top_sites"][:k]:
+        print(f"  {s['layer']:>5} {s['position']:>4}  {s['token']:<16} {s['value']:+.4f}")
+
+
+def write_outputs(out, stem, records, title, prompt, agreement=None):
+    from .report import write_html, write_json, write_png
+    os.makedirs(out, exist_ok=True)
+    for rec in records:
+        write_json(dict(rec, agreement=agreement) if agreement else rec,
+                   os.path.join(out, f"{rec['kind']}.json"))
+    write_png(records, os.path.join(out, f"{stem}.png"))
+    write_html(records, os.path.join(out, "report.html"), title, prompt, agreement)
+    print(f"wrote {out}/: " + ", ".join([f"{r['kind']}.json" for r in records]
+                                        + [f"{stem}.png", "report.html"]))
+
+
+def patch_main(argv):
+    p = _pair_parser("steerops patch", "Activation patching of every residual site (layer x "
+                     "token), at the sweep's floor, from prompts written as text.")
+    args = p.parse_args(argv)
+    with FolderLock(args.out):
+        job = PairJob(args)
+        result = job.sweep()
+        rec = job.record(result, "patching", {"form": result.extra["reuse"].get("mode")})
+        print_top(rec)
+        write_outputs(args.out, "patching", [rec], "Activation patching", job.describe())
+    return 0
+
+
+def attribute_main(argv):
+    p = _pair_parser("steerops attribute", "Attribution patching (AtP): every site's linear "
+                     "estimate of its patching effect, from prompts written as text.")
+    p.add_argument("--compare", action="store_true",
+                   help="also run the patching sweep and report the rank agreement")
+    args = p.parse_args(argv)
+    with FolderLock(args.out):
+        job = PairJob(args)
+        records = [job.record(job.attribute(), "attribution")]
+        agreement = None
+        if args.compare:
+            from .report import rank_agreement
+            records.insert(0, job.record(job.sweep(), "patching"))
+            agreement = rank_agreement(records[0], records[1])
+        print_top(records[-1])
+        if agreement:
+            print(f"rank agreement with the patching sweep: Spearman "
+                  f"{agreement['spearman']:.3f}, top-{agreement['top_k']} overlap "
+                  f"{agreement['top_k_overlap']:.0%}")
+        title = "Attribution patching vs the patching sweep" if args.compare else \
+            "Attribution patching (AtP)"
+        write_outputs(args.out, "attribution", records, title, job.describe(), agreement)
+    return 0
+
+
+# ---------------------------------------------------------------------- steer
+def _alphas(text):
+    import argparse
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
+    if not values or any(v != v or abs(v) == float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
+def steer_main(argv):
+    from .reference import MODES
+    p = Parser(prog="steerops steer", description="Generate from a prompt unsteered and "
+               "steered (several strengths in one batch), side by side.")
+    p.add_argument("--model", required=True, type=existing_folder,
+                   help="a local Hugging Face causal-LM folder with its tokenizer")
+    p.add_argument("--prompt", required=True, help="the prompt (text)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--vector", metavar="FILE", help="a SteeringVector file (.save())")
+    which.add_argument("--learn-from", metavar="FILE.jsonl",
+                       help='learn a vector from {"positive", "negative"} prompts, one per line')
+    p.add_argument("--method", choices=("mean_diff", "pca"), default="mean_diff",
+                   help="how --learn-from learns (default mean_diff)")
+    p.add_argument("--layer", type=int, help="the site layer (required with --learn-from)")
+    p.add_argument("--alpha", type=_alphas, default=[4.0],
+                   help="strength(s), comma-separated: 2,4,8 (default 4)")
+    p.add_argument("--mode", choices=MODES, default="add")
+    p.add_argument("--max-new-tokens", type=positive_int, default=20)
+    p.add_argument("--out", type=output_folder, help="also write steer.json here")
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    args = p.parse_args(argv)
+    if args.learn_from and args.layer is None:
+        raise UsageError("--learn-from needs --layer (where to learn and steer)")
+    learn_rows = read_jsonl(args.learn_from, ("positive", "negative"), "--learn-from") \
+        if args.learn_from else None
+    tokenizer = load_tokenizer(args.model)
+    if args.layer is not None:
+        check_layers(args.model, [args.layer], "--layer")
+    vector = _load_vector(args) if args.vector else None
+    model = load_model(args.model, args.device, args.dtype)
+    vector = _vector(args, model, tokenizer, learn_rows, vector)
+    import torch
+
+    import steerops
+    from .text import generate_text
+    plain = _user_errors(generate_text, model, tokenizer, [args.prompt],
+                         args.max_new_tokens)[0]
+    alphas = torch.tensor(args.alpha, dtype=torch.float32)
+    steered = _user_errors(steerops.Steering(model, None, vector, alpha=alphas,
+                                             mode=args.mode).generate,
+                           [args.prompt] * len(args.alpha), tokenizer, args.max_new_tokens)
+    width = max(len("unsteered"), *(len(f"alpha {a:g}") for a in args.alpha))
+    print(f"prompt: {args.prompt!r} (layer {vector.layers}, mode {args.mode})")
+    print(f"  {'unsteered':<{width}} | {plain}")
+    for a, text in zip(args.alpha, steered):
+        print(f"  {f'alpha {a:g}':<{width}} | {text}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "steer.json"), "w") as f:
+            json.dump({"prompt": args.prompt, "layer": vector.layers, "mode": args.mode,
+                       "unsteered": plain,
+                       "steered": [{"alpha": a, "text": t} for a, t in zip(args.alpha, steered)],
+                       "vector": {"method": vector.method, "settings": vector.settings},
+                       "provenance": provenance(args, args.model)}, f, indent=1)
+    return 0
+
+
+def _vector(args, model, tokenizer, learn_rows, vector):
+    import steerops
+    if learn_rows is not None:
+        return _user_errors(steerops.learn_steering_vector, model,
+                            [r["positive"] for r in learn_rows],
+                            [r["negative"] for r in learn_rows], args.layer,
+                            method=args.method, tokenizer=tokenizer)
+    _user_errors(vector.check_model, model)
+    return vector
+
+
+def _load_vector(args):
+    import steerops
+    try:
+        vector = steerops.SteeringVector.load(args.vector, device=args.device)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--vector: {e}") from None
+    if args.layer is not None and [args.layer] != vector.layers:
+        raise UsageError(f"--layer {args.layer}: the vector in {args.vector} is for layer(s) "
+                         f"{vector.layers}")
+    return vector
+
+
+COMMANDS = {
+    "patch": (patch_main, "activation patching from text prompts on a local model folder"),
+    "attribute": (attribute_main, "attribution patching (AtP), optionally beside the sweep"),
+    "steer": (steer_main, "unsteered and steered generations side by side"),
+}

@@ -1,0 +1,192 @@
+"""`steerops patch / attribute / steer` on the tiny local model: outputs (JSON, PNG,
+HTML in headless Chromium), one-line user errors with exit 2."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from browser import dump_dom, screenshot
+from steerops.tiny import TEMPLATE
+
+CLEAN = TEMPLATE.format(a="Mary", b="John", place="store", obj="drink")
+CORRUPT = TEMPLATE.format(a="Sarah", b="John", place="store", obj="drink")
+
+
+def steerops_cli(*args, cwd=None):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, "-m", "steerops.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def patch_run(tiny_folder, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("patch-out"))
+    run = steerops_cli("patch", "--model", tiny_folder, "--clean", CLEAN, "--corrupt", CORRUPT,
+                       "--answer", "Mary", "--wrong", "John", "--out", out)
+    assert run.returncode == 0, run.stderr
+    return run, out
+
+
+def test_patch_outputs(patch_run, tiny):
+    run, out = patch_run
+    assert sorted(os.listdir(out)) == [".lock", "patching.json", "patching.png", "report.html"]
+    rec = json.load(open(os.path.join(out, "patching.json")))
+    tokens = CLEAN.split()
+    assert rec["labels"] == tokens and rec["tokens"]["clean"] == [tokens]
+    assert rec["tokens"]["corrupt"] == [CORRUPT.split()]
+    assert rec["layers"] == [0, 1, 2, 3, 4] and rec["positions"] == list(range(len(tokens)))
+    # the numbers are the Python API's on the same inputs
+    import steerops
+    model, tok = tiny
+    ref = steerops.patching_sweep(model, CLEAN, CORRUPT, steerops.logit_diff("Mary", "John"),
+                                  tokenizer=tok, progress=False)
+    assert torch.equal(torch.tensor(rec["values"]), ref.effects.float())
+    assert rec["provenance"]["transformers"] and rec["settings"]["pairs"][0]["answer"] == "Mary"
+    # the printed top sites carry their tokens
+    top = rec["top_sites"][0]
+    assert re.search(rf"{top['layer']}\s+{top['position']}\s+{top['token']}\s", run.stdout)
+    assert "patching sweep" in run.stderr  # the progress bar
+
+
+def test_png_labels_come_from_the_json(patch_run, tmp_path):
+    """The PNG's tick labels are the JSON record's labels (redrawn from the file)."""
+    from steerops.report import write_png
+    _, out = patch_run
+    rec = json.load(open(os.path.join(out, "patching.json")))
+    drawn = write_png([rec], str(tmp_path / "again.png"))
+    assert drawn == [{"x": rec["labels"], "y": [str(l) for l in rec["layers"]],
+                      "colorbar": rec["value_name"]}]
+    import matplotlib.image
+    image = matplotlib.image.imread(os.path.join(out, "patching.png"))
+    assert image.std() > 0.05  # not a blank canvas
+
+
+def _cells(dom):
+    return re.findall(r'<rect class="cell"[^>]*data-layer="(\d+)" data-position="(\d+)" '
+                      r'data-token="([^"]*)"', dom)
+
+
+def test_html_in_chromium(patch_run, tmp_path):
+    _, out = patch_run
+    html = open(os.path.join(out, "report.html")).read()
+    assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "") \
+        and "https://" not in html and "<link" not in html  # self-contained
+    dom = dump_dom(os.path.join(out, "report.html"))
+    rec = json.load(open(os.path.join(out, "patching.json")))
+    cells = _cells(dom)
+    assert len(cells) == len(rec["layers"]) * len(rec["positions"])
+    for layer, pos, token in cells:
+        assert token == rec["labels"][int(pos)]
+    assert {int(l) for l, _, _ in cells} == set(rec["layers"])
+    assert 'id="tip"' in dom  # the hover box the script drives
+    image = screenshot(os.path.join(out, "report.html"), str(tmp_path / "page.png"))
+    rgb = image[..., :3]
+    assert rgb.std() > 0.05, "blank page"
+    reds = ((rgb[..., 0] > 0.6) & (rgb[..., 1] < 0.35) & (rgb[..., 2] < 0.35)).sum()
+    assert reds > 200, "no heatmap cells rendered"
+
+
+def test_attribute_compare_pairs_file(tiny_folder, tmp_path):
+    out = str(tmp_path / "atp")
+    run = steerops_cli("attribute", "--model", tiny_folder, "--pairs",
+                       os.path.join(tiny_folder, "pairs.jsonl"), "--compare", "--out", out,
+                       "--no-progress")
+    assert run.returncode == 0, run.stderr
+    atp = json.load(open(os.path.join(out, "attribution.json")))
+    sweep = json.load(open(os.path.join(out, "patching.json")))
+    pairs = [json.loads(line) for line in open(os.path.join(tiny_folder, "pairs.jsonl"))]
+    assert len(atp["tokens"]["clean"]) == len(pairs) == 8
+    assert atp["tokens"]["clean"][3] == pairs[3]["clean"].split()
+    assert atp["agreement"]["spearman"] > 0.5 and "Spearman" in run.stdout
+    dom = dump_dom(os.path.join(out, "report.html"))
+    panels = re.findall(r'<svg class="heatmap" data-panel="(\d)"', dom)
+    assert panels == ["0", "1"] and len(_cells(dom)) == 2 * len(atp["values"]) * len(
+        atp["positions"])
+    assert 'id="agreement"' in dom and sweep["kind"] == "patching"
+
+
+def test_steer_command(tiny_folder, tmp_path):
+    prompt = TEMPLATE.format(a="Tom", b="Kate", place="park", obj="key")
+    run = steerops_cli("steer", "--model", tiny_folder, "--prompt", prompt, "--learn-from",
+                       os.path.join(tiny_folder, "steer_pairs.jsonl"), "--layer", "2",
+                       "--alpha", "1,4", "--max-new-tokens", "1", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"unsteered\s+\| Tom", run.stdout)
+    assert re.search(r"alpha 4\s+\| Mary", run.stdout)
+    saved = json.load(open(tmp_path / "steer.json"))
+    assert saved["unsteered"] == "Tom" and [s["alpha"] for s in saved["steered"]] == [1.0, 4.0]
+    # a saved vector file works the same way
+    import steerops
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    rows = [json.loads(line) for line in open(os.path.join(tiny_folder, "steer_pairs.jsonl"))]
+    v = steerops.learn_steering_vector(model, [r["positive"] for r in rows],
+                                       [r["negative"] for r in rows], 2, tokenizer=tok)
+    v.save(str(tmp_path / "v.safetensors"))
+    run = steerops_cli("steer", "--model", tiny_folder, "--prompt", prompt, "--vector",
+                       str(tmp_path / "v.safetensors"), "--alpha", "4", "--max-new-tokens", "1")
+    assert run.returncode == 0 and re.search(r"alpha 4\s+\| Mary", run.stdout), run.stderr
+
+
+def _fails(run, *needles):
+    code, err = run
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("steerops"), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_command_user_errors(tiny_folder, tmp_path, capsys):
+    """In process (the subprocess path is the same main(), tested above)."""
+    from steerops.cli import main
+
+    def steerops_cli(*args):
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        return code, capsys.readouterr().err
+
+    pair = ["--clean", CLEAN, "--corrupt", CORRUPT, "--answer", "Mary", "--wrong", "John",
+            "--out", str(tmp_path / "o")]
+    _fails(steerops_cli("patch", "--model", str(tmp_path / "nope"), *pair), "no such folder")
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_folder, name), no_tok / name)
+    _fails(steerops_cli("patch", "--model", str(no_tok), *pair), "no usable tokenizer")
+    _fails(steerops_cli("patch", "--model", str(tmp_path), *pair), "no config.json")
+    _fails(steerops_cli("patch", "--model", tiny_folder, *pair, "--layers", "9"),
+           "--layers 9: out of range", "0..4")
+    _fails(steerops_cli("patch", "--model", tiny_folder, *pair[:-2], "--answer", "Mary John",
+                        "--out", str(tmp_path / "o")), "'Mary John' is 2 tokens")
+    _fails(steerops_cli("patch", "--model", tiny_folder, "--clean", "When Mary went",
+                        "--corrupt", "When Sarah and Tom went", "--answer", "Mary", "--wrong",
+                        "John", "--out", str(tmp_path / "o")),
+           "tokenise to 3 and 5 tokens", "1*: 'Mary' | 'Sarah'")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"clean": CLEAN, "corrupt": CORRUPT, "answer": "Mary",
+                               "wrong": "John"}) + "\n\n{not json\n")
+    _fails(steerops_cli("attribute", "--model", tiny_folder, "--pairs", str(bad)),
+           "line 3: not JSON")
+    bad.write_text(json.dumps({"clean": CLEAN, "corrupt": CORRUPT, "answer": "Mary"}) + "\n")
+    _fails(steerops_cli("attribute", "--model", tiny_folder, "--pairs", str(bad)),
+           "line 1: missing or empty ['wrong']")
+    _fails(steerops_cli("patch", "--model", tiny_folder, "--clean", CLEAN), "missing --corrupt")
+    _fails(steerops_cli("steer", "--model", tiny_folder, "--prompt", CLEAN, "--learn-from",
+                        os.path.join(tiny_folder, "steer_pairs.jsonl"), "--layer", "7"),
+           "--layer 7: out of range")
+    _fails(steerops_cli("steer", "--model", tiny_folder, "--prompt", CLEAN, "--learn-from",
+                        os.path.join(tiny_folder, "steer_pairs.jsonl")), "needs --layer")
+    _fails(steerops_cli("steer", "--model", tiny_folder, "--prompt", CLEAN, "--vector",
+                        str(tmp_path / "missing.safetensors")), "--vector")
+    _fails(steerops_cli("steer", "--model", tiny_folder, "--prompt", CLEAN, "--vector", "x",
+                        "--alpha", "1,two"), "--alpha")
