@@ -1,24 +1,29 @@
-"""Patching-sweep benchmark: the reuse form against the plain batched sweep and
-two hand-written hook loops, side by side in one process.
+"""Patching-sweep benchmark: the sweep's forms against two hand-written hook loops,
+side by side in one process, in interleaved rounds.
 
-    steerops bench patching                # GPT-2-small at T = 12 and 32, a Llama-style config
-    steerops bench patching --quick        # T = 12 only, one repeat
+    steerops bench patching                # GPT-2-small at T = 4, 8, 12, 32; Llama-style T=32
+    steerops bench patching --quick        # T = 12 only, one round
 
 Forms (denoising, every residual site (l, p), logit difference at the last
 position):
-- ``reuse``: ``steerops.patching_sweep`` (default reuse='full'; see steerops.reuse);
-- ``plain``: ``steerops.patching_sweep(reuse='none')``, batched (pair, site) rows;
+- ``auto``: ``steerops.patching_sweep`` as called by default (reuse='auto': the cost
+  model of steerops.costs picks full or none; the table says which);
+- ``reuse``: ``patching_sweep(reuse='full')`` (see steerops.reuse);
+- ``plain``: ``patching_sweep(reuse='none')``, batched (pair, site) rows;
 - ``hook_one_site``: a hand-written loop, one forward per (pair, site), a forward
   hook that overwrites the site;
 - ``hook_batched_layer``: a hand-written loop, one forward per (pair, layer)
   with every position of that layer patched in its own batch row.
 
-Reported per config: median seconds over repeats with the interquartile range,
-sites per second, the ratio of each form to reuse, FLOPs actually run
-(FlopCounterMode, one run of each sweep form) against the analytic floor
-(sum over sites of (L - l)(T - p) token-layers plus the head at the answer), and
-peak memory (CUDA allocator peak; on CPU the sweep's own estimate, labelled so).
-Torch's thread count is set explicitly and recorded.
+Timing: ``--repeats`` rounds; each round runs every form once, the order rotated
+from round to round, so a change of load lands on every form alike. Reported per
+form: median seconds, sites per second, the median of the per-round ratios to
+reuse with their range, FLOPs actually run (FlopCounterMode) against the analytic
+floor (sum over sites of (L - l)(T - p) token-layers plus the head at the answer),
+and peak memory (CUDA allocator peak; on CPU the resident peak above the baseline,
+bench/memory.py). The limit: the floor's FLOPs at this machine's matmul rate on the
+model's block matmuls, measured in the same run, against the sweep's time. Torch's
+thread count is set explicitly and recorded.
 """
 import os
 import statistics
@@ -36,6 +41,8 @@ from .compute import analytic_forward_flops, patching_floor_flops, reuse_sweep_f
 from .provenance import environment, save_results
 
 CONFIGS = {
+    "gpt2-small T=4": ("gpt2", 4),
+    "gpt2-small T=8": ("gpt2", 8),
     "gpt2-small T=12": ("gpt2", 12),
     "gpt2-small T=32": ("gpt2", 32),
     "llama-style T=32": ("llama", 32),
@@ -125,19 +132,60 @@ def hook_batched_layer(model, clean, corrupt, metric):
     return raw
 
 
-def _timed(fn, repeats, device):
-    times, result = [], None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return result, {"median_s": statistics.median(times), "iqr_s": [q[0], q[2]],
-                    "runs": times}
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_once(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return result, time.perf_counter() - t0
+
+
+def interleaved(forms, repeats, device):
+    """Every form once per round, the order rotated each round, so that a change in the
+    machine's load lands on all forms alike. Returns ({form: [seconds per round]},
+    {form: result of its last run})."""
+    names = list(forms)
+    times, results = {f: [] for f in names}, {}
+    for r in range(repeats):
+        for form in names[r % len(names):] + names[:r % len(names)]:
+            results[form], seconds = _time_once(forms[form], device)
+            times[form].append(seconds)
+    return times, results
+
+
+def round_ratios(times, form, base):
+    """Per-round ratios ``form / base`` (same round, same load): median and range."""
+    ratios = [a / b for a, b in zip(times[form], times[base])]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "per_round": ratios}
+
+
+def matmul_rate(model, tokens, device, repeats=3):
+    """FLOP/s of this machine on the model's block matmuls (every Linear / Conv1D of
+    the first block) at ``tokens`` rows, measured now: the rate the floor is run at."""
+    block = find_layers(model)[0]
+    shapes = []
+    for m in block.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and type(m).__name__ in ("Linear",
+                                                                                  "Conv1D"):
+            k, n = (w.shape[1], w.shape[0]) if type(m).__name__ == "Linear" else tuple(w.shape)
+            shapes.append((k, n))
+    dtype = next(model.parameters()).dtype
+    total_flops = total_s = 0.0
+    for k, n in shapes:
+        x = torch.randn(tokens, k, dtype=dtype, device=device)
+        w = torch.randn(k, n, dtype=dtype, device=device)
+        x @ w
+        best = min(_time_once(lambda: x @ w, device)[1] for _ in range(repeats))
+        total_flops += 2 * tokens * k * n
+        total_s += best
+    return total_flops / total_s, {"tokens": tokens, "shapes": shapes}
 
 
 def dry_run(name, kind, T, pairs, device, memory_budget_mb=1024):
@@ -154,6 +202,7 @@ def dry_run(name, kind, T, pairs, device, memory_budget_mb=1024):
 
 
 def run_config(name, kind, T, pairs, repeats, device, memory_budget_mb=1024):
+    from .memory import can_measure, peak_above_baseline_mb
     model = build_model(kind, device)
     cfg = model.config
     L = len(find_layers(model))
@@ -161,7 +210,9 @@ def run_config(name, kind, T, pairs, repeats, device, memory_budget_mb=1024):
     clean, corrupt, metric = make_pairs(model, pairs, T, device)
     sweep = dict(progress=False, memory_budget_mb=memory_budget_mb)
     forms = {
-        "reuse": lambda: steerops.patching_sweep(model, clean, corrupt, metric, **sweep),
+        "auto": lambda: steerops.patching_sweep(model, clean, corrupt, metric, **sweep),
+        "reuse": lambda: steerops.patching_sweep(model, clean, corrupt, metric, reuse="full",
+                                                 **sweep),
         "plain": lambda: steerops.patching_sweep(model, clean, corrupt, metric, reuse="none",
                                                  **sweep),
         "hook_one_site": lambda: hook_one_site(model, clean, corrupt, metric),
@@ -169,39 +220,48 @@ def run_config(name, kind, T, pairs, repeats, device, memory_budget_mb=1024):
     }
     out = {"config": name, "model": kind, "tokens": T, "pairs": pairs, "layers": L,
            "sites": sites, "forms": {}}
-    raws = {}
-    for form, fn in forms.items():
+    # untimed: the steerops forms' FLOPs (FlopCounterMode) and peak memory, and the
+    # cost model's calibration (once per process) outside the timed rounds
+    measure_memory = device.type == "cpu" and can_measure()
+    for form in ("auto", "reuse", "plain"):
+        entry = out["forms"][form] = {}
+        with FlopCounterMode(display=False) as counter:
+            forms[form]()
+        entry["flops_run"] = int(counter.get_total_flops())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        result, timing = _timed(fn, repeats, device)
-        raws[form] = result.raw.cpu() if hasattr(result, "raw") else result.cpu()
-        entry = dict(timing, sites_per_s=pairs * sites / timing["median_s"])
-        if device.type == "cuda":
+            forms[form]()
             entry["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        if hasattr(result, "extra"):
-            entry["reuse_report"] = result.extra["reuse"]
-            with FlopCounterMode(display=False) as counter:
-                fn()
-            entry["flops_run"] = int(counter.get_total_flops())
-        out["forms"][form] = entry
+        elif measure_memory:
+            entry["peak_rss_above_baseline_mb"] = peak_above_baseline_mb(forms[form])[1]
+    times, results = interleaved(forms, repeats, device)
+    raws = {f: (r.raw.cpu() if hasattr(r, "raw") else r.cpu()) for f, r in results.items()}
+    for form in forms:
+        runs = times[form]
+        q = statistics.quantiles(runs, n=4) if len(runs) > 1 else [runs[0]] * 3
+        entry = out["forms"].setdefault(form, {})
+        entry.update(median_s=statistics.median(runs), iqr_s=[q[0], q[2]], runs=runs,
+                     sites_per_s=pairs * sites / statistics.median(runs),
+                     over_reuse=round_ratios(times, form, "reuse"),
+                     # every form computes the same effects (fp32; batch composition moves
+                     # the last bits)
+                     max_abs_diff_vs_plain=float((raws[form] - raws["plain"]).abs().max()))
+        if hasattr(results[form], "extra"):
+            entry["reuse_report"] = results[form].extra["reuse"]
+            entry["plan_why"] = results[form].extra["plan"]["why"]
+    out["auto_chose"] = out["forms"]["auto"]["reuse_report"]["mode"]
+    out["auto_over_plain"] = round_ratios(times, "auto", "plain")
     reuse = out["forms"]["reuse"]
-    for form, entry in out["forms"].items():
-        entry["reuse_speedup"] = entry["median_s"] / reuse["median_s"]
-        # every form computes the same effects (fp32; batch composition moves the last bits)
-        entry["max_abs_diff_vs_plain"] = float((raws[form] - raws["plain"]).abs().max())
     out["flops_floor"] = patching_floor_flops(cfg, T, pairs, first_diff=2)
     out["flops_plain_analytic"] = pairs * (2 + sites) * analytic_forward_flops(cfg, T)
     out["flops_reuse_analytic"] = reuse_sweep_flops(cfg, reuse["reuse_report"], pairs, T)
     out["flops_run_over_floor"] = reuse["flops_run"] / out["flops_floor"]
-    if device.type != "cuda":
-        elem = next(model.parameters()).element_size()
-        D = getattr(cfg, "hidden_size", None) or cfg.n_embd
-        # what reuse holds beyond a plain forward: every layer's hidden states and the KV
-        # cache of the base run (the sweep's batches stay within memory_budget_mb)
-        held = pairs * T * D * elem * ((L + 1) + 2 * L)
-        out["memory_note"] = (f"CPU: no allocator peak; reuse holds {held / 2**20:.1f} MB of "
-                              f"base-run state; batches bounded by memory_budget_mb="
-                              f"{memory_budget_mb}")
+    # the limit: the floor's FLOPs at this machine's matmul rate, measured in this run
+    rate, shapes = matmul_rate(model, min(4096, 16 * T), device)
+    out["matmul_gflops"], out["matmul_shapes"] = rate / 1e9, shapes
+    out["floor_s"] = out["flops_floor"] / rate
+    for form in ("auto", "reuse"):
+        out["forms"][form]["over_floor_s"] = out["forms"][form]["median_s"] / out["floor_s"]
     del model
     return out
 
@@ -210,18 +270,39 @@ def markdown(result):
     lines = [f"Patching sweep forms side by side ({result['environment']['device']}, torch "
              f"threads {result['threads']}, torch {result['environment']['torch']}, "
              f"transformers {result['environment']['transformers']}, commit "
-             f"{result['environment']['commit']}); median of {result['repeats']} runs "
-             f"[interquartile range].", "",
-             "| config | pairs x sites | form | seconds [IQR] | sites/s | slower than reuse | "
-             "FLOPs run / floor | max diff vs plain |", "|---|---|---|---|---|---|---|---|"]
+             f"{result['environment']['commit']}); {result['repeats']} interleaved rounds "
+             f"(every form once per round, order rotated). 'x reuse' is the median of the "
+             f"per-round ratios [min, max over rounds].", "",
+             "| config | pairs x sites | form | seconds (median) | sites/s | x reuse "
+             "[range] | FLOPs run / floor | peak MB above baseline | max diff vs plain |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in result["configs"]:
         for form, e in c["forms"].items():
             ratio = (f"{e['flops_run'] / c['flops_floor']:.2f}" if "flops_run" in e
                      else f"{c['flops_plain_analytic'] / c['flops_floor']:.2f} (analytic)")
-            lines.append(f"| {c['config']} | {c['pairs']} x {c['sites']} | {form} | "
-                         f"{e['median_s']:.2f} [{e['iqr_s'][0]:.2f}, {e['iqr_s'][1]:.2f}] | "
-                         f"{e['sites_per_s']:.1f} | {e['reuse_speedup']:.2f}x | {ratio} | "
+            r = e["over_reuse"]
+            mem = e.get("peak_memory_mb", e.get("peak_rss_above_baseline_mb"))
+            label = f"auto (took {c['auto_chose']})" if form == "auto" else form
+            lines.append(f"| {c['config']} | {c['pairs']} x {c['sites']} | {label} | "
+                         f"{e['median_s']:.2f} | {e['sites_per_s']:.1f} | {r['median']:.2f}x "
+                         f"[{r['min']:.2f}, {r['max']:.2f}] | {ratio} | "
+                         f"{'-' if mem is None else f'{mem:.0f}'} | "
                          f"{e['max_abs_diff_vs_plain']:.1e} |")
+    lines += ["", "The limit: the floor's FLOPs at this machine's matmul rate on the model's "
+              "block matmuls, measured in the same run.", "",
+              "| config | matmul GFLOP/s (tokens) | floor FLOPs | floor time s | auto / floor "
+              "time | reuse / floor time | auto / plain [range] |", "|---|---|---|---|---|---|---|"]
+    for c in result["configs"]:
+        a = c["auto_over_plain"]
+        lines.append(f"| {c['config']} | {c['matmul_gflops']:.1f} ({c['matmul_shapes']['tokens']}) "
+                     f"| {c['flops_floor']:.3g} | {c['floor_s']:.2f} | "
+                     f"{c['forms']['auto']['over_floor_s']:.2f}x | "
+                     f"{c['forms']['reuse']['over_floor_s']:.2f}x | {a['median']:.2f}x "
+                     f"[{a['min']:.2f}, {a['max']:.2f}] |")
+    if result["environment"]["device"].startswith("cpu"):
+        lines += ["", "Peak MB on CPU: the process's resident peak above what it held "
+                  "before the sweep (/proc VmHWM, reset per measurement), glibc's default "
+                  "allocator."]
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from .metrics import (as_metric, check_denominator, check_finite_sites,  # noqa:
                       check_metric_pairs, logit_diff, prob_diff)
 from .models import eval_mode, model_device, model_name, register_site_hook, resolve_layers
 from .plan import plan_sweep
-from .reuse import reuse_sweep
+from .reuse import last_position_head, reuse_sweep
 from .sitemap import SiteMap
 
 
@@ -123,7 +123,8 @@ def execute(plan, progress=True):
             target_metric = metric(model_output(model(**target)), every).float()
         raw, n_batches = _plain_sweep(model, store, target, metric, layers, pos,
                                       plan.batch_size, progress, plan.layers_path)
-        report = {"mode": "none", "forwards": 1 + n_batches, "rows": plan.pairs + plan.sites}
+        report = {"mode": "none", "forwards": 1 + n_batches, "rows": plan.pairs + plan.sites,
+                  "lm_head_last_only": last_position_head(model, metric) is not None}
     else:
         raw, target_metric, report = reuse_sweep(
             model, store, target, metric, layers, pos, mode=plan.form,
@@ -223,7 +224,8 @@ def run_group(plan):
 
 def _plain_sweep(model, store, target, metric, layers, pos, batch_size, progress, layers_path):
     """The plain batched sweep: (pair, site) rows batched, one fused multi-site
-    ``patch_`` launch per layer per forward. Returns (raw, forwards run)."""
+    ``patch_`` launch per layer per forward, the LM head at the metric's position
+    only. Returns (raw, forwards run)."""
     from tqdm.auto import tqdm
 
     device = pos.device
@@ -248,6 +250,12 @@ def _plain_sweep(model, store, target, metric, layers, pos, batch_size, progress
 
     handles = [register_site_hook(model, l, make(li, l), layers_path)
                for li, l in enumerate(layers)]
+    # the LM head only where the metric reads (the last position): a (rows, T, V) fp32
+    # logits tensor per batch would be most of the batch's memory
+    head = last_position_head(model, metric)
+    if head is not None:
+        handles.append(head.register_forward_pre_hook(
+            lambda m, args: (args[0][:, -1:],) + tuple(args[1:])))
     try:
         with torch.no_grad():
             for b in tqdm(range(n_batches), disable=not progress, desc="patching sweep",
@@ -265,7 +273,7 @@ def _plain_sweep(model, store, target, metric, layers, pos, batch_size, progress
                                       torch.tensor(s, device=caches[layers[li]].device))
                                  for li, (d, s) in plan.items()}
                 pair_index = torch.tensor(pair_ids, device=device)
-                logits = model_output(model(**select_rows(target, pair_index)))
+                logits = model_output(model(**select_rows(target, pair_index), use_cache=False))
                 values = metric(logits, pair_index).float().to(device)
                 site_ids = torch.tensor([k % S for k in items], device=device)
                 raw[pair_index, site_ids // P, site_ids % P] = values

@@ -17,7 +17,7 @@ from .inputs import aligned_pairs, batch_shape, model_output, positive_int, reso
 from .inputs import select_rows
 from .metrics import as_metric, check_metric_pairs
 from .models import find_layers, hidden_size, model_device, resolve_layers
-from .reuse import choose_form, group_chunks
+from .reuse import choose_form, group_chunks, last_position_head
 
 FORM_TEXT = {
     "full": "KV prefix reused, blocks before the site skipped, LM head at the metric's "
@@ -27,20 +27,27 @@ FORM_TEXT = {
 }
 
 
-def auto_batch_size(model, T, memory_budget_mb):
+def auto_batch_size(model, T, memory_budget_mb, head_tokens=None):
     """Rows per forward that keep a batch's live activations within the budget."""
-    return max(1, int(memory_budget_mb * 2**20 // max(_row_bytes(model, T), 1)))
+    return max(1, int(memory_budget_mb * 2**20 // max(row_bytes(model, T, head_tokens), 1)))
 
 
-def _row_bytes(model, T):
-    """Live activations of one sequence at inference: a few D-wide and one MLP-wide
-    tensor per token, plus fp32 logits."""
+def row_bytes(model, T, head_tokens=None):
+    """Peak memory of one sequence in an inference forward without a KV cache, as the
+    process's resident set sees it: per token 16 D-wide and 8 MLP-wide tensors (the
+    MLP's activation runs as several elementwise temporaries; the first large batch
+    of a process also pays the allocator's growth: measured on CPU at GPT-2-small
+    shapes, T = 32, up to 138 kB per token against 147 kB from this rule), the
+    attention scores (heads x T per token, eager attention keeps ~3 such), and fp32
+    logits (and their softmax) at ``head_tokens`` positions (default all T)."""
     cfg = getattr(model, "config", None)
     D = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
     V = getattr(cfg, "vocab_size", 0) or 0
-    inter = getattr(cfg, "intermediate_size", None) or 4 * D
+    H = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1) or 1
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * D
     elem = next(model.parameters()).element_size()
-    return T * ((6 * D + 2 * inter) * elem + 4 * V)
+    head_tokens = T if head_tokens is None else head_tokens
+    return T * ((16 * D + 8 * inter) + 3 * H * T) * elem + head_tokens * V * 4 * 2
 
 
 def _tokens(inputs):
@@ -77,6 +84,7 @@ class SweepPlan:
     memory_mb: dict = field(default_factory=dict)
     estimate: dict = None
     tokens: tuple = field(default=None, repr=False)  # (clean, corrupt) token strings per pair
+    cost_model: dict = None  # reuse='auto': both forms' estimated seconds and the rates
 
     # ------------------------------------------------------------------ counts
     @property
@@ -165,7 +173,7 @@ class SweepPlan:
                 "form": self.form, "why": self.why, "batch_size": self.batch_size,
                 "forwards": self.forwards, "rows": self.rows, "flops": dict(self.flops),
                 "memory_mb": dict(self.memory_mb), "units": len(self.units()[0]),
-                "estimate": self.estimate}
+                "estimate": self.estimate, "cost_model": self.cost_model}
 
     def describe(self):
         """A short table of the plan (also returned as a string)."""
@@ -232,15 +240,41 @@ def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, no
     check_metric_pairs(metric, pairs)
     pos = resolve_positions(positions, T, device)
     if batch_size is None:
-        batch_size = auto_batch_size(model, T, memory_budget_mb)
-    if form == "none":
-        batch_size = max(1, min(batch_size, pairs * len(layers) * pos.numel()))
-    plan = SweepPlan(model, clean, corrupt, metric, layers, pos, noising, form, why, batch_size,
-                     memory_budget_mb, layers_path, distributed, shard_dir, pairs_per_unit,
-                     pairs=pairs, T=T, tokens=tokens)
-    plan.differing = _predicted_differing(clean, corrupt, layers, pos)
-    _count(plan)
+        head = last_position_head(model, metric) is not None
+        batch_size = auto_batch_size(model, T, memory_budget_mb, 1 if head else None)
+    differing = _predicted_differing(clean, corrupt, layers, pos)
+
+    def build(form, why):
+        rows = batch_size if form != "none" else \
+            max(1, min(batch_size, pairs * len(layers) * pos.numel()))
+        plan = SweepPlan(model, clean, corrupt, metric, layers, pos, noising, form, why, rows,
+                         memory_budget_mb, layers_path, distributed, shard_dir, pairs_per_unit,
+                         pairs=pairs, T=T, tokens=tokens)
+        plan.differing = differing
+        _count(plan)
+        return plan
+    plan = build(form, why)
+    if reuse == "auto" and form == "full":
+        plan = _cheaper(plan, build("none", ""))
     return plan
+
+
+def _cheaper(reuse_plan, plain_plan):
+    """The cheaper of the reuse and plain plans by the machine's cost model
+    (steerops.costs), with the reason."""
+    from .costs import REUSE_MARGIN, machine_costs, plan_seconds
+    costs = machine_costs(reuse_plan.model, reuse_plan.layers_path)
+    full, plain = plan_seconds(reuse_plan, costs), plan_seconds(plain_plan, costs)
+    chosen = reuse_plan if full <= REUSE_MARGIN * plain else plain_plan
+    chosen.why = (f"auto: the cost model (steerops.costs) takes {chosen.form} on this model "
+                  f"at T={reuse_plan.T} (full only when its estimate is below "
+                  f"{REUSE_MARGIN:g} x plain's): full ~{full:.3g} s "
+                  f"({reuse_plan.block_calls} block calls, {reuse_plan.flops['plan']:.3g} FLOPs) "
+                  f"vs none ~{plain:.3g} s ({plain_plan.block_calls} block calls, "
+                  f"{plain_plan.flops['plan']:.3g} FLOPs) at {costs['gflops']:.3g} GFLOP/s and "
+                  f"{costs['s_per_block_call'] * 1e3:.3g} ms per block call")
+    chosen.cost_model = {"full_s": full, "none_s": plain, **costs}
+    return chosen
 
 
 def _predicted_differing(clean, corrupt, layers, pos):
@@ -273,7 +307,10 @@ def _count(plan):
         batches = math.ceil(plan.sites / plan.batch_size)
         plan.forwards, plan.rows = 2 + batches, 2 * pairs + plan.sites
         plan.block_calls = plan.forwards * L
-        plan_flops = base + plan.sites * fwd
+        head_last = last_position_head(model, plan.metric) is not None
+        row_flops = F.analytic_forward_flops(cfg, T, lm_head=False) + \
+            2 * D * V * (1 if head_last else T)
+        plan_flops = base + plan.sites * row_flops
     else:
         plan.chunks = group_chunks(plan.differing, plan.layers, plan.positions, T)
         head = getattr(plan.metric, "positions", None) == (-1,)
@@ -303,7 +340,8 @@ def _count(plan):
     if plan.form != "none":  # the base run's hidden states, KV cache (and one crop), logits
         kv = 2 * L * T * D * elem
         caches += pairs * (len(plan.layers) * T * D * elem + 2 * kv + T * V * 4)
-    per_batch = plan.batch_size * _row_bytes(model, T)
+    head = last_position_head(model, plan.metric) is not None
+    per_batch = plan.batch_size * row_bytes(model, T, 1 if head else None)
     mb = 2 ** 20
     plan.memory_mb = {"weights": weights / mb, "caches": caches / mb, "per_batch": per_batch / mb,
                       "peak": (weights + caches + per_batch) / mb}

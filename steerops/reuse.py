@@ -140,7 +140,7 @@ def _slice_inputs(inputs, rows, start, T):
     return out
 
 
-def _last_position_head(model, metric):
+def last_position_head(model, metric):
     """The LM head, when the metric reads only the last position's logits."""
     if getattr(metric, "positions", None) != (-1,):
         return None
@@ -173,7 +173,7 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
     handles.append(blocks[0].register_forward_hook(lambda m, a, out: formats.append(
         "tensor" if isinstance(out, torch.Tensor) else
         "tuple" if isinstance(out, tuple) and len(out) == 1 else "other")))
-    head = _last_position_head(model, metric)
+    head = last_position_head(model, metric)
     head_input = []
     if head is not None:
         handles.append(head.register_forward_pre_hook(

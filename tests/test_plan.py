@@ -100,7 +100,7 @@ def test_an_encoder_plans_the_plain_form_and_says_why():
 def test_describe_and_units(capsys):
     model = causal_lm("llama")
     clean, corrupt = _pairs()
-    plan = steerops.plan_sweep(model, clean, corrupt, _metric(), shard_dir="/tmp/unused",
+    plan = steerops.plan_sweep(model, clean, corrupt, _metric(), reuse="full", shard_dir="/tmp/unused",
                                pairs_per_unit=2)
     units, costs = plan.units()
     assert units == [(a, b, l) for a, b in ((0, 2), (2, 3)) for l in range(4)]
@@ -151,3 +151,60 @@ def test_the_time_estimate_is_within_a_factor_of_the_run(reuse):
     assert plan.estimate["seconds"] == estimate > 0
     assert 1 / ESTIMATE_FACTOR < estimate / measured < ESTIMATE_FACTOR, (estimate, measured)
     assert "est. time" in plan.describe()
+
+
+def _costs(per_call, per_flop, per_reuse_forward=0.0):
+    return {"s_per_block_call": per_call, "s_per_flop": per_flop,
+            "s_per_reuse_forward": per_reuse_forward, "gflops": 1e-9 / per_flop,
+            "device": "cpu", "threads": 1}
+
+
+@pytest.mark.parametrize("per_call,want", [(1e-1, "none"), (1e-9, "full")])
+def test_auto_takes_the_form_the_cost_model_says_is_cheaper(monkeypatch, per_call, want):
+    """Expensive block calls (weights streamed per call, launch overhead) favour the
+    plain form's few large forwards; cheap ones the reuse form's fewer FLOPs. The
+    choice and both estimates are in the result."""
+    from steerops import costs
+    monkeypatch.setattr(costs, "machine_costs", lambda model, layers_path=None:
+                        _costs(per_call, 1e-11))
+    model = causal_lm("llama", seed=1)
+    clean, corrupt = _pairs()
+    plan = steerops.plan_sweep(model, clean, corrupt, _metric())
+    full = steerops.plan_sweep(model, clean, corrupt, _metric(), reuse="full")
+    plain = steerops.plan_sweep(model, clean, corrupt, _metric(), reuse="none")
+    est = {f: costs.plan_seconds(p, _costs(per_call, 1e-11)) for f, p in
+           (("full", full), ("none", plain))}
+    assert plan.form == want
+    assert plan.cost_model["full_s"] == pytest.approx(est["full"])
+    assert plan.cost_model["none_s"] == pytest.approx(est["none"])
+    res = steerops.patching_sweep(model, clean, corrupt, _metric(), progress=False)
+    assert res.extra["reuse"]["mode"] == want
+    assert res.extra["plan"]["why"].startswith(f"auto: the cost model (steerops.costs) takes {want}")
+    ref = steerops.patching_sweep(model, clean, corrupt, _metric(), reuse="none",
+                                  progress=False)
+    torch.testing.assert_close(res.effects, ref.effects, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_prefers_plain_near_a_tie(monkeypatch):
+    """full is taken only when its estimate is below REUSE_MARGIN x plain's."""
+    from steerops import costs
+    model = causal_lm("gpt2", seed=1)
+    clean, corrupt = _pairs()
+    full = steerops.plan_sweep(model, clean, corrupt, _metric(), reuse="full")
+    plain = steerops.plan_sweep(model, clean, corrupt, _metric(), reuse="none")
+    # per-call cost at which the two estimates are equal (FLOP rate fixed)
+    per_flop = 1e-11
+    tie = (plain.flops["plan"] - full.flops["plan"]) * per_flop / (
+        full.block_calls - plain.block_calls)
+    for scale, want in ((0.99, "none"), (0.5 * costs.REUSE_MARGIN, "full")):
+        monkeypatch.setattr(costs, "machine_costs", lambda model, layers_path=None,
+                            c=_costs(tie * scale, per_flop): c)
+        assert steerops.plan_sweep(model, clean, corrupt, _metric()).form == want, scale
+
+
+def test_machine_costs_are_measured_and_cached():
+    from steerops.costs import machine_costs
+    model = causal_lm("gpt2", seed=1)
+    c = machine_costs(model)
+    assert c["s_per_block_call"] > 0 and c["s_per_flop"] > 0 and c["s_per_reuse_forward"] >= 0
+    assert machine_costs(model) is c  # once per model, device and thread count

@@ -54,7 +54,7 @@ def test_reuse_report_and_work_done():
     model = causal_lm("llama")
     clean, corrupt = _pairs()
     L, T, pairs = 3, 7, 3
-    res = steerops.patching_sweep(model, clean, corrupt, LAST, progress=False)
+    res = steerops.patching_sweep(model, clean, corrupt, LAST, reuse="full", progress=False)
     rep = res.extra["reuse"]
     assert rep["mode"] == "full" and rep["lm_head_last_only"] and rep["prefix_from_cache"]
     # identical in clean and corrupt: positions 0..2 at every layer, and at the
@@ -99,10 +99,28 @@ def test_patching_benchmark_forms_agree_and_count(monkeypatch, tmp_path):
     data = json.loads((tmp_path / "patching.json").read_text())
     c = data["configs"][0]
     assert data["threads"] == 1 and c["sites"] == 4 * 6
-    for form in ("reuse", "plain", "hook_one_site", "hook_batched_layer"):
+    for form in ("auto", "reuse", "plain", "hook_one_site", "hook_batched_layer"):
         e = c["forms"][form]
         assert e["max_abs_diff_vs_plain"] < 1e-4, form
         assert len(e["runs"]) == 2 and e["sites_per_s"] > 0
+        # interleaved rounds: the ratio to reuse is taken round by round
+        assert e["over_reuse"]["per_round"] == pytest.approx(
+            [a / b for a, b in zip(e["runs"], c["forms"]["reuse"]["runs"])])
+    assert c["auto_chose"] in ("full", "none") and c["floor_s"] > 0
+    assert c["forms"]["reuse"]["over_floor_s"] == pytest.approx(
+        c["forms"]["reuse"]["median_s"] / c["floor_s"])
     assert c["flops_reuse_analytic"] == pytest.approx(c["forms"]["reuse"]["flops_run"], rel=0.25)
     assert c["forms"]["reuse"]["flops_run"] < c["forms"]["plain"]["flops_run"]
     assert "| tiny T=6 |" in (tmp_path / "patching.md").read_text()
+
+
+def test_benchmark_rounds_interleave_and_rotate():
+    from steerops.bench.patching import interleaved, round_ratios
+    calls = []
+    forms = {f: (lambda f=f: calls.append(f) or f) for f in ("a", "b", "c")}
+    times, results = interleaved(forms, 3, torch.device("cpu"))
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert results == {"a": "a", "b": "b", "c": "c"} and all(len(t) == 3 for t in times.values())
+    times = {"x": [2.0, 4.0, 9.0], "y": [1.0, 1.0, 3.0]}
+    assert round_ratios(times, "x", "y") == {"median": 3.0, "min": 2.0, "max": 4.0,
+                                             "per_round": [2.0, 4.0, 3.0]}

@@ -1,0 +1,69 @@
+"""Peak memory of a piece of work on the CPU, where torch has no allocator
+statistics (and tracemalloc does not see torch's allocations): the process's peak
+resident set above what it held before, read from /proc.
+
+Linux lets a process reset its own peak (``echo 5 > /proc/self/clear_refs`` resets
+VmHWM), so the peak of one call is measured without a fresh process; where that is
+not possible, run the call in a child process (``in_child``) so that the peak is
+that call's alone.
+"""
+import gc
+import os
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def can_measure():
+    try:
+        _status_kb("VmHWM")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_above_baseline_mb(fn):
+    """(fn's result, peak resident MB above the resident MB before the call)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = _status_kb("VmRSS")
+    result = fn()
+    peak = _status_kb("VmHWM")
+    return result, (peak - before) / 1024
+
+
+def _child(conn, fn, args):
+    try:
+        conn.send(("ok", peak_above_baseline_mb(lambda: fn(*args))[1]))
+    except BaseException as e:  # noqa: BLE001 (reported to the parent)
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def in_child(fn, *args):
+    """Peak MB above baseline of ``fn(*args)`` run in a fresh forked process (what the
+    parent allocated before the fork is shared, not counted)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fn, args))
+    proc.start()
+    child.close()
+    status, value = parent.recv()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"child failed: {value}")
+    return value
+
+
+if __name__ == "__main__":
+    print("peak measurable:", can_measure(), os.getpid())
