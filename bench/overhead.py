@@ -6,13 +6,13 @@ a forward hook doing the same math in plain PyTorch. Medians of repeated runs,
 wall-clock around each call (synchronising the GPU first on CUDA). On the CPU it
 measures the CPU path, not the kernels.
 """
-import json
+import os
 import statistics
 import time
 
 import torch
 
-from steerops.cli_args import Parser, device, positive_int
+from steerops.cli_args import Parser, device, output_folder, positive_int
 
 
 def _llama(hidden, layers, device, dtype):
@@ -83,6 +83,115 @@ def measure(hidden=256, layers=4, batch=4, seq=64, mode="norm_scaled", repeats=3
             "steerops_call_us": op_call * 1e6, "plain_math_call_us": plain_call * 1e6}
 
 
+# ---------------------------------------------------------------------- decode
+def _wrap_hooks(model, seconds):
+    """Every forward (pre-)hook of the model's modules timed into ``seconds[0]``: the
+    host time a hook costs per forward, whatever it does."""
+    import time as _time
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key, fn in list(hooks.items()):
+                def timed(*args, _fn=fn, **kwargs):
+                    t0 = _time.perf_counter()
+                    try:
+                        return _fn(*args, **kwargs)
+                    finally:
+                        seconds[0] += _time.perf_counter() - t0
+                hooks[key] = timed
+
+
+def _python_calls(fn, name):
+    """How many times a Python function called ``name`` ran during ``fn()`` (cProfile
+    sees frames the interpreter runs; code compiled by dynamo runs none)."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        fn()
+    finally:
+        prof.disable()
+    return sum(v[1] for k, v in pstats.Stats(prof).stats.items() if k[2] == name)
+
+
+def decode_hook_cost(hidden=256, layers=4, batch=1, new_tokens=32, repeats=3, compile=True,
+                     backend="inductor"):
+    """Host time of the hooks per generated token (add mode, batch ``batch``):
+    steerops.Steering against a bare forward hook doing the same math; and under
+    torch.compile (``model.compile``) the per-token time steered minus unsteered and
+    how many times the steering hook's Python code ran (0: it is in the graph), with
+    the compiled steered tokens checked equal to the eager steered ones."""
+    import steerops
+    from steerops.models import find_layers
+    model = _llama(hidden, layers, torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, 1024, (batch, 16))
+    v = torch.randn(hidden)
+    layer = layers // 2
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  pad_token_id=0)
+
+    def bare(module, args, out):  # the same math, nothing else: h += alpha v
+        (out[0] if isinstance(out, tuple) else out).add_(4.0 * v)
+
+    def hook_ms(attach, detach):
+        per_token = []
+        for _ in range(repeats):
+            seconds = [0.0]
+            handle = attach()
+            _wrap_hooks(model, seconds)
+            generate()
+            detach(handle)
+            for m in model.modules():  # the timing wrappers go with the hooks
+                m._forward_hooks.clear()
+                m._forward_pre_hooks.clear()
+            per_token.append(seconds[0] / new_tokens * 1e3)
+        return statistics.median(per_token)
+
+    steering = steerops.Steering(model, layer, v, 4.0)
+    eager_tokens = None
+    with steering:
+        eager_tokens = generate()
+    out = {"hidden": hidden, "layers": layers, "batch": batch, "new_tokens": new_tokens,
+           "threads": torch.get_num_threads()}
+    rounds = {"steerops": [], "bare": []}
+    for _ in range(3):  # interleaved
+        rounds["steerops"].append(hook_ms(lambda: steering.attach(), lambda h: steering.detach()))
+        rounds["bare"].append(hook_ms(
+            lambda: find_layers(model)[layer - 1].register_forward_hook(bare),
+            lambda h: h.remove()))
+    out["eager_hook_ms_per_token"] = statistics.median(rounds["steerops"])
+    out["bare_hook_ms_per_token"] = statistics.median(rounds["bare"])
+    out["eager_over_bare"] = out["eager_hook_ms_per_token"] / out["bare_hook_ms_per_token"]
+    with steering:
+        out["eager_hook_python_calls"] = _python_calls(generate, "steer_site")
+    if compile:
+        model.compile(backend=backend, dynamic=True)
+        generate()  # compile unsteered
+        with steering:
+            compiled_tokens = generate()  # compile steered (hooks in the graph)
+            out["compiled_hook_python_calls"] = _python_calls(generate, "steer_site")
+        out["compiled_tokens_equal_eager"] = bool(torch.equal(compiled_tokens, eager_tokens))
+        times = {"steered": [], "unsteered": []}
+        for _ in range(max(repeats, 3)):
+            with steering:
+                t0 = time.perf_counter()
+                generate()
+                times["steered"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            generate()
+            times["unsteered"].append(time.perf_counter() - t0)
+        out["compiled_backend"] = backend
+        out["compiled_ms_per_token"] = {k: statistics.median(x) / new_tokens * 1e3
+                                        for k, x in times.items()}
+        out["compiled_steering_ms_per_token"] = (out["compiled_ms_per_token"]["steered"]
+                                                 - out["compiled_ms_per_token"]["unsteered"])
+    return out
+
+
 def build_parser():
     p = Parser(prog="steerops bench overhead",
                description=__doc__.splitlines()[0])
@@ -93,16 +202,54 @@ def build_parser():
     p.add_argument("--batch", type=positive_int, default=4, help="batch size (default: 4)")
     p.add_argument("--seq", type=positive_int, default=64, help="tokens per sequence (default: 64)")
     p.add_argument("--repeats", type=positive_int, default=30, help="timed forwards (default: 30)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads, set explicitly and recorded (default: 1)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile decode measurement (it compiles for ~1 min)")
+    p.add_argument("--out", type=output_folder, default=os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", "overhead"),
+        help="output folder (default: bench/results/overhead)")
     return p
 
 
 def main(argv=None):
+    from .provenance import environment, save_results
     p = build_parser()
     args = p.parse_args(argv)
-    result = measure(args.hidden, args.layers, args.batch, args.seq, repeats=args.repeats,
-                     device=args.device)
-    print(json.dumps(result, indent=2))
+    torch.set_num_threads(args.threads)
+    result = {"environment": environment(), "threads": torch.get_num_threads(),
+              "forward": measure(args.hidden, args.layers, args.batch, args.seq,
+                                 repeats=args.repeats, device=args.device)}
+    if torch.device(args.device).type == "cpu":
+        result["decode"] = [decode_hook_cost(args.hidden, args.layers, batch=b,
+                                             compile=not args.no_compile and b == 1)
+                            for b in (1, 8)]
+    save_results(args.out, "overhead", result, decode_markdown(result))
+    print(decode_markdown(result))
     return result
+
+
+def decode_markdown(result):
+    e = result["environment"]
+    lines = [f"Steering overhead ({e['device']}, torch {e['torch']}, transformers "
+             f"{e['transformers']}, threads {result['threads']}, commit {e['commit']}).", "",
+             "Per forward (prefill): " + ", ".join(f"{k} {v:.3g}" for k, v in
+                                                   result["forward"].items()
+                                                   if k.endswith("_ms")), ""]
+    if result.get("decode"):
+        lines += ["Per generated token, add mode: host time inside hooks (every forward hook "
+                  "of the model timed), median of 3 interleaved rounds.", "",
+                  "| batch | steerops eager ms/token | bare hook ms/token | ratio | hook Python "
+                  "calls eager | compiled: hook Python calls | compiled steered - unsteered "
+                  "ms/token | compiled tokens = eager |", "|---|---|---|---|---|---|---|---|"]
+        for d in result["decode"]:
+            comp = ("-", "-", "-") if "compiled_tokens_equal_eager" not in d else (
+                d["compiled_hook_python_calls"], f"{d['compiled_steering_ms_per_token']:.3f}",
+                d["compiled_tokens_equal_eager"])
+            lines.append(f"| {d['batch']} | {d['eager_hook_ms_per_token']:.4f} | "
+                         f"{d['bare_hook_ms_per_token']:.4f} | {d['eager_over_bare']:.2f}x | "
+                         f"{d['eager_hook_python_calls']} | {comp[0]} | {comp[1]} | {comp[2]} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ class ForwardInfo:
     without a cache re-runs the whole sequence each step).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, track_prompt=True):
+        self.track_prompt = track_prompt  # False: only shape and mask (the fast path)
         self.past = 0
         self.attention_mask = None
         self.shape = None
@@ -105,6 +106,15 @@ class ForwardInfo:
 
     def _record(self, module, args, kwargs):
         self.calls += 1
+        if not self.track_prompt:  # steering every position: no offset or prompt needed
+            tokens = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            self.shape = tuple(tokens.shape[:2]) if isinstance(tokens, torch.Tensor) else None
+            mask = kwargs.get("attention_mask")
+            if mask is None and len(args) > 1:
+                mask = self._arguments(args, kwargs).get("attention_mask")
+            self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 \
+                else None
+            return
         call = self._arguments(args, kwargs)
         tokens = call.get("input_ids")
         if tokens is None:
@@ -146,6 +156,15 @@ class ForwardInfo:
             if mask.shape[1] != T:
                 mask = None
         return self.past, mask
+
+    def new_token_mask(self, hidden):
+        """The attention-mask columns of this forward's tokens (the last T: a mask
+        covers the cached tokens and the new ones), or None."""
+        mask = self.attention_mask
+        T = hidden.shape[1]
+        if mask is None or self.shape != tuple(hidden.shape[:2]) or mask.shape[1] < T:
+            return None
+        return mask[:, -T:]
 
     def remove(self):
         self._handle.remove()

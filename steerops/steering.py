@@ -76,6 +76,7 @@ class Steering:
         self._handles = []
         self._info = None
         self._rows_cache = (None, None)
+        self._fast = {}  # (device, batch, alpha, vector) -> alpha * v (the fast path)
         self._depth = 0  # nested `with` blocks on this object: detach when the outermost exits
 
     # ------------------------------------------------------------------ validation (once)
@@ -137,8 +138,11 @@ class Steering:
 
     def _build_row_args(self, hidden):
         B, T = hidden.shape[:2]
-        past, attn = self._info.current(hidden)
-        sel = self._positions.mask(B, T, past, self._info.prompt_len, hidden.device)
+        if self._positions.steers_everything:  # only padding is left out
+            sel, attn = None, self._info.new_token_mask(hidden)
+        else:
+            past, attn = self._info.current(hidden)
+            sel = self._positions.mask(B, T, past, self._info.prompt_len, hidden.device)
         if attn is not None:
             keep = attn != 0
             sel = keep if sel is None else sel & keep
@@ -156,11 +160,46 @@ class Steering:
             alpha = alpha.unsqueeze(1).expand(B, T)
         return mask, vi, alpha
 
+    def _fast_delta(self, layer, hidden):
+        """alpha * v for the fast path, built once per (device, batch) and kept:
+        (D,) or (B, 1, D) fp32, the steering term of mode 'add' with no row mask."""
+        alpha, vector = self.alpha, self.vectors[layer]
+        key = (hidden.device, hidden.shape[0], id(alpha), id(vector))
+        delta = self._fast.get(key)
+        if delta is None:
+            v = vector.detach().to(hidden.device, torch.float32).reshape(-1)
+            if isinstance(alpha, torch.Tensor):
+                a = alpha.detach().to(hidden.device, torch.float32)
+                if a.dim() == 1 and a.shape[0] != hidden.shape[0]:
+                    return None  # the general path reports the mismatch
+                delta = a.reshape(-1, 1, 1) * v if a.dim() == 1 else a * v
+            else:
+                delta = alpha * v
+            self._fast[key] = delta
+        return delta
+
+    def _fast_path_applies(self, layer):
+        """'add' of one vector at every position with a fixed alpha: the steering term
+        is the same for every forward of a generate, so it is computed once, and each
+        forward adds it in place (one op; the attention mask's padding columns masked)."""
+        alpha, vector = self.alpha, self.vectors[layer]
+        return (self.mode == "add" and layer != 0 and self.vector_index is None
+                and self._positions.steers_everything
+                and (vector.dim() == 1 or vector.shape[0] == 1) and not vector.requires_grad
+                and not (isinstance(alpha, torch.Tensor) and alpha.requires_grad))
+
     def _make_hook(self, layer):
         vector = self.vectors[layer]
+        fast = self._fast_path_applies(layer)
 
         def steer_site(hidden):
             nonlocal vector
+            if fast and not (torch.is_grad_enabled() and hidden.requires_grad):
+                delta = self._fast_delta(layer, hidden)
+                if delta is not None:
+                    keep = self._info.new_token_mask(hidden) if self._info is not None else None
+                    hidden.add_(delta if keep is None else delta * (keep != 0)[..., None])
+                    return None
             mask, vi, alpha = self._row_args(hidden)
             v = vector
             if v.device != hidden.device:  # a hidden state off its layer's weights' device
@@ -194,7 +233,10 @@ class Steering:
         if self._handles:
             return self
         make_hooks_visible_to_compile(self.model)
-        self._info = ForwardInfo(self.model)
+        # steering every position needs no decode offset or prompt bookkeeping per
+        # forward, only the attention mask
+        self._info = ForwardInfo(self.model,
+                                 track_prompt=not self._positions.steers_everything)
         for layer in self.layers:
             self._handles.append(register_site_hook(self.model, layer, self._make_hook(layer),
                                                     self.layers_path))

@@ -271,3 +271,64 @@ def test_training_script_does_not_overwrite_the_shipped_checkpoints():
         train.main(["--tasks", "ioi", "--out", train.CHECKPOINT_DIR])
     assert math.isfinite(float(len(train.DEFAULT_OUT)))
     assert train.DEFAULT_OUT != train.CHECKPOINT_DIR
+
+
+def test_compiled_decode_path_runs_no_hook_code_and_matches_eager():
+    """model.compile(): the steering hook is traced into the graph, so a steered
+    generate runs none of its Python per token, and gives the eager steered tokens."""
+    from steerops.bench.overhead import _python_calls
+    model = causal_lm("llama", seed=2)
+    ids = prompts(batch=2, length=5, seed=1)
+    v = torch.randn(32) * 4
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(ids))
+    steering = steerops.Steering(model, 2, v, 3.0)
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(ids, **kw)
+    with steering:
+        eager = generate()
+        assert _python_calls(generate, "steer_site") == 6  # one per forward (6 tokens), eager
+    plain = generate()
+    assert not torch.equal(plain, eager)  # the steering changes the tokens
+    try:
+        model.compile(backend="eager", dynamic=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with steering:
+                assert torch.equal(generate(), eager)
+                assert _python_calls(generate, "steer_site") == 0
+                assert torch.equal(generate(), eager)
+            assert torch.equal(generate(), plain)  # detached: unsteered again
+    finally:
+        torch.compiler.reset()
+
+
+def test_fast_steering_path_equals_the_op():
+    """'add' at every position with a fixed alpha adds a precomputed alpha * v in place;
+    the result equals the fused op's (bitwise, fp32), padding columns untouched."""
+    model = causal_lm("llama", seed=2)
+    ids = prompts(batch=3, length=6, seed=1)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding in row 0
+    v = torch.randn(32)
+    for alpha in (2.5, torch.tensor([1.0, -2.0, 0.5])):
+        captured = {}
+        h = steerops.models.register_site_hook(
+            model, 2, lambda x: captured.setdefault("h", x.clone()))
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+        h.remove()
+        steering = steerops.Steering(model, 2, v, alpha)
+        assert steering._fast_path_applies(2)
+        got = {}
+        with steering, torch.no_grad():
+            h = steerops.models.register_site_hook(
+                model, 2, lambda x: got.setdefault("h", x.clone()))
+            model(ids, attention_mask=mask)
+            h.remove()
+        a = alpha[:, None] if isinstance(alpha, torch.Tensor) else alpha
+        want = steerops.steer(captured["h"], v, a, mask=mask.bool())
+        assert torch.equal(got["h"], want)
+        assert torch.equal(got["h"][0, :2], captured["h"][0, :2])
