@@ -223,6 +223,10 @@ def run_config(name, kind, T, pairs, repeats, device, memory_budget_mb=1024):
     # untimed: the steerops forms' FLOPs (FlopCounterMode) and peak memory, and the
     # cost model's calibration (once per process) outside the timed rounds
     measure_memory = device.type == "cpu" and can_measure()
+    # the cost model calibrates on first use: here, not under FlopCounterMode below
+    # (which slows every op down and would skew the rates auto chooses by)
+    from steerops.costs import machine_costs
+    out["cost_model"] = machine_costs(model)
     for form in ("auto", "reuse", "plain"):
         entry = out["forms"][form] = {}
         with FlopCounterMode(display=False) as counter:

@@ -50,6 +50,23 @@ def machine_costs(model, layers_path=None):
     key = (id(model), str(device), torch.get_num_threads(), param.dtype)
     if key in _MEASURED:
         return _MEASURED[key]
+    if _dispatch_mode_active():
+        # a mode that intercepts every op (FlopCounterMode, a profiler's) would be
+        # timed with the model: measure, but do not keep the skewed figures
+        return _measure(model, layers_path, device)
+    _MEASURED[key] = _measure(model, layers_path, device)
+    return _MEASURED[key]
+
+
+def _dispatch_mode_active():
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:  # not in this torch: assume none
+        return False
+    return _get_current_dispatch_mode() is not None
+
+
+def _measure(model, layers_path, device):
     cfg = model.config
     L = len(find_layers(model, layers_path))
     one = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -66,7 +83,6 @@ def machine_costs(model, layers_path=None):
                                                            device),
              "gflops": 1e-9 / s_per_flop, "device": str(device),
              "threads": torch.get_num_threads()}
-    _MEASURED[key] = costs
     return costs
 
 
