@@ -320,7 +320,8 @@ def build_parser():
     p.add_argument("--quick", action="store_true",
                    help="GPT-2-small at T = 12 only, one repeat")
     p.add_argument("--pairs", type=positive_int, default=2, help="prompt pairs (default: 2)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per form (default: 3)")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="interleaved rounds: timed runs per form (default: 3)")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads, set explicitly and recorded (default: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -100,8 +100,8 @@ def test_an_encoder_plans_the_plain_form_and_says_why():
 def test_describe_and_units(capsys):
     model = causal_lm("llama")
     clean, corrupt = _pairs()
-    plan = steerops.plan_sweep(model, clean, corrupt, _metric(), reuse="full", shard_dir="/tmp/unused",
-                               pairs_per_unit=2)
+    plan = steerops.plan_sweep(model, clean, corrupt, _metric(), reuse="full",
+                               shard_dir="/tmp/unused", pairs_per_unit=2)
     units, costs = plan.units()
     assert units == [(a, b, l) for a, b in ((0, 2), (2, 3)) for l in range(4)]
     assert costs[0] == 2 * (3 - 0 + 2)
@@ -179,7 +179,8 @@ def test_auto_takes_the_form_the_cost_model_says_is_cheaper(monkeypatch, per_cal
     assert plan.cost_model["none_s"] == pytest.approx(est["none"])
     res = steerops.patching_sweep(model, clean, corrupt, _metric(), progress=False)
     assert res.extra["reuse"]["mode"] == want
-    assert res.extra["plan"]["why"].startswith(f"auto: the cost model (steerops.costs) takes {want}")
+    why = res.extra["plan"]["why"]
+    assert why.startswith(f"auto: the cost model (steerops.costs) takes {want}")
     ref = steerops.patching_sweep(model, clean, corrupt, _metric(), reuse="none",
                                   progress=False)
     torch.testing.assert_close(res.effects, ref.effects, rtol=1e-4, atol=1e-4)
