@@ -149,11 +149,12 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, heavy_d
     def stage(name, fn, **kw):
         return ledger.run(name, fn, tokens=T, repeats=rep, device=device, side="", **kw)
 
-    # --- patching, in its cheapest correct form (steerops.reuse)
+    # --- patching, in its cheapest correct form in FLOPs (steerops.reuse, 'full'; named,
+    # not 'auto': auto's choice is timed, and the ledger must not depend on the machine)
     metric = steerops.logit_diff(ev.answer.to(device), ev.wrong.to(device))
     sweep = stage("patching", lambda: steerops.patching_sweep(
         model, ev.clean.to(device), ev.corrupt.to(device), metric, progress=False,
-        distributed=False),  # under torch.distributed each rank runs whole task models
+        reuse="full", distributed=False),  # under torch.distributed each rank runs whole models
         sequences=2 * n_ev + n_ev * L1 * T)
     reuse = sweep.extra["reuse"]
     ledger.amend("patching", sequences=sweep.rows, analytic_override=reuse_sweep_flops(

@@ -79,7 +79,7 @@ def _time_both_sides(model, n, T, sites, device, progress, repeats=1):
                                  torch.ones(n, dtype=torch.long))
     ledger = Ledger(model.config)
     ledger.run("patching_sweep", lambda: steerops.patching_sweep(
-        model, clean, corrupt, metric, progress=progress, distributed=False),
+        model, clean, corrupt, metric, progress=progress, reuse="full", distributed=False),
         sequences=2 * n + n * sites, tokens=T, side="patching", device=device, repeats=repeats)
     ledger.run("S1_caches", lambda: [steerops.cache_activations(model, x)
                                      for x in (clean, corrupt, clean, corrupt)],

@@ -101,7 +101,8 @@ def _reuse_forward_seconds(model, layers_path, L, per_call, device):
 
     def sweep(layers):
         return lambda: patching_sweep(model, clean, corrupt, metric, layers, [1],
-                                      reuse="full", progress=False, layers_path=layers_path)
+                                      reuse="full", progress=False, layers_path=layers_path,
+                                      distributed=False)  # this process alone
     few = _seconds(sweep([L]), device, repeats=2)  # the patched forward runs no block
     every = list(range(1, L + 1))
     many = _seconds(sweep(every), device, repeats=2)

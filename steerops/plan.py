@@ -255,7 +255,13 @@ def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, no
         return plan
     plan = build(form, why)
     if reuse == "auto" and form == "full":
-        plan = _cheaper(plan, build("none", ""))
+        if plan.split:
+            # a timed choice could differ between ranks (they must run the same form)
+            # and between a run and its resume (shards are keyed by the form)
+            plan.why = ("auto: a causal LM on one device; the sweep is split over ranks / "
+                        "shards, where every process must choose alike: the reuse form")
+        else:
+            plan = _cheaper(plan, build("none", ""))
     return plan
 
 
