@@ -166,9 +166,13 @@ def test_units_of_one_block_share_their_base_runs(tmp_path):
     same forwards), not one sweep (and two base runs) per layer."""
     model, _ = load_checkpoint("induction")
     pairs, metric = _inputs()
-    plain = steerops.patching_sweep(model, pairs.clean, pairs.corrupt, metric, progress=False)
+    # a split sweep takes the reuse form under reuse='auto' (no timed choice): compare
+    # with the reuse sweep by name (one process alone, auto may time its way to plain)
+    plain = steerops.patching_sweep(model, pairs.clean, pairs.corrupt, metric, progress=False,
+                                    reuse="full")
     units = steerops.patching_sweep(model, pairs.clean, pairs.corrupt, metric, progress=False,
                                     shard_dir=str(tmp_path))
+    assert units.extra["plan"]["form"] == "full"
     assert units.extra["units"]["count"] == 3 and len(os.listdir(tmp_path)) == 3
     assert torch.equal(units.raw, plain.raw) and torch.equal(units.effects, plain.effects)
     assert units.forwards == plain.forwards and units.rows == plain.rows
