@@ -39,7 +39,9 @@ def row_bytes(model, T, head_tokens=None):
     of a process also pays the allocator's growth: measured on CPU at GPT-2-small
     shapes, T = 32, up to 138 kB per token against 147 kB from this rule), the
     attention scores (heads x T per token, eager attention keeps ~3 such), and fp32
-    logits (and their softmax) at ``head_tokens`` positions (default all T)."""
+    logits at ``head_tokens`` positions (default all T) with up to three temporaries
+    of their size (softmax, casts: transformers 4.48's GPT-2 peaked at ~12 MB per row
+    at T = 16, V = 50257, four logits-sized tensors)."""
     cfg = getattr(model, "config", None)
     D = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
     V = getattr(cfg, "vocab_size", 0) or 0
@@ -47,7 +49,7 @@ def row_bytes(model, T, head_tokens=None):
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * D
     elem = next(model.parameters()).element_size()
     head_tokens = T if head_tokens is None else head_tokens
-    return T * ((16 * D + 8 * inter) + 3 * H * T) * elem + head_tokens * V * 4 * 2
+    return T * ((16 * D + 8 * inter) + 3 * H * T) * elem + head_tokens * V * 4 * 4
 
 
 def _tokens(inputs):
