@@ -143,9 +143,10 @@ def _fails(run, *needles):
         assert needle in lines[0], lines[0]
 
 
-def test_command_user_errors(tiny_folder, tmp_path, capsys):
+def test_command_user_errors(tiny_folder, tmp_path, capsys, monkeypatch):
     """In process (the subprocess path is the same main(), tested above)."""
     from steerops.cli import main
+    monkeypatch.chdir(tmp_path)  # the default --out (steerops-out) lands here
 
     def steerops_cli(*args):
         capsys.readouterr()
