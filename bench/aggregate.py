@@ -1,46 +1,33 @@
-"""From runs (task x training seed x split seed) to the benchmark's numbers:
-per task and method, per family, the headlines, each with its interval and its
-spread over seeds (docs/protocol.md v2: a single seed is never the headline).
+"""From runs (task x training seed x split seed) to the benchmark's numbers
+(docs/protocol.md v3): per task and method, per family, the verdict table.
 
-Intervals: every run carries bootstrap draws of R (D_fit and D_eval resampled,
-vectors refit). Draw b of a task is the mean over that task's runs of their draw
-b; draw b of a headline is the mean over tasks of their draw b; the interval is
-the 2.5-97.5 percentile of those draws. Spread: the headline computed per
-(training seed, split seed) combination, then its mean, sd and range.
+Point estimates are means over a task's runs, then over tasks. Intervals come from
+the hierarchical bootstrap (``bench.bootstrap``): training seeds, split seeds, eval
+pairs; each is printed with its bias and a flag where the point lies outside it.
+The spread is the headline per (training seed, split seed) combination, over the
+tasks present in it. A task whose |S*| < 10 is reported but left out of the
+headlines.
 """
 from collections import defaultdict
 
 import numpy as np
 
-from . import faithfulness as F
+from . import bootstrap as B
 from .methods import METHODS
+from .pricing import METHOD_STAGES
 from .tasks import FAMILIES
 
-MEASURES = ("R", "R_prime", "R_skill", "spearman", "top10_recall")
-COST_KEYS = ("floor_flops", "counted_flops", "analytic_flops", "seconds")
+MEASURES = ("R", "R_grid", "R_prime", "spearman", "top10_recall")
+MIN_STAR = 10                      # docs/protocol.md v3: |S*| below this leaves the headline
+PAPER_R, PAPER_COMPUTE = 0.88, 0.04
+ABOUT = 1.25                       # "about 4%": at most 25% above it (0.05)
+FORMS = ("floor", "naive_batched")
+CAP_FRACTIONS = np.round(np.linspace(0.02, 0.5, 25), 4)  # k / |S*| of the plotted curves
 
 
 def _mean(values):
     values = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(values)) if values else float("nan")
-
-
-def _nums(values):
-    """A list of numbers from JSON (None = NaN) as a float array."""
-    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-
-
-def _draws_mean(lists):
-    """Elementwise mean of equally long draw lists (None = undefined draws skipped)."""
-    lists = [x for x in lists if x]
-    if not lists:
-        return []
-    n = min(len(x) for x in lists)
-    out = []
-    for b in range(n):
-        vals = [x[b] for x in lists if x[b] is not None and np.isfinite(x[b])]
-        out.append(float(np.mean(vals)) if vals else None)
-    return out
 
 
 def by_task(runs):
@@ -50,86 +37,85 @@ def by_task(runs):
     return dict(groups)
 
 
-def patching_forms(run):
-    """S1-proj's analytic cost over each form of patching (naive-batched, prefix-reuse,
-    floor), on the sites that differ from the base run (S* and the endpoint sites)."""
-    import transformers as T
-    from .compute import patching_forms_flops
-    cfg = T.LlamaConfig(**run["model"]["config"])
-    star = np.asarray(run["star"], bool)
-    L1, seq = star.shape
-    differ = star.copy()
-    differ[L1 - 1, seq - 1] = True
-    differ[0, np.argwhere(star.any(0)).min() if star.any() else 0] = True
-    sites = [tuple(x) for x in np.argwhere(differ)]
-    forms = patching_forms_flops(cfg, seq, run["pairs"]["eval"], sites)
-    s1 = run["compute"]["costs"]["S1-proj"]["analytic_flops"]
-    return {k: s1 / v for k, v in forms.items()}
+def cap_on_fractions(cap):
+    """A Cap(k) curve (k = 1..ceil(|S*|/2)) read at k = ceil(f |S*|) for each plotted
+    fraction f (so that tasks with different |S*| share an axis)."""
+    cap = np.array([np.nan if c is None else c for c in cap], dtype=np.float64)
+    n = 2 * cap.size
+    if cap.size == 0:
+        return [float("nan")] * len(CAP_FRACTIONS)
+    k = np.clip(np.ceil(CAP_FRACTIONS * n).astype(int), 1, cap.size)
+    return cap[k - 1].tolist()
 
 
-def task_summary(task_runs):
-    """Per method: mean over the task's runs of every measure, seed sd/range, the
-    bootstrap draws (seed-averaged) and their interval; compute ratios; recovery."""
+def _compute(task_runs, m):
+    costs = [r["compute"]["costs"][m] for r in task_runs]
+    out = {f"{key}_{form}": _mean([c[key][form] for c in costs])
+           for key in ("ratio", "ratio_amortised") for form in FORMS}
+    out["ratio_counted_flops"] = _mean([c["ratio_counted_flops"] for c in costs])
+    out["ratio_seconds"] = _mean([c["ratio_seconds"] for c in costs
+                                  if c.get("ratio_seconds") is not None])
+    out["peak_memory_mb"] = _mean([c["peak_memory_mb"] for c in costs])
+    return out
+
+
+def task_summary(task_runs, n_draws, seed):
+    keys = list(METHODS) + ["recovery_top1", "recovery_top5pct"]
+    draws = B.task_draws(task_runs, keys, n_draws, seed)
+    stars = [r["informative_sites"] for r in task_runs]
     out = {"family": task_runs[0]["family"], "runs": len(task_runs),
-           "informative_sites": _mean([r["informative_sites"] for r in task_runs]),
-           "sites": task_runs[0]["sites"], "methods": {}}
+           "informative_sites": _mean(stars), "informative_sites_min": int(min(stars)),
+           "informative_sites_v2": _mean([r["informative_sites_v2"] for r in task_runs]),
+           "headline": min(stars) >= MIN_STAR, "sites": task_runs[0]["sites"],
+           "even_share": _mean([r["even_share"] for r in task_runs]),
+           "train_seeds": sorted({r.get("train_seed", 0) for r in task_runs}),
+           "methods": {}, "draws": {k: v.tolist() for k, v in draws.items()}}
     for m in METHODS:
         entry = {}
         for mode in ("abs", "signed"):
             for key in MEASURES:
-                entry[f"{key}_{mode}" if mode == "signed" else key] = _mean(
+                entry[key if mode == "abs" else f"{key}_signed"] = _mean(
                     [r["methods"][m][mode].get(key) for r in task_runs])
-        Rs = _nums([r["methods"][m]["abs"]["R"] for r in task_runs])
+        entry["v2_R"] = _mean([r["methods"][m]["v2_R"] for r in task_runs])
+        Rs = [r["methods"][m]["abs"]["R"] for r in task_runs]
         entry.update(R_sd=float(np.nanstd(Rs, ddof=1)) if len(Rs) > 1 else 0.0,
-                     R_min=float(np.nanmin(Rs)), R_max=float(np.nanmax(Rs)),
-                     v1_R=_mean([r["methods"][m]["v1_R"] for r in task_runs]),
-                     cap=np.nanmean([_nums(r["methods"][m]["abs"]["cap"]) for r in task_runs],
-                                    0).tolist())
-        draws = _draws_mean([r["bootstrap"].get(m, []) for r in task_runs])
-        entry["draws"] = draws
-        entry["R_ci95"] = F.percentile_interval(draws)
-        entry["boot_samples"] = len(draws)
-        entry["compute"] = {k: _mean([r["compute"]["ratios"][m][k] for r in task_runs
-                                      if k != "seconds" or r["compute"]["timed"]])
-                            for k in COST_KEYS}
+                     R_min=float(np.nanmin(Rs)), R_max=float(np.nanmax(Rs)))
+        entry["cap"] = np.nanmean([cap_on_fractions(r["methods"][m]["abs"]["cap"])
+                                   for r in task_runs], 0).tolist()
+        entry.update(B.interval(draws[m], entry["R"]))
+        entry["compute"] = _compute(task_runs, m) if m in METHOD_STAGES else None
         out["methods"][m] = entry
-    for mode, key in (("abs", "R"), ("signed", "R_signed")):  # R'' from the task's means
-        norm = out["methods"]["norm"][key]
-        for m in METHODS:
-            out["methods"][m]["R_skill" if mode == "abs" else "R_skill_signed"] = F.skill(
-                out["methods"][m][key], norm)
-    if all("model" in r for r in task_runs):
-        forms = [patching_forms(r) for r in task_runs]
-        out["s1_proj_vs_patching_forms"] = {k: _mean([f[k] for f in forms]) for k in forms[0]}
+    norm = out["methods"]["norm"]["R"]
+    for m in METHODS:  # R'' from the task's means
+        out["methods"][m]["R_skill"] = skill(out["methods"][m]["R"], norm)
     rec = {}
     for label in ("top1", "top5pct"):
         ratios = [r["recovery"][label]["ratio"] for r in task_runs]
         defined = [x for x in ratios if x is not None]
-        draws = _draws_mean([r["bootstrap"].get(f"recovery_{label}", []) for r in task_runs])
-        rec[label] = {"ratio": _mean(defined) if defined else None,
-                      "defined_runs": len(defined), "runs": len(ratios),
-                      "sum_g": _mean([r["recovery"][label]["sum_g"] for r in task_runs]),
-                      "ci95": F.percentile_interval(draws) if draws else [None, None]}
+        rec[label] = dict(B.interval(draws[f"recovery_{label}"], _mean(defined)),
+                          ratio=_mean(defined) if defined else None,
+                          defined_runs=len(defined), runs=len(ratios),
+                          sum_g=_mean([r["recovery"][label]["sum_g"] for r in task_runs]))
     out["recovery"] = rec
     return out
 
 
-def _headline(tasks, names, method, key="R"):
-    """Mean over ``names`` of a task-level entry, with its interval from the draws."""
-    vals = [tasks[n]["methods"][method][key] for n in names]
-    draws = _draws_mean([tasks[n]["methods"][method]["draws"] for n in names])
-    return {"value": _mean(vals), "ci95": F.percentile_interval(draws) if key == "R" else None,
-            "tasks": len(names)}
+def skill(R, R_norm):
+    if R_norm is None or not np.isfinite(R_norm) or R_norm > 0.99:
+        return float("nan")
+    return float((R - R_norm) / (1 - R_norm))
 
 
-def seed_spread(runs, names, method="S1-proj"):
-    """The headline per (training seed, split seed) combination: mean, sd, range."""
-    combos = defaultdict(dict)
+def seed_spread(runs, names, method):
+    """The headline per (training seed, split seed) combination over the tasks present
+    in it (a missing task never drops the combination): mean, sd, range."""
+    combos = defaultdict(list)
     for r in runs:
         if r["task"] in names:
-            combos[(r.get("train_seed", 0), r["split_seed"])][r["task"]] = \
-                r["methods"][method]["abs"]["R"]
-    values = [np.mean(list(v.values())) for v in combos.values() if len(v) == len(names)]
+            combos[(r.get("train_seed", 0), r["split_seed"])].append(
+                r["methods"][method]["abs"]["R"])
+    values = [_mean(v) for v in combos.values()]
+    values = [v for v in values if np.isfinite(v)]
     if not values:
         return None
     return {"combinations": len(values), "mean": float(np.mean(values)),
@@ -137,61 +123,72 @@ def seed_spread(runs, names, method="S1-proj"):
             "min": float(np.min(values)), "max": float(np.max(values))}
 
 
-def summarize(runs):
-    tasks = {name: task_summary(rs) for name, rs in by_task(runs).items()}
-    families = {"all": list(tasks)}
+def family_summary(runs, tasks, names):
+    out = {"tasks": names, "methods": {}}
+    for m in METHODS:
+        point = _mean([tasks[n]["methods"][m]["R"] for n in names])
+        draws = B.combine([np.asarray(tasks[n]["draws"][m], dtype=np.float64) for n in names])
+        entry = dict(B.interval(draws, point), value=point, tasks=len(names),
+                     seeds=seed_spread(runs, names, m))
+        for key in ("R_grid", "R_signed", "R_prime", "spearman", "top10_recall", "v2_R"):
+            entry[key] = _mean([tasks[n]["methods"][m][key] for n in names])
+        entry["R_skill"] = skill(point, _mean([tasks[n]["methods"]["norm"]["R"] for n in names]))
+        caps = np.array([tasks[n]["methods"][m]["cap"] for n in names], dtype=np.float64)
+        entry["cap"] = np.nanmean(caps, 0).tolist()
+        entry["cap_se"] = (np.nanstd(caps, 0, ddof=1) / np.sqrt(len(names))).tolist() \
+            if len(names) > 1 else [0.0] * len(CAP_FRACTIONS)
+        if m in METHOD_STAGES:
+            entry["compute"] = {k: _mean([tasks[n]["methods"][m]["compute"][k] for n in names])
+                                for k in tasks[names[0]]["methods"][m]["compute"]}
+        out["methods"][m] = entry
+    return out
+
+
+def verdict(family):
+    """Per reading: does R reach 0.88 and the compute about 4% (<= 0.05) against each form
+    of patching, counted and amortised? The paper's pair holds for a reading against a
+    form when both hold there."""
+    rows = []
+    for m, e in family["methods"].items():
+        if e.get("compute") is None or m == "random":
+            continue
+        R, lo = e["value"], (e["ci95"] or [None])[0]
+        row = {"method": m, "R": R, "ci95": e["ci95"], "bias": e["bias"],
+               "outside": e["outside"], "R_reaches": bool(np.isfinite(R) and R >= PAPER_R),
+               "ci_above": bool(lo is not None and lo >= PAPER_R)}
+        for form in FORMS:
+            for kind in ("ratio", "ratio_amortised"):
+                c = e["compute"][f"{kind}_{form}"]
+                row[f"{kind}_{form}"] = c
+                row[f"holds_{kind}_{form}"] = bool(row["R_reaches"] and np.isfinite(c)
+                                                    and c <= PAPER_COMPUTE * ABOUT)
+        rows.append(row)
+    return rows
+
+
+def summarize(runs, n_draws=1000, seed=0):
+    tasks = {name: task_summary(rs, n_draws, seed + i)
+             for i, (name, rs) in enumerate(sorted(by_task(runs).items()))}
+    headline_tasks = [n for n, t in tasks.items() if t["headline"]]
+    left_out = [n for n, t in tasks.items() if not t["headline"]]
+    # no task reaches |S*| >= 10 (the toy scale): report over every task, and say so
+    basis = headline_tasks or list(tasks)
+    families = {"all": basis}
     for fam, members in FAMILIES.items():
-        present = [n for n in members if n in tasks]
+        present = [n for n in members if n in basis]
         if present:
             families[fam] = present
-    per_family = {}
-    for fam, names in families.items():
-        per_family[fam] = {
-            "tasks": names,
-            "methods": {m: dict(
-                _headline(tasks, names, m),
-                R_signed=_mean([tasks[n]["methods"][m]["R_signed"] for n in names]),
-                R_prime=_mean([tasks[n]["methods"][m]["R_prime"] for n in names]),
-                R_skill=F.skill(  # from the family's means (stable where norm is near 1)
-                    _mean([tasks[n]["methods"][m]["R"] for n in names]),
-                    _mean([tasks[n]["methods"]["norm"]["R"] for n in names])),
-                spearman=_mean([tasks[n]["methods"][m]["spearman"] for n in names]),
-                top10_recall=_mean([tasks[n]["methods"][m]["top10_recall"] for n in names]),
-                v1_R=_mean([tasks[n]["methods"][m]["v1_R"] for n in names]),
-                cap=np.nanmean([_nums(tasks[n]["methods"][m]["cap"]) for n in names],
-                               0).tolist(),
-                cap_se=(np.nanstd([_nums(tasks[n]["methods"][m]["cap"]) for n in names], 0,
-                                  ddof=1)
-                        / np.sqrt(len(names))).tolist() if len(names) > 1 else
-                [0.0] * len(F.K_FRACTIONS),
-                compute={k: _mean([tasks[n]["methods"][m]["compute"][k] for n in names])
-                         for k in COST_KEYS},
-                seeds=seed_spread(runs, names, m))
-                for m in METHODS},
-        }
-    headline_all = per_family["all"]["methods"]["S1-proj"]
-    headline = {
-        "faithfulness_ratio": headline_all["value"],
-        "faithfulness_ratio_ci95": headline_all["ci95"],
-        "faithfulness_ratio_seeds": headline_all["seeds"],
-        "faithfulness_ratio_v1": headline_all["v1_R"],
-        "faithfulness_ratio_by_family": {f: v["methods"]["S1-proj"]["value"]
-                                         for f, v in per_family.items()},
-        "compute_ratio_flops": headline_all["compute"]["floor_flops"],
-        "compute_ratio_counted_flops": headline_all["compute"]["counted_flops"],
-        "compute_ratio_time": headline_all["compute"]["seconds"],
-        "compute_ratio_vs_patching_forms": {
-            k: _mean([t["s1_proj_vs_patching_forms"][k] for t in tasks.values()
-                      if "s1_proj_vs_patching_forms" in t])
-            for k in ("naive_batched", "prefix_reuse", "floor")},
-    }
-    return {"headline": headline, "families": per_family, "tasks": tasks,
+    per_family = {fam: family_summary(runs, tasks, names) for fam, names in families.items()}
+    return {"tasks": tasks, "families": per_family,
+            "headline_tasks": headline_tasks, "left_out_small_star": left_out,
+            "headline_rule_met": bool(headline_tasks),
+            "verdict": {fam: verdict(f) for fam, f in per_family.items()},
             "stage_agreement": stage_agreement(runs)}
 
 
 def stage_agreement(runs):
     """Largest |counted / analytic - 1| per stage name over all runs (docs/protocol.md:
-    FlopCounterMode and the analytic count must agree within 25% per stage)."""
+    FlopCounterMode and the analytic count of what ran must agree within 25%)."""
     worst = defaultdict(float)
     for r in runs:
         for s in r["compute"]["stages"]:

@@ -1,4 +1,4 @@
-"""The attribution benchmark (protocol version 2, docs/protocol.md): do steering
+"""The attribution benchmark (protocol version 3, docs/protocol.md): do steering
 vectors recover activation patching's causal attribution at a fraction of its compute?
 
     steerops bench attribution --quick         # toy scale, one seed, about a minute on CPU
@@ -27,18 +27,24 @@ from .aggregate import summarize
 from .evaluate import run_one
 from .provenance import environment, save_results, strict_json, write_json
 from .realistic import compute_curves, realistic
-from .reporting import markdown, plots
+from .plots import plots
+from .reporting import markdown
 from .tasks import TASKS, task_at
 from .train import SCALES, checkpoint_info, ensure_checkpoint
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 PROTOCOL_DOC = "docs/protocol.md"
-# pairs per split, bootstrap draws (cheap methods / methods that rerun steered forwards),
-# S2 optimisation steps, timing repeats (on each model's first split seed), split seeds
+# pairs per split, within-run bootstrap draws, hierarchical bootstrap draws, S2
+# optimisation steps, timing repeats (on each model's first split seed), split seeds,
+# pairs of the realistic-size measurements (every stage, both sides)
+# (--quick prices the realistic sizes but measures none: GPT-2-small's stages alone
+# take a minute on one CPU thread)
 QUICK = dict(scale="toy", n_fit=32, n_val=16, n_eval=24, s2_steps=10, n_boot=100,
-             n_boot_heavy=4, repeats=1, split_seeds=1, realistic_pairs=2, realistic_pairs_1b=0)
+             n_boot_hier=400, repeats=1, split_seeds=1, realistic_pairs=0,
+             realistic_pairs_1b=0)
 FULL = dict(scale="standard", n_fit=64, n_val=32, n_eval=48, s2_steps=30, n_boot=200,
-            n_boot_heavy=10, repeats=3, split_seeds=5, realistic_pairs=4, realistic_pairs_1b=1)
+            n_boot_hier=1000, repeats=3, split_seeds=5, realistic_pairs=4,
+            realistic_pairs_1b=1)
 SEED = 1234
 MIN_ACCURACY = 0.95  # docs/protocol.md: a task model below this held-out accuracy is left out
 
@@ -46,7 +52,7 @@ MIN_ACCURACY = 0.95  # docs/protocol.md: a task model below this held-out accura
 def _settings_key(settings):
     """Shards are reused only by a run with the same settings (and protocol version)."""
     keep = {k: settings[k] for k in ("scale", "n_fit", "n_val", "n_eval", "s2_steps",
-                                     "n_boot", "n_boot_heavy")}
+                                     "n_boot")}
     text = json.dumps(dict(keep, protocol=PROTOCOL_VERSION), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -54,6 +60,13 @@ def _settings_key(settings):
 def shard_path(out_dir, settings, task, train_seed, split_seed):
     return os.path.join(out_dir, "runs", f"{settings['scale']}-{_settings_key(settings)}",
                         f"{task}-train{train_seed}-split{split_seed}.json")
+
+
+def model_record(info):
+    """What a run records of its task model (from the checkpoint's metadata)."""
+    return {"held_out_accuracy": info["held_out_accuracy"], "train_steps": info["steps"],
+            "seed": info["seed"], "config": info["config"], "threads": info.get("threads"),
+            "train_seconds": info.get("train_seconds")}
 
 
 def _run_jobs(jobs, *, settings, scale, split_seeds, out_dir, checkpoint_dir, device,
@@ -75,15 +88,11 @@ def _run_jobs(jobs, *, settings, scale, split_seeds, out_dir, checkpoint_dir, de
             print(f"excluded: {task_name} training seed {train_seed}, held-out accuracy "
                   f"{info['held_out_accuracy']:.3f} < 0.95", file=sys.stderr)
             continue
-        timed = split_seed == split_seeds[0]
-        # the costly parts (timing repeats, bootstrap draws that rerun steered forwards) on
-        # each model's first split seed
+        timed = split_seed == split_seeds[0]  # timing repeats on each model's first split
         r = run_one(task_at(task_name, SCALES[scale]["seq_len"]), model, settings, split_seed,
-                    device, timing_repeats=settings["repeats"] if timed else 0,
-                    heavy_draws=settings["n_boot_heavy"] if timed else 0)
-        r.update(train_seed=train_seed, model={
-            "held_out_accuracy": info["held_out_accuracy"], "train_steps": info["steps"],
-            "seed": info["seed"], "config": info["config"]})
+                    device, timing_repeats=settings["repeats"] if timed else 0)
+        r.update(train_seed=train_seed, model=dict(model_record(info), weights_sha256=info[
+            "weights_sha256"]))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_json(path, strict_json(r))
         ran += 1
@@ -229,31 +238,80 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     results["stages_done"].append("runs")
     if main:
         save_results(out_dir, "results", results)
-    results.update(summarize(runs))
+    results.update(summarize(runs, settings["n_boot_hier"], SEED))
+    results["models"] = models_seen(runs, scale)
     model, _ = ensure_checkpoint(tasks[0], scale, seeds[0], checkpoint_dir, device, progress)
     T = task_at(tasks[0], SCALES[scale]["seq_len"]).seq_len
-    results["curves"] = compute_curves(model.config, T, settings["n_fit"], settings["n_eval"],
-                                       max_sites=(model.config.num_hidden_layers + 1) * 128)
+    results["curves"] = compute_curves(model.config, T, settings, contrast=min(
+        min(r["contrast_positions"]) for r in runs))
     results["stages_done"].append("curves")
     results["runs"] = runs
     if not main:
         return results, markdown(results)
-    save_results(out_dir, "results", results)
+    save_results(out_dir, "results", compact(results))
     if with_realistic:
         results["realistic"] = realistic(settings, device, progress=progress)
         results["stages_done"].append("realistic")
     results["complete"] = True
     results["total_seconds"] = round(time.time() - started, 1)
     table = markdown(results)
-    save_results(out_dir, "results", results, table)
+    save_results(out_dir, "results", compact(results), table)
     plots(results, out_dir)
     return results, table
+
+
+def compact(results):
+    """results.json without the per-run records and bootstrap draws (those stay in the
+    run shards under OUT/runs): every aggregate, model and compute number."""
+    out = {k: v for k, v in results.items() if k != "runs"}
+    out["tasks"] = {name: {k: v for k, v in t.items() if k != "draws"}
+                    for name, t in results.get("tasks", {}).items()}
+    out["run_index"] = [{"task": r["task"], "train_seed": r.get("train_seed", 0),
+                         "split_seed": r["split_seed"], "informative_sites": r[
+                             "informative_sites"], "even_share": r["even_share"]}
+                        for r in results.get("runs", [])]
+    return out
+
+
+# the committed full run: a rerun compares its task models' weights with these
+COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                         "attribution_v3", "results.json")
+
+
+def committed_hashes(scale, path=COMMITTED):
+    """{(task, training seed): sha256} of the committed results at ``scale`` ({} if none)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if data.get("settings", {}).get("scale") != scale:
+        return {}
+    return {(m["task"], m["train_seed"]): m["weights_sha256"] for m in data.get("models", [])}
+
+
+def models_seen(runs, scale, committed=None):
+    """One record per task model the runs used: training record, |S*| over its runs,
+    weight hash, and whether that hash is the committed results' one (None: no
+    committed record of that model)."""
+    committed = committed_hashes(scale) if committed is None else committed
+    out = {}
+    for r in runs:
+        key = (r["task"], r.get("train_seed", 0))
+        m = out.setdefault(key, dict(r["model"], task=key[0], train_seed=key[1],
+                                     informative_sites=[]))
+        m["informative_sites"].append(r["informative_sites"])
+        m.pop("config", None)
+    for key, m in out.items():
+        known = committed.get(key)
+        m["matches"] = None if known is None else known == m.get("weights_sha256")
+    return [out[k] for k in sorted(out)]
 
 
 def build_parser():
     p = Parser(
         prog="steerops bench attribution",
-        description="The attribution benchmark (protocol v2, docs/protocol.md): activation "
+        description="The attribution benchmark (protocol v3, docs/protocol.md): activation "
                     "patching vs steering-vector attributions, faithfulness and compute, over "
                     "12 tasks, two model scales and several seeds.")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS),
@@ -295,7 +353,7 @@ def main(argv=None):
         return 0
     print(table)
     print(f"\nwrote {args.out}/results.json, results.md, plane.png, cap_curves.png, "
-          f"compute_ratio.png, heatmaps.png (runs resumable under {args.out}/runs)",
+          f"compute_ratio.png, heatmaps/TASK.png (runs resumable under {args.out}/runs)",
           file=sys.stderr)
     return 0
 

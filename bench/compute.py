@@ -13,6 +13,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .memory import can_measure as can_measure_rss
+from .memory import peak_above_baseline_mb
+
 # the analytic FLOP model lives with the library (steerops.plan_sweep prices a sweep
 # before it runs); the benchmark reads the same functions
 from steerops.flops import (analytic_forward_flops, patching_floor_flops,  # noqa: F401
@@ -32,7 +35,8 @@ class Stage:
     seconds_q1: float = float("nan")  # interquartile range of the timed repeats
     seconds_q3: float = float("nan")
     repeats: int = 0
-    peak_memory_mb: float = None  # CUDA allocator peak during the counted run (None on CPU)
+    peak_memory_mb: float = None  # CUDA allocator peak, or on CPU the peak RSS above the
+    # level before the stage (/proc VmHWM reset), during the counted run
     side: str = ""
     extra_forwards: int = 0  # further forward-only sequences in the same stage (e.g. AtP's clean run)
     analytic_override: float = None  # analytic FLOPs of a stage that is no plain forward
@@ -52,9 +56,16 @@ class Ledger:
         cuda = device is not None and torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        with FlopCounterMode(display=False) as counter:
-            result = fn()
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None
+
+        def counted():
+            with FlopCounterMode(display=False) as counter:
+                return fn(), counter
+        if cuda or not can_measure_rss():
+            (result, counter), peak = counted(), None
+        else:  # CPU: the process's peak resident set above its level before the stage
+            (result, counter), peak = peak_above_baseline_mb(counted)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
         times = []
         for _ in range(repeats):
             _sync(device)

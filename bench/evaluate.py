@@ -1,31 +1,19 @@
-"""One run of the attribution benchmark (docs/protocol.md v2): one task model, one split
+"""One run of the attribution benchmark (docs/protocol.md v3): one task model, one split
 seed. Patching gives the ground truth g; every method of ``bench.methods`` scores the
-same sites on the same pairs; every stage is counted (FlopCounterMode), priced
-analytically and (when asked) timed; the bootstrap refits the vectors.
+same sites S* on the same pairs; every stage is counted (FlopCounterMode), priced by
+``bench.pricing``'s rules, its peak memory read and (when asked) timed; the run's
+bootstrap draws resample its eval pairs (``bench.bootstrap`` resamples the rest).
 """
 import numpy as np
 import torch
 
 import steerops
+from steerops.flops import token_layer_flops
 
 from . import faithfulness as F
 from . import methods as M
-from .compute import Ledger, analytic_forward_flops, reuse_sweep_flops, site_floor_flops
-
-# which stages each method needs (its cost is their sum; shared stages count for each)
-METHOD_STAGES = {
-    "patching": ("patching",),
-    "S1-proj": ("fit_caches", "eval_clean_cache", "eval_corrupt_cache"),
-    "S1-class": ("fit_caches", "eval_clean_cache", "eval_corrupt_cache"),
-    "S1-lin": ("fit_caches", "eval_clean_cache", "eval_grads"),
-    "S1-exact": ("fit_caches", "val_table", "exact_sweep"),
-    "S2": ("fit_caches", "val_table", "s2_optimise", "eval_clean_cache", "eval_corrupt_cache"),
-    "AtP": ("eval_clean_cache", "eval_grads"),
-    "norm": ("eval_clean_cache", "eval_corrupt_cache"),
-    "random": (),
-    "S1-proj-randvec": ("eval_clean_cache", "eval_corrupt_cache"),
-    "S1-exact-randvec": ("exact_sweep_randvec",),  # alpha_l of the learned vector, reused
-}
+from . import pricing as P
+from .compute import Ledger, analytic_forward_flops, reuse_sweep_flops
 
 
 # ----------------------------------------------------------------------------- data
@@ -77,38 +65,37 @@ def effects(raw, m_clean, m_corrupt):
 
 # ----------------------------------------------------------------------------- scoring
 
-def score_maps(fit_dp, fit_answer, diffs, grads, ev_answer, generator):
-    """Mean scores over the eval pairs for the methods that need no further forward:
-    {method: (L+1, T)}, plus the S1 vectors used."""
+def per_pair_scores(fit_dp, fit_answer, diffs, grads, ev_answer, generator):
+    """Per-pair scores (n_eval, L+1, T) of the methods that need no further forward,
+    plus the S1 vectors and the random control's directions."""
     v = M.fit_vectors(fit_dp)
-    per_pair = {
+    rand = M.random_vectors(v, generator)
+    scores = {
         "S1-proj": M.projection(diffs, v),
+        "S1-proj-abs": M.projection_abs(diffs, v),
         "S1-lin": M.linearised(diffs, grads, v),
         "S1-class": M.projection(diffs, M.class_vectors(fit_dp, fit_answer, ev_answer)),
         "AtP": M.atp(diffs, grads),
         "norm": M.norm_scores(diffs),
-        "S1-proj-randvec": M.projection(diffs, M.random_vectors(v, generator)),
+        "S1-proj-randvec": M.projection(diffs, rand),
+        "S1-proj-abs-randvec": M.projection_abs(diffs, rand),
     }
-    return {k: x.double().mean(0).numpy() for k, x in per_pair.items()}, v
+    return {k: x.double() for k, x in scores.items()}, v, rand
 
 
-def score_all(maps, g, star):
-    """Every method's measures on S* (|a| and signed ranking) and the v1 numbers
-    (signed ranking, all sites, stable tie order)."""
+def score_all(maps, g, star, star_v2):
+    """Every method's v3 measures on S* (|a| and signed ranking), and v2's R (grid of
+    k, S* with the dead sites) beside them."""
     gs = g[star]
-    R_norm = {mode: F.measures(maps["norm"][star], gs, signed=mode == "signed")["R"]
+    R_norm = {mode: F.measures_v3(maps["norm"][star], gs, signed=mode == "signed")["R"]
               for mode in ("abs", "signed")}
     out = {}
     for name, a in maps.items():
-        out[name] = {mode: F.measures(a[star], gs, signed=mode == "signed",
-                                      R_norm=R_norm[mode]) for mode in ("abs", "signed")}
-        out[name]["v1_R"] = F.faithfulness_R(np.nan_to_num(a).ravel(), g.ravel())
-    R_rand = F.random_R(gs)
-    rand = {"R": R_rand, "R_prime": 0.0, "R_skill": F.skill(R_rand, R_norm["abs"]),
-            "spearman": float("nan"), "top10_recall": F.top_k_count(gs.size, 0.1) / gs.size,
-            "cap": [F.expected_random_capture(gs, f) for f in F.K_FRACTIONS]}
-    out["random"] = {"abs": rand, "signed": dict(rand, R_skill=F.skill(R_rand, R_norm["signed"])),
-                     "v1_R": F.random_R(g.ravel())}
+        out[name] = {mode: F.measures_v3(a[star], gs, signed=mode == "signed",
+                                         R_norm=R_norm[mode]) for mode in ("abs", "signed")}
+        out[name]["v2_R"] = F.measures(np.nan_to_num(a[star_v2]), g[star_v2])["R"]
+    out["random"] = {mode: F.random_measures_v3(gs, R_norm[mode]) for mode in ("abs", "signed")}
+    out["random"]["v2_R"] = F.random_R(g[star_v2])
     return out
 
 
@@ -129,28 +116,49 @@ def recovery_sets(g, star, exact_effect, denominator):
     return out
 
 
+def even_share(plus, minus, star):
+    """S1-exact's sign-flip split per pair and site of S*: odd = (e+ - e-) / 2 follows
+    the direction, even = (e+ + e-) / 2 does not; share = E|even| / (E|odd| + E|even|)."""
+    s = torch.as_tensor(star)
+    odd, even = ((plus - minus) / 2)[:, s], ((plus + minus) / 2)[:, s]
+    total = float(odd.abs().mean() + even.abs().mean())
+    return float(even.abs().mean()) / total if total > 0 else float("nan")
+
+
+def differing_sites(diffs, star):
+    """Per pair, the sites of S* where its clean and corrupt activations differ."""
+    differ = (diffs != 0).any(-1).numpy() & star[None]
+    return [[tuple(int(x) for x in s) for s in np.argwhere(d)] for d in differ]
+
+
 # ----------------------------------------------------------------------------- one run
 
-def run_one(task, model, settings, split_seed, device, timing_repeats=0, heavy_draws=None):
+def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=None):
     """Every number of one (task model, split seed): see the module docstring.
-    ``heavy_draws``: bootstrap draws for the methods that rerun steered forwards
-    (default ``settings["n_boot_heavy"]``)."""
+    ``splits``: given D_fit / D_val / D_eval (the realistic-size timing uses random
+    pairs) instead of sampling them from ``task``."""
     cfg = model.config
     T = task.seq_len
-    L1 = cfg.num_hidden_layers + 1
-    splits, kept = make_splits(task, model, settings["n_fit"], settings["n_val"],
-                               settings["n_eval"], split_seed, device)
+    L1 = (getattr(cfg, "num_hidden_layers", None) or cfg.n_layer) + 1
+    kept = None
+    if splits is None:
+        splits, kept = make_splits(task, model, settings["n_fit"], settings["n_val"],
+                                   settings["n_eval"], split_seed, device)
     fit, val, ev = splits["fit"], splits["val"], splits["eval"]
     n_fit, n_val, n_ev = len(fit), len(val), len(ev)
     ledger = Ledger(cfg)
-    rep = timing_repeats
     gen = torch.Generator().manual_seed(split_seed)
 
     def stage(name, fn, **kw):
-        return ledger.run(name, fn, tokens=T, repeats=rep, device=device, side="", **kw)
+        return ledger.run(name, fn, tokens=T, repeats=timing_repeats, device=device, **kw)
 
-    # --- patching, in its cheapest correct form in FLOPs (steerops.reuse, 'full'; named,
-    # not 'auto': auto's choice is timed, and the ledger must not depend on the machine)
+    def reuse_flops(work):  # a reuse sweep's work as run (its base runs carry the full head)
+        return float(work.get("base_rows", 0) * analytic_forward_flops(cfg, T)
+                     + work.get("token_layers_run", 0) * token_layer_flops(cfg, T)
+                     + work.get("head_tokens", 0) * P.head_flops(cfg))
+
+    # --- patching, in its cheapest correct form (steerops.reuse 'full'; named, not 'auto':
+    # auto's choice is timed, and the ledger must not depend on the machine)
     metric = steerops.logit_diff(ev.answer.to(device), ev.wrong.to(device))
     sweep = stage("patching", lambda: steerops.patching_sweep(
         model, ev.clean.to(device), ev.corrupt.to(device), metric, progress=False,
@@ -158,7 +166,7 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, heavy_d
         sequences=2 * n_ev + n_ev * L1 * T)
     reuse = sweep.extra["reuse"]
     ledger.amend("patching", sequences=sweep.rows, analytic_override=reuse_sweep_flops(
-        cfg, reuse, n_ev, T) if reuse["mode"] != "none" else None)
+        cfg, reuse, n_ev, T))
     raw = sweep.raw.cpu().double()
     m_clean, m_corrupt = sweep.clean_metric.cpu().double(), sweep.corrupt_metric.cpu().double()
     g = effects(raw, m_clean, m_corrupt)
@@ -176,124 +184,113 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, heavy_d
     grads = stage("eval_grads", lambda: steerops.cache_gradients(
         model, ev.corrupt.to(device), metric).grads.float().cpu(), sequences=n_ev,
         backward=True)
-    star = F.informative_sites(diffs.numpy(), ev.contrast.numpy())
+    star = F.star_sites(diffs.numpy(), ev.contrast.numpy())
+    star_v2 = F.informative_sites(diffs.numpy(), ev.contrast.numpy())
+    star_list = [tuple(int(x) for x in s) for s in np.argwhere(star)]
+    per_pair, vectors, rand_v = per_pair_scores(fit_dp, fit.answer, diffs, grads, ev.answer,
+                                                gen)
 
-    maps, vectors = score_maps(fit_dp, fit.answer, diffs, grads, ev.answer, gen)
-
-    # --- D_val choices, S1-exact (and its random-vector control), S2
-    val_base = M.base_metrics(model, val, device)
-    table = stage("val_table", lambda: M.val_recovery_table(model, val, vectors, device),
-                  sequences=(2 + L1 * len(M.ALPHA_GRID)) * n_val)
+    # --- D_val choices (alpha grid in the cheapest form), S1-exact (+-v) and its control
+    def val_stage():
+        base = M.base_metrics(model, val, device)
+        acts = steerops.cache_activations(model, val.corrupt.to(device)).acts.float().cpu()
+        return base, M.val_recovery_table_reuse(model, val, acts, vectors, device, base)
+    val_base, (table, val_work) = stage("val_table", val_stage, sequences=3 * n_val)
+    ledger.amend("val_table", analytic_override=2 * n_val * analytic_forward_flops(cfg, T)
+                 + n_val * analytic_forward_flops(cfg, T, False) + reuse_flops(val_work))
     alphas = M.choose_alphas(table)
-    star_sites = [tuple(s) for s in np.argwhere(star)]
-    floor = float(n_ev * (analytic_forward_flops(cfg, T) + site_floor_flops(cfg, T, star_sites)))
-    exact = stage("exact_sweep", lambda: M.steered_effects(model, ev, vectors, alphas, star,
-                                                           device),
-                  sequences=n_ev * (1 + len(star_sites)))
-    ledger.amend("exact_sweep", floor_flops=floor)
-    rand_v = M.random_vectors(vectors, gen)
-    exact_rand = stage("exact_sweep_randvec", lambda: M.steered_effects(
-        model, ev, rand_v, alphas, star, device), sequences=n_ev * (1 + len(star_sites)))
-    ledger.amend("exact_sweep_randvec", floor_flops=floor)
-    maps["S1-exact"] = exact.mean(0).numpy()
-    maps["S1-exact-randvec"] = exact_rand.mean(0).numpy()
+    variants = {"plus": vectors, "minus": -vectors, "randvec": rand_v}
+    steered, sweep_work = {}, {}
+    for name, key in (("exact_sweep", "plus"), ("exact_sweep_negative", "minus"),
+                      ("exact_sweep_randvec", "randvec")):
+        out, work = stage(name, lambda key=key: M.steered_sweeps(
+            model, ev, ev_x, {key: variants[key]}, alphas, star, device),
+            sequences=work_rows(star, n_ev))
+        steered[key] = out[key]
+        ledger.amend(name, analytic_override=reuse_flops(work))
+    per_pair["S1-exact"] = steered["plus"]
+    per_pair["S1-exact-odd"] = (steered["plus"] - steered["minus"]) / 2
+    per_pair["S1-exact-randvec"] = steered["randvec"]
     s2_layer, s2_alpha = M.choose_layer_alpha(table)
     v2, history = stage("s2_optimise", lambda: M.optimise_s2(
         model, fit, s2_layer, s2_alpha, vectors[s2_layer], settings["s2_steps"], device),
         sequences=settings["s2_steps"] * n_fit, backward=True)
-    # the vector's gradient stops at the steered layer: one forward (with head) plus the
-    # backward through the blocks above it, per step and pair
     fwd = analytic_forward_flops(cfg, T)
-    above = (cfg.num_hidden_layers - s2_layer) / cfg.num_hidden_layers
+    above = (L1 - 1 - s2_layer) / (L1 - 1)
     ledger.amend("s2_optimise", analytic_override=float(
         settings["s2_steps"] * n_fit * fwd * (1 + above)))
-    maps["S2"] = M.projection(diffs, v2.expand(L1, -1)).double().mean(0).numpy()
+    per_pair["S2"] = M.projection(diffs, v2.expand(L1, -1)).double()
 
-    scored = score_all(maps, g, star)
-    recovery = recovery_sets(g, star, exact.mean(0).numpy(), denominator)
+    maps = {k: x.mean(0).numpy() for k, x in per_pair.items()}
+    scored = score_all(maps, g, star, star_v2)
+    recovery = recovery_sets(g, star, maps["S1-exact"], denominator)
 
-    # --- bootstrap: D_fit and D_eval resampled together, every vector refit
-    boot = bootstrap(settings, fit_dp, fit, ev, diffs, grads, raw, m_clean, m_corrupt, star,
-                     split_seed)
-    heavy = settings["n_boot_heavy"] if heavy_draws is None else heavy_draws
-    boot.update(bootstrap_heavy(dict(settings, n_boot_heavy=heavy), model, fit, val, ev, fit_dp,
-                                diffs, raw, m_clean, m_corrupt, star, split_seed, device,
-                                val_base))
+    # --- pricing: one rule set for both sides (bench.pricing)
+    floors = P.run_stages(cfg, T, n_fit=n_fit, n_val=n_val, n_eval=n_ev,
+                          val_contrast=val.contrast.tolist(), star_sites=star_list,
+                          grid=M.ALPHA_GRID, s2_steps=settings["s2_steps"], s2_layer=s2_layer)
+    differing = differing_sites(diffs, star)
+    forms = P.patching_forms(cfg, T, differing, L1 * T)
+    floors["patching"] = forms["floor"]
+    for s in ledger.stages:
+        s.floor_flops = floors[s.name]
+    costs = P.method_costs(floors, forms)
+    stages = {s.name: s for s in ledger.stages}
+    for m, stage_names in P.METHOD_STAGES.items():
+        chosen = [stages[n] for n in stage_names]
+        costs[m].update(
+            counted_flops=sum(s.counted_flops for s in chosen),
+            seconds=sum(s.seconds for s in chosen) if timing_repeats else None,
+            peak_memory_mb=max([s.peak_memory_mb or 0 for s in chosen], default=0))
+    patch = stages["patching"]
+    costs["patching"] = {"flops": forms["floor"], "forms": forms,
+                         "counted_flops": patch.counted_flops,
+                         "seconds": patch.seconds if timing_repeats else None,
+                         "peak_memory_mb": patch.peak_memory_mb}
+    for m in P.METHOD_STAGES:
+        c = costs[m]
+        c["ratio_counted_flops"] = c["counted_flops"] / patch.counted_flops
+        c["ratio_seconds"] = (c["seconds"] / patch.seconds) if timing_repeats else None
 
-    costs = {m: ledger.totals(names=stages) for m, stages in METHOD_STAGES.items()}
-    patch = costs["patching"]
-    ratios = {m: {k: c[k] / patch[k] if patch[k] else float("nan")
-                  for k in ("floor_flops", "counted_flops", "analytic_flops", "seconds")}
-              for m, c in costs.items()}
+    draws = bootstrap(per_pair, raw, m_clean, m_corrupt, star, settings["n_boot"], split_seed)
     return {
         "task": task.name, "family": "consistent" if task.binary else "symmetric",
         "split_seed": split_seed, "seq_len": T, "layers": L1, "sites": L1 * T,
-        "informative_sites": int(star.sum()), "star": star.tolist(),
+        "informative_sites": int(star.sum()), "informative_sites_v2": int(star_v2.sum()),
+        "star": star.tolist(), "contrast_positions": sorted(set(ev.contrast.tolist())),
         "pairs": {"fit": n_fit, "val": n_val, "eval": n_ev}, "usable_pair_fraction": kept,
         "effects": g.tolist(), "scores": {k: np.nan_to_num(v).tolist() for k, v in maps.items()},
-        "methods": scored, "bootstrap": boot, "recovery": recovery,
+        "methods": scored, "bootstrap": draws, "recovery": recovery,
+        "even_share": even_share(steered["plus"], steered["minus"], star),
         "alphas": alphas, "val_table": table.tolist(),
         "s2": {"layer": s2_layer, "alpha": s2_alpha, "metric_history": history},
-        "compute": {"costs": costs, "ratios": ratios, "stages": ledger.as_dicts(),
-                    "timed": rep > 0},
+        "compute": {"costs": costs, "stages": ledger.as_dicts(), "timed": timing_repeats > 0},
     }
 
 
-def _draws(n, n_boot, seed):
+def work_rows(star, pairs):
+    return int(pairs * (1 + star.sum()))
+
+
+def bootstrap(per_pair, raw, m_clean, m_corrupt, star, n_boot, seed):
+    """Within-run draws for the hierarchical bootstrap: the run's eval pairs resampled
+    (the vectors stay those fitted on its D_fit; bench.bootstrap resamples training
+    and split seeds above this). Every method's R (|a|, S*) and the recoveries, per
+    draw; the draws use the same resamples for every method."""
     rng = np.random.default_rng(seed)
-    return [(rng.integers(0, n[0], n[0]), rng.integers(0, n[1], n[1])) for _ in range(n_boot)]
-
-
-def bootstrap(settings, fit_dp, fit, ev, diffs, grads, raw, m_clean, m_corrupt, star, seed):
-    """R (|a| ranking, S*) of the cheap methods and of random over resamples of D_fit and
-    D_eval; each draw refits v_l, the class vectors and a fresh random-vector control."""
-    out = {m: [] for m in M.CHEAP + ("random",)}
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    for fi, ei in _draws((len(fit), len(ev)), settings["n_boot"], seed):
-        fi_t, ei_t = torch.as_tensor(fi), torch.as_tensor(ei)
-        g = effects(raw[ei_t], m_clean[ei_t], m_corrupt[ei_t])
-        maps, _ = score_maps(fit_dp[fi_t], fit.answer[fi_t], diffs[ei_t], grads[ei_t],
-                             ev.answer[ei_t], gen)
+    n = raw.shape[0]
+    out = {m: [] for m in list(per_pair) + ["random", "recovery_top1", "recovery_top5pct"]}
+    s = torch.as_tensor(star)
+    for _ in range(n_boot):
+        idx = torch.as_tensor(rng.integers(0, n, n))
+        g = effects(raw[idx], m_clean[idx], m_corrupt[idx])
         gs = g[star]
-        for name, a in maps.items():
-            out[name].append(F.measures(a[star], gs)["R"])
-        out["random"].append(F.random_R(gs))
-    return out
-
-
-def bootstrap_heavy(settings, model, fit, val, ev, fit_dp, diffs, raw, m_clean, m_corrupt,
-                    star, seed, device, val_base):
-    """The methods that need steered forwards (S1-exact, its control, S2) and the
-    intervention recovery, over ``n_boot_heavy`` resamples: each refits v_l, re-chooses
-    alpha (and S2's layer) on D_val and reruns the steered forwards."""
-    out = {"S1-exact": [], "S1-exact-randvec": [], "S2": [], "recovery_top1": [],
-           "recovery_top5pct": []}
-    gen = torch.Generator().manual_seed(20_000 + seed)
-    L1 = diffs.shape[1]
-    for fi, ei in _draws((len(fit), len(ev)), settings["n_boot_heavy"], 50_000 + seed):
-        fi_t, ei_t = torch.as_tensor(fi), torch.as_tensor(ei)
-        fit_b = fit.select(fi_t)
-        v = M.fit_vectors(fit_dp[fi_t])
-        table = M.val_recovery_table(model, val, v, device, base=val_base)
-        alphas = M.choose_alphas(table)
-        g = effects(raw[ei_t], m_clean[ei_t], m_corrupt[ei_t])
-        gs = g[star]
-        # steered forwards once per distinct pair of the resample (about 63% of them),
-        # then weighted by how often the resample drew it
-        uniq, inv = torch.unique(ei_t, return_inverse=True)
-        ev_u, base = ev.select(uniq), (m_clean[uniq], m_corrupt[uniq])
-        exact = M.steered_effects(model, ev_u, v, alphas, star, device,
-                                  base=base)[inv].mean(0).numpy()
-        out["S1-exact"].append(F.measures(exact[star], gs)["R"])
-        rand = M.steered_effects(model, ev_u, M.random_vectors(v, gen), alphas, star, device,
-                                 base=base)[inv].mean(0).numpy()
-        out["S1-exact-randvec"].append(F.measures(rand[star], gs)["R"])
-        layer, alpha = M.choose_layer_alpha(table)
-        v2, _ = M.optimise_s2(model, fit_b, layer, alpha, v[layer], settings["s2_steps"], device)
-        s2 = M.projection(diffs[ei_t], v2.expand(L1, -1)).double().mean(0).numpy()
-        out["S2"].append(F.measures(s2[star], gs)["R"])
-        denominator = float((m_clean[ei_t] - m_corrupt[ei_t]).mean())
-        rec = recovery_sets(g, star, exact, denominator)
+        for name, x in per_pair.items():
+            a = x[idx][:, s].mean(0).numpy()
+            out[name].append(F.R_all_k(np.abs(a), gs))
+        out["random"].append(F.random_measures_v3(gs)["R"])
+        exact = per_pair["S1-exact"][idx].mean(0).numpy()
+        rec = recovery_sets(g, star, exact, float((m_clean[idx] - m_corrupt[idx]).mean()))
         out["recovery_top1"].append(rec["top1"]["ratio"])
         out["recovery_top5pct"].append(rec["top5pct"]["ratio"])
     return out

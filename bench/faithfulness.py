@@ -188,3 +188,102 @@ def percentile_interval(values, level=0.95):
         return [float("nan"), float("nan")]
     lo, hi = np.percentile(values, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return [float(lo), float(hi)]
+
+
+# ----------------------------------------------------------------------------- version 3
+# docs/protocol.md v3: S* also leaves out the sites that cannot reach the metric (S_dead),
+# and R is the mean of Cap(k) over every k = 1 .. ceil(|S*| / 2) (no grid, no rounding).
+
+def dead_sites(L1, T, metric_positions=None):
+    """Boolean (L+1, T) mask of S_dead: (L, p) for every p other than the metric's
+    positions, and (l, p) for every p after the last metric position (default: the
+    metric reads the last position only)."""
+    metric_positions = [T - 1] if metric_positions is None else list(metric_positions)
+    dead = np.zeros((L1, T), bool)
+    dead[L1 - 1] = True
+    dead[L1 - 1, metric_positions] = False
+    dead[:, max(metric_positions) + 1:] = True
+    return dead
+
+
+def star_sites(diffs, contrast, metric_positions=None):
+    """Boolean (L+1, T) mask of v3's S* = S - S_0 - S_end - S_dead."""
+    star = informative_sites(diffs, contrast)
+    return star & ~dead_sites(star.shape[0], star.shape[1], metric_positions)
+
+
+def k_max(n_sites):
+    """The largest k of R: ceil(|S*| / 2)."""
+    return (int(n_sites) + 1) // 2
+
+
+def expected_top_sums(a, g, k_last):
+    """E[sum of g over the k highest a] for every k = 1..k_last, ties in a broken
+    uniformly at random (each tied site equally likely to be taken): (k_last,)."""
+    a, g = np.asarray(a, dtype=np.float64).ravel(), np.asarray(g, dtype=np.float64).ravel()
+    order = np.argsort(-a, kind="stable")
+    a_s, g_s = a[order], g[order]
+    starts = np.flatnonzero(np.r_[True, a_s[1:] != a_s[:-1]])
+    sums = np.add.reduceat(g_s, starts)
+    sizes = np.diff(np.r_[starts, a_s.size])
+    before = np.r_[0.0, np.cumsum(sums)[:-1]]
+    k = np.arange(1, k_last + 1)
+    group = np.searchsorted(starts, k - 1, side="right") - 1
+    return before[group] + (k - starts[group]) * sums[group] / sizes[group]
+
+
+def capture_all_k(a, g, k_last=None):
+    """Cap(k) for k = 1..k_last (default ceil(n/2)), ties by expectation; NaN where g's
+    own top-k sums to 0."""
+    g = np.asarray(g, dtype=np.float64).ravel()
+    k_last = k_max(g.size) if k_last is None else k_last
+    if k_last < 1:
+        return np.zeros(0)
+    best = np.cumsum(np.sort(g)[::-1][:k_last])
+    got = expected_top_sums(a, g, k_last)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(best != 0, got / np.where(best != 0, best, 1), np.nan)
+
+
+def random_capture_all_k(g, k_last=None):
+    """E[Cap(k)] of a uniformly random ranking for every k: k mean(g) / top-k sum."""
+    g = np.asarray(g, dtype=np.float64).ravel()
+    return capture_all_k(np.zeros_like(g), g, k_last)
+
+
+def R_all_k(a, g):
+    """v3's R: the mean of Cap(k) over every k = 1..ceil(|S*|/2) (NaN k's skipped)."""
+    cap = capture_all_k(a, g)
+    return float(np.nanmean(cap)) if np.isfinite(cap).any() else float("nan")
+
+
+def measures_v3(a, g, *, signed=False, R_norm=None):
+    """v3's measures of scores ``a`` against effects ``g`` on the same sites (S*): R over
+    every k, v2's grid R beside it (``R_grid``), R' (over random), R'' (over the norm
+    baseline, when its R is given), Spearman, top-10% recall, Cap at every k and at the
+    v2 grid."""
+    a, g = np.asarray(a, dtype=np.float64).ravel(), np.asarray(g, dtype=np.float64).ravel()
+    ranked = a if signed else np.abs(a)
+    cap = capture_all_k(ranked, g)
+    R = float(np.nanmean(cap)) if np.isfinite(cap).any() else float("nan")
+    R_rand = float(np.nanmean(random_capture_all_k(g))) if g.size else float("nan")
+    grid = [capture_v2(ranked, g, f) for f in K_FRACTIONS]
+    out = {"R": R, "R_grid": float(np.mean(grid)), "R_prime": chance_corrected(R, R_rand),
+           "spearman": spearman(ranked, g), "top10_recall": expected_top_recall(ranked, g),
+           "cap": cap.tolist(), "cap_grid": grid}
+    if R_norm is not None:
+        out["R_skill"] = skill(R, R_norm)
+    return out
+
+
+def random_measures_v3(g, R_norm=None):
+    """The random ranking's measures in exact expectation (the same keys)."""
+    g = np.asarray(g, dtype=np.float64).ravel()
+    cap = random_capture_all_k(g)
+    R = float(np.nanmean(cap)) if np.isfinite(cap).any() else float("nan")
+    out = {"R": R, "R_grid": random_R(g), "R_prime": 0.0, "spearman": float("nan"),
+           "top10_recall": top_k_count(g.size, 0.1) / g.size if g.size else float("nan"),
+           "cap": cap.tolist(), "cap_grid": [expected_random_capture(g, f) for f in K_FRACTIONS]}
+    if R_norm is not None:
+        out["R_skill"] = skill(R, R_norm)
+    return out

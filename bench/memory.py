@@ -7,6 +7,7 @@ VmHWM), so the peak of one call is measured without a fresh process; where that 
 not possible, run the call in a child process (``in_child``) so that the peak is
 that call's alone.
 """
+import functools
 import gc
 import os
 
@@ -19,6 +20,7 @@ def _status_kb(field):
     raise OSError(f"no {field} in /proc/self/status")
 
 
+@functools.lru_cache(None)
 def can_measure():
     try:
         _status_kb("VmHWM")

@@ -1,4 +1,4 @@
-"""The method family of docs/protocol.md v2: how each reading of "a steering vector as a
+"""The method family of docs/protocol.md v3: how each reading of "a steering vector as a
 per-site attribution" turns cached activations (and a few steered forwards) into
 scores a_s, per eval pair, over the sites (l, p).
 
@@ -10,14 +10,17 @@ import numpy as np
 import torch
 
 import steerops
+from steerops.inputs import model_output
+from steerops.reuse import reuse_sweep
 
 from . import faithfulness as F
 
 ALPHA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # multiples of v_l (1 = the mean contrast)
 CLASS_MIN_PAIRS = 8                           # S1-class: a class vector needs this many D_fit pairs
-METHODS = ("S1-proj", "S1-lin", "S1-exact", "S1-class", "S2", "AtP", "norm", "random",
-           "S1-proj-randvec", "S1-exact-randvec")
-CHEAP = ("S1-proj", "S1-lin", "S1-class", "AtP", "norm", "S1-proj-randvec")
+METHODS = ("S1-proj", "S1-proj-abs", "S1-lin", "S1-exact", "S1-exact-odd", "S1-class", "S2",
+           "AtP", "norm", "random", "S1-proj-randvec", "S1-proj-abs-randvec", "S1-exact-randvec")
+CHEAP = ("S1-proj", "S1-proj-abs", "S1-lin", "S1-class", "AtP", "norm", "S1-proj-randvec",
+         "S1-proj-abs-randvec")
 
 
 def contrast_mask(pairs):
@@ -65,6 +68,12 @@ def projection(diffs, vectors):
     if vectors.dim() == 2:
         return torch.einsum("nltd,ld->nlt", diffs, u) * norm[None, :, None]
     return torch.einsum("nltd,nld->nlt", diffs, u) * norm[:, :, None]
+
+
+def projection_abs(diffs, vectors):
+    """S1-proj-abs per pair: |dh_s . u_l| ||v_l|| (a magnitude per pair, so projections
+    of opposite sign on different pairs do not cancel in the mean)."""
+    return projection(diffs, vectors).abs()
 
 
 def linearised(diffs, grads, vectors):
@@ -176,3 +185,79 @@ def optimise_s2(model, fit, layer, alpha, init, steps, device):
         model, fit.corrupt.to(device), layer, init.to(device), metric, alpha=alpha,
         steps=steps, lr=0.05, positions=contrast_mask(fit).to(device))
     return v.detach().cpu(), history
+
+
+# ----------------------------------------------------------------------------- cheapest form
+# v3: every steered forward runs in patching's cheapest form (steerops.reuse 'full': the
+# corrupt run's KV prefix reused, the blocks before the site skipped, the LM head at the
+# answer only). Steering at a site is a patch whose source is h_s(corrupt) + alpha v_l.
+
+REUSE_BATCH = 512  # rows per forward
+
+
+def add_reports(total, report, pairs):
+    """Accumulates a reuse sweep's work counts (its base run: ``pairs`` rows)."""
+    for key in ("token_layers_run", "head_tokens", "forwards", "rows"):
+        total[key] = total.get(key, 0) + report[key]
+    total["base_rows"] = total.get("base_rows", 0) + pairs
+    return total
+
+
+def _reuse(model, target_ids, sources, layers, pos, metric, device):
+    raw, base, report = reuse_sweep(
+        model, sources, {"input_ids": target_ids.to(device)}, metric, list(layers),
+        torch.as_tensor(pos, dtype=torch.long, device=device), mode="full",
+        batch_size=REUSE_BATCH, model_output=model_output, progress=False)
+    return raw.double().cpu(), base.double().cpu(), report
+
+
+def _dtype(model):
+    return next(model.parameters()).dtype
+
+
+def steered_sweeps(model, pairs, corrupt_acts, variants, alphas, sites, device):
+    """S1-exact in the cheapest form: for each variant (name -> (L+1, D) vectors: +v,
+    -v, a random direction ...) m(corrupt; h_s += alpha_l w_l) - m(corrupt) per pair at
+    every site of ``sites`` (bool (L+1, T)), NaN elsewhere: ({name: (n, L+1, T)},
+    work counts). One sweep for all variants (one corrupt base run): each variant is
+    another copy of the site columns."""
+    L1, T = sites.shape
+    n = len(pairs)
+    layers = [l for l in range(L1) if sites[l].any()]
+    cols = np.flatnonzero(sites.any(0))
+    names = list(variants)
+    out = {name: torch.full((n, L1, T), float("nan"), dtype=torch.float64) for name in names}
+    if not layers:
+        return out, {}
+    sources = {l: torch.cat([corrupt_acts[:, l, cols] + alphas[l] * variants[name][l]
+                             for name in names], 1).to(device, _dtype(model)) for l in layers}
+    raw, m_corrupt, report = _reuse(model, pairs.corrupt, sources, layers,
+                                    np.tile(cols, len(names)), _metric(pairs, device), device)
+    P, c = cols.size, torch.as_tensor(cols)
+    for k, name in enumerate(names):
+        for li, l in enumerate(layers):
+            out[name][:, l, c] = raw[:, li, k * P:(k + 1) * P] - m_corrupt[:, None]
+        out[name][:, torch.as_tensor(~sites)] = float("nan")
+    return out, add_reports({}, report, n)
+
+
+def val_recovery_table_reuse(model, val, corrupt_acts, vectors, device, base, grid=ALPHA_GRID):
+    """:func:`val_recovery_table` in the cheapest form: per group of D_val pairs sharing
+    p*, one reuse sweep over every layer with the alpha grid as copies of column p*.
+    Returns ((L+1, len(grid)) table, work counts)."""
+    m_clean, m_corrupt = base
+    n, G, L1 = len(val), len(grid), vectors.shape[0]
+    m = torch.empty(n, L1, G, dtype=torch.float64)
+    work = {}
+    for c in torch.unique(val.contrast).tolist():
+        rows = torch.nonzero(val.contrast == c).flatten()
+        group = val.select(rows)
+        sources = {l: torch.stack([corrupt_acts[rows, l, c] + a * vectors[l] for a in grid],
+                                  1).to(device, _dtype(model)) for l in range(L1)}
+        raw, _, report = _reuse(model, group.corrupt, sources, range(L1), [c] * G,
+                                _metric(group, device), device)
+        m[rows] = raw
+        add_reports(work, report, len(rows))
+    table = np.array([[F.recovery(m[:, l, j], m_clean, m_corrupt) for j in range(G)]
+                      for l in range(L1)])
+    return table, work

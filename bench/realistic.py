@@ -1,95 +1,123 @@
-"""Compute at sizes beyond the task models: the analytic S1-proj / patching ratio
-over |S| and eval pairs, and realistic configs (GPT-2-small, a ~1B Llama) by
-FLOPs (fake tensors: any supported transformers version) and measured time.
+"""Compute at sizes beyond the task models (docs/protocol.md v3): every method priced
+by ``bench.pricing``'s rules at GPT-2-small and a ~1B Llama config with the
+benchmark's pair counts, and on GPT-2-small measured stage by stage (time, peak
+memory, FlopCounterMode) by running the benchmark's own run on random pairs, the
+same pair count on every stage of both sides. Plus the analytic ratio against |S|.
 """
+from types import SimpleNamespace
+
 import torch
 
-import steerops
+from . import pricing as P
+from .compute import meta_forward_flops
+from .tasks import Pairs
 
-from .compute import Ledger, analytic_forward_flops, meta_forward_flops, patching_floor_flops
-
-
-def compute_curves(config, T, n_fit, n_eval, max_sites):
-    """Analytic compute ratio (S1 / patching) vs |S| and vs number of eval pairs."""
-    cache = analytic_forward_flops(config, T, False)
-    steer = (2 * n_fit + 2 * n_eval) * cache
-
-    L1 = config.num_hidden_layers + 1
-    base = 2 * analytic_forward_flops(config, T)
-    per_site = (patching_floor_flops(config, T, 1) - base) / (L1 * T)  # mean, cheapest form
-
-    def patch(sites, n):
-        return n * (base + sites * per_site)
-
-    sites = sorted({1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, max_sites})
-    return {"max_sites": max_sites, "sites": sites,
-            "ratio_vs_sites": [steer / patch(s, n_eval) for s in sites],
-            "pairs": [8, 16, 32, 64, 128, 256],
-            "ratio_vs_pairs": [(2 * n_fit + 2 * n) * cache / patch(max_sites, n)
-                               for n in [8, 16, 32, 64, 128, 256]]}
+T_REALISTIC, CONTRAST = 24, 8  # the standard layout's shape: 16 positions from p* on
 
 
-def realistic(settings, device, T=10, progress=True):
-    """The same protocol costs on randomly initialised models of realistic size:
-    FLOPs on the meta device (GPT-2-small and a ~1B Llama-style config) and the
-    measured time of both sides on GPT-2-small (random tokens, same |S| and pairs)."""
+def _layers(cfg):
+    return getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+
+
+def configs():
     import transformers as Tf
-    configs = {
+    return {
         "gpt2-small": Tf.GPT2Config(),
         "llama-1.1b": Tf.LlamaConfig(hidden_size=2048, intermediate_size=5632,
                                      num_hidden_layers=22, num_attention_heads=32,
                                      num_key_value_heads=4, vocab_size=32000),
     }
-    out = {}
-    for name, cfg in configs.items():
-        L1 = (getattr(cfg, "num_hidden_layers", None) or cfg.n_layer) + 1
-        sites = L1 * T
-        fwd = meta_forward_flops(lambda cfg=cfg: Tf.AutoModelForCausalLM.from_config(cfg), T)
-        n_fit, n_eval = settings["n_fit"], settings["n_eval"]
-        steer = (2 * n_fit + 2 * n_eval) * fwd
-        plain = n_eval * (2 + sites) * fwd
-        # the cheapest correct form (what patching_sweep runs), corrupted column 2 as timed
-        patch = patching_floor_flops(cfg, T, n_eval, first_diff=2)
-        out[name] = {"sites": sites, "tokens": T, "forward_flops_meta": fwd,
-                     "patching_flops_plain": plain, "patching_flops_floor": patch,
-                     "flops_ratio_S1_plain": steer / plain,
-                     "analytic_forward_flops": analytic_forward_flops(cfg, T),
-                     "flops_ratio_S1": steer / patch}
-    # measured time of both sides, random tokens; D_fit as large as D_eval here
+
+
+def priced(cfg, T, contrast, n_fit, n_val, n_eval, s2_steps):
+    """Every method's FLOPs and ratios for a model of config ``cfg`` whose prompts
+    differ at column ``contrast``: S* = layers 1..L-1 at positions contrast..T-1 (every
+    one differing), the S2 layer in the middle."""
+    L = _layers(cfg)
+    star = [(l, p) for l in range(1, L) for p in range(contrast, T)]
+    stages = P.run_stages(cfg, T, n_fit=n_fit, n_val=n_val, n_eval=n_eval,
+                          val_contrast=[contrast] * n_val, star_sites=star,
+                          grid=(0,) * 6, s2_steps=s2_steps, s2_layer=L // 2)
+    forms = P.patching_forms(cfg, T, [star] * n_eval, (L + 1) * T)
+    return {"star_sites": len(star), "stage_flops": stages, "patching_flops": forms,
+            "methods": P.method_costs(stages, forms)}
+
+
+def random_splits(vocab, n, T, contrast, seed):
+    """D_fit / D_val / D_eval of random prompts differing at ``contrast`` (timing only:
+    a randomly initialised model's attributions mean nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pairs():
+        clean = torch.randint(0, vocab, (n, T), generator=gen)
+        corrupt = clean.clone()
+        corrupt[:, contrast] = (clean[:, contrast] + 1) % vocab
+        answer = torch.randint(0, vocab, (n,), generator=gen)
+        return Pairs(clean, corrupt, answer, (answer + 1) % vocab, torch.full((n,), contrast))
+    return {"fit": pairs(), "val": pairs(), "eval": pairs()}
+
+
+def measured(name, cfg, settings, device, pairs, T=T_REALISTIC, contrast=CONTRAST):
+    """The benchmark's run (bench.evaluate.run_one) on a randomly initialised model of
+    ``cfg`` with ``pairs`` pairs in every split: per method its time, counted FLOPs and
+    peak memory against patching's, and per stage."""
+    import transformers as Tf
+
+    from .evaluate import run_one
+    torch.manual_seed(0)
+    model = Tf.AutoModelForCausalLM.from_config(cfg).to(device).eval()
+    task = SimpleNamespace(name=name, seq_len=T, binary=False)
+    run = run_one(task, model, dict(settings, n_boot=2), 0, device,
+                  timing_repeats=settings["repeats"],
+                  splits=random_splits(cfg.vocab_size, pairs, T, contrast, 0))
+    del model
+    costs = run["compute"]["costs"]
+    return {"pairs": pairs, "device": str(device), "repeats": settings["repeats"],
+            "methods": {m: {k: c.get(k) for k in ("ratio_seconds", "ratio_counted_flops",
+                                                  "seconds", "peak_memory_mb")}
+                        for m, c in costs.items()},
+            "stages": [{k: s[k] for k in ("name", "seconds", "seconds_q1", "seconds_q3",
+                                          "counted_flops", "analytic_flops", "floor_flops",
+                                          "peak_memory_mb")}
+                       for s in run["compute"]["stages"]]}
+
+
+def realistic(settings, device, progress=True, T=T_REALISTIC, contrast=CONTRAST):
+    """Every method priced at GPT-2-small and a ~1.1B Llama with the benchmark's pair
+    counts; measured on GPT-2-small (and on the 1.1B model on a GPU) with
+    ``realistic_pairs`` / ``realistic_pairs_1b`` pairs (0: not measured)."""
+    import transformers as Tf
+    out = {"tokens": T, "contrast": contrast}
     pairs = {"gpt2-small": settings["realistic_pairs"],
              "llama-1.1b": settings.get("realistic_pairs_1b", 0)}
-    for name, n in pairs.items():
-        out[name]["measured"] = None
-        if n <= 0:
-            continue
-        torch.manual_seed(0)
-        model = Tf.AutoModelForCausalLM.from_config(configs[name]).to(device).eval()
-        out[name]["measured"] = _time_both_sides(model, n, T, out[name]["sites"], device,
-                                                 progress, settings["repeats"])
-        del model
+    for name, cfg in configs().items():
+        entry = priced(cfg, T, contrast, settings["n_fit"], settings["n_val"],
+                       settings["n_eval"], settings["s2_steps"])
+        entry["forward_flops_meta"] = meta_forward_flops(
+            lambda cfg=cfg: Tf.AutoModelForCausalLM.from_config(cfg), T)
+        entry["analytic_forward_flops"] = P.cache_forward(cfg, T) + T * P.head_flops(cfg)
+        entry["measured"] = None
+        # the ~1B model on a CPU: FLOPs only (its sweep alone runs for hours on 1 thread)
+        if pairs[name] > 0 and (name == "gpt2-small" or torch.device(device).type == "cuda"):
+            entry["measured"] = measured(name, cfg, settings, device, pairs[name], T, contrast)
+        out[name] = entry
     return out
 
 
-def _time_both_sides(model, n, T, sites, device, progress, repeats=1):
-    V = model.config.vocab_size
-    clean = torch.randint(0, V, (n, T), device=device)
-    corrupt = clean.clone()
-    corrupt[:, 2] = (corrupt[:, 2] + 1) % V
-    metric = steerops.logit_diff(torch.zeros(n, dtype=torch.long),
-                                 torch.ones(n, dtype=torch.long))
-    ledger = Ledger(model.config)
-    ledger.run("patching_sweep", lambda: steerops.patching_sweep(
-        model, clean, corrupt, metric, progress=progress, reuse="full", distributed=False),
-        sequences=2 * n + n * sites, tokens=T, side="patching", device=device, repeats=repeats)
-    ledger.run("S1_caches", lambda: [steerops.cache_activations(model, x)
-                                     for x in (clean, corrupt, clean, corrupt)],
-               sequences=4 * n, tokens=T, lm_head=False, side="steering", device=device,
-               repeats=repeats)
-    s, p = ledger.totals("steering"), ledger.totals("patching")
-    return {"pairs": n, "device": str(device), "repeats": repeats,
-            "seconds_iqr": {st.name: [st.seconds_q1, st.seconds_q3] for st in ledger.stages},
-            "steering_seconds": s["seconds"],
-            "patching_seconds": p["seconds"], "time_ratio_S1": s["seconds"] / p["seconds"],
-            "counted_flops_ratio_S1": s["counted_flops"] / p["counted_flops"]}
-
-
+def compute_curves(config, T, settings, contrast):
+    """Analytic ratio (counted, against the floor) of each method against |S*| (sites
+    from p* on, more layers' worth) and against the number of eval pairs."""
+    L = _layers(config)
+    curves = {"sites": [], "pairs": [8, 16, 32, 64, 128, 256], "by_sites": {}, "by_pairs": {}}
+    for width in range(1, T - contrast + 1):
+        p = priced(config, T, T - width, settings["n_fit"], settings["n_val"],
+                   settings["n_eval"], settings["s2_steps"])
+        curves["sites"].append((L - 1) * width)
+        for m, c in p["methods"].items():
+            curves["by_sites"].setdefault(m, []).append(c["ratio"]["floor"])
+    for n in curves["pairs"]:
+        p = priced(config, T, contrast, settings["n_fit"], settings["n_val"], n,
+                   settings["s2_steps"])
+        for m, c in p["methods"].items():
+            curves["by_pairs"].setdefault(m, []).append(c["ratio"]["floor"])
+    return curves

@@ -104,7 +104,7 @@ def test_training_is_reproducible():
     assert info_a["steps"] == 15
 
 
-TINY = dict(scale="toy", n_fit=8, n_val=4, n_eval=6, s2_steps=2, n_boot=10, n_boot_heavy=2,
+TINY = dict(scale="toy", n_fit=8, n_val=4, n_eval=6, s2_steps=2, n_boot=10, n_boot_hier=50,
             repeats=1, split_seeds=1, realistic_pairs=1, realistic_pairs_1b=0)
 
 
@@ -112,20 +112,32 @@ def test_end_to_end_small_run(tmp_path):
     results, table = A.run(["successor", "pronoun"], out_dir=str(tmp_path), progress=False,
                            with_realistic=False, settings=TINY)
     data = json.loads((tmp_path / "results.json").read_text())
-    assert list(data["tasks"]) == ["successor", "pronoun"]
+    assert sorted(data["tasks"]) == ["pronoun", "successor"]
     assert data["complete"] is True and data["stages_done"][-1] == "curves"
-    assert data["protocol"] == {"version": 2, "document": "docs/protocol.md"}
+    assert data["protocol"] == {"version": 3, "document": "docs/protocol.md"}
     for key in ("device", "torch", "triton", "transformers", "commit", "torch_threads"):
         assert key in data["environment"]
-    h = data["headline"]
-    assert 0 < h["compute_ratio_flops"] and math.isfinite(h["faithfulness_ratio"])
-    assert "Faithfulness ratio" in table and "mean over 2 tasks of R for S1-proj" in table
-    for png in ("plane.png", "cap_curves.png", "compute_ratio.png", "heatmaps.png"):
+    # the report opens with the verdict: every reading, R with its interval, both forms
+    assert table.index("## Verdict") < table.index("## Methods, all tasks")
+    for m in ("S1-proj", "S1-proj-abs", "S1-exact-odd", "S1-proj-abs-randvec"):
+        assert f"\n| {m} | " in table
+    rows = {r["method"]: r for r in data["verdict"]["all"]}
+    assert 0 < rows["S1-proj"]["ratio_floor"] and 0 < rows["S1-proj"]["ratio_naive_batched"]
+    assert rows["S1-proj"]["ratio_amortised_floor"] < rows["S1-proj"]["ratio_floor"]
+    # toy models: no task reaches |S*| >= 10, and the report says so
+    assert data["headline_rule_met"] is False and "No task reaches |S*| >= 10" in table
+    for png in ("plane.png", "cap_curves.png", "compute_ratio.png", "heatmaps/successor.png",
+                "heatmaps/pronoun.png"):
         assert os.path.getsize(tmp_path / png) > 1000
     assert set(data["families"]) == {"all", "consistent", "symmetric"}
-    for r in data["runs"]:
+    assert "runs" not in data  # compact: the per-run records stay in the shards
+    for m in data["models"]:
+        assert len(m["weights_sha256"]) == 64 and m["matches"] is None
+    for r in results["runs"]:
+        n_star = r["informative_sites"]
         for m in METHODS:
-            assert len(r["methods"][m]["abs"]["cap"]) == len(F.K_FRACTIONS)
+            assert len(r["methods"][m]["abs"]["cap"]) == F.k_max(n_star)
+            assert len(r["bootstrap"][m]) == TINY["n_boot"]
         assert np.asarray(r["effects"]).shape == (3, TASKS[r["task"]].seq_len)
 
 
@@ -160,21 +172,28 @@ def test_kernel_benchmark_providers_run_and_count_bytes(monkeypatch):
     assert table.count("\n| steer |") == 9 and "| patch_ |" in table
 
 
-def test_realistic_stage_counts_and_times_both_sides():
-    """The GPT-2-small / 1.1B stage (FLOPs with fake tensors on every transformers
-    release, measured time on GPT-2-small) at a tiny size."""
-    out = A.realistic(dict(TINY, realistic_pairs=1, realistic_pairs_1b=0), "cpu", T=3,
-                      progress=False)
-    assert set(out) == {"gpt2-small", "llama-1.1b"}
+def test_realistic_stage_prices_and_times_every_method():
+    """GPT-2-small / 1.1B: every method priced by the benchmark's rules (FLOPs with fake
+    tensors on every transformers release), the benchmark's own run timed on GPT-2-small,
+    at a tiny size."""
+    from steerops.bench.pricing import METHOD_STAGES
+    out = A.realistic(dict(TINY, realistic_pairs=1, realistic_pairs_1b=0), "cpu",
+                      progress=False, T=4, contrast=1)
     for name, layers in (("gpt2-small", 12), ("llama-1.1b", 22)):
         r = out[name]
-        assert r["sites"] == (layers + 1) * 3
+        assert r["star_sites"] == (layers - 1) * 3
         # counted and analytic forward FLOPs agree within 25%
         assert abs(r["forward_flops_meta"] / r["analytic_forward_flops"] - 1) < 0.25
-        assert 0 < r["flops_ratio_S1_plain"] < r["flops_ratio_S1"]  # the floor is cheaper
-        assert r["patching_flops_floor"] < r["patching_flops_plain"]
+        assert set(r["methods"]) == set(METHOD_STAGES)
+        forms = r["patching_flops"]
+        assert forms["floor"] < forms["prefix_reuse"] < forms["naive_batched"]
+        s1 = r["methods"]["S1-proj"]
+        assert 0 < s1["ratio"]["naive_batched"] < s1["ratio"]["floor"]
+        assert s1["ratio_amortised"]["floor"] < s1["ratio"]["floor"]
     m = out["gpt2-small"]["measured"]
-    assert m["pairs"] == 1 and m["patching_seconds"] > 0 and 0 < m["time_ratio_S1"]
+    assert m["pairs"] == 1 and m["methods"]["patching"]["seconds"] > 0
+    assert all(m["methods"][k]["ratio_seconds"] > 0 for k in ("S1-proj", "S1-exact", "S2"))
+    assert {s["name"] for s in m["stages"]} >= {"patching", "val_table", "exact_sweep"}
     assert out["llama-1.1b"]["measured"] is None
 
 

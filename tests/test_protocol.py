@@ -1,4 +1,5 @@
-"""docs/protocol.md (v2) measures on hand-built cases whose answers are known, the method
+"""docs/protocol.md measures (v2's, still reported beside v3's; v3's own in
+test_protocol_v3.py) on hand-built cases whose answers are known, the method
 family's pieces, the standard scale's tasks and training cache, and resumable runs."""
 import itertools
 import json
@@ -16,7 +17,8 @@ from steerops.bench import evaluate as E
 from steerops.bench import faithfulness as F
 from steerops.bench import methods as M
 from steerops.bench import train
-from steerops.bench.tasks import FAMILIES, TASKS, VOCAB_STANDARD, task_at
+from steerops.bench.tasks import (FAMILIES, FILLER0, MIN_AFTER_CONTRAST, TASKS, VOCAB_STANDARD,
+                                  task_at)
 
 
 # ----------------------------------------------------------------------------- S*
@@ -180,23 +182,6 @@ def test_steered_effects_match_one_steered_forward():
     assert torch.allclose(out[:, 1, 4].float(), (steered - base).float(), atol=1e-5)
 
 
-def test_steered_effects_of_a_resample_from_its_distinct_pairs():
-    """bootstrap_heavy steers each distinct pair of a resample once and re-indexes:
-    the same per-pair effects as steering the resample with its repeats."""
-    model, task = _toy()
-    pairs = task.sample(5, torch.Generator().manual_seed(2))
-    vectors = torch.randn(3, model.config.hidden_size)
-    sites = np.zeros((3, task.seq_len), bool)
-    sites[1, 3:] = sites[2, 5] = True
-    draw = torch.tensor([4, 0, 4, 2, 0, 0, 1])
-    uniq, inv = torch.unique(draw, return_inverse=True)
-    whole = M.steered_effects(model, pairs.select(draw), vectors, [1.0, 0.5, 2.0], sites, "cpu")
-    distinct = M.steered_effects(model, pairs.select(uniq), vectors, [1.0, 0.5, 2.0], sites,
-                                 "cpu")[inv]
-    assert torch.allclose(whole, distinct, atol=1e-5, equal_nan=True)
-    assert uniq.numel() == 4 and not torch.isnan(whole[:, 1, 3:]).any()
-
-
 def test_cache_gradients_give_atp():
     model, task = _toy()
     pairs = task.sample(4, torch.Generator().manual_seed(1))
@@ -209,59 +194,48 @@ def test_cache_gradients_give_atp():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_bootstrap_refits_the_vector():
-    """Eval data identical on every pair: resampling D_eval changes nothing, so any
-    spread in S1-proj's draws comes from refitting v on resampled D_fit pairs."""
-    L1, T, D = 2, 3, 2
-    task = TASKS["ioi"]
-    fit = task.sample(6, torch.Generator().manual_seed(0))
-    ev = task.sample(4, torch.Generator().manual_seed(1))
-    # half the fit pairs point along x, half along y: refits rotate v
-    fit_dp = torch.zeros(6, L1, D)
-    fit_dp[:3, :, 0] = 1.0
-    fit_dp[3:, :, 1] = 1.0
-    diffs = torch.zeros(4, L1, T, D)
-    diffs[:, 1, 1] = torch.tensor([1.0, 0.0])   # large along x
-    diffs[:, 1, 2] = torch.tensor([0.0, 0.6])   # smaller along y
-    raw = torch.zeros(4, L1, T, dtype=torch.float64)
-    raw[:, 1, 2] = 1.0                          # the y site is the one that matters
-    m_clean, m_corrupt = torch.full((4,), 1.0).double(), torch.zeros(4).double()
-    star = np.zeros((L1, T), bool)
-    star[1, 1:] = True
-    draws = E.bootstrap(dict(n_boot=60), fit_dp, fit, ev, diffs, torch.zeros_like(diffs), raw,
-                        m_clean, m_corrupt, star, seed=0)
-    assert len(set(np.round(draws["S1-proj"], 6))) > 1   # the refit moved the ranking
-    assert len(set(np.round(draws["norm"], 6))) == 1      # no vector: no spread
-
-
 # ----------------------------------------------------------------------------- aggregation
 
-def test_headline_interval_and_seed_spread():
-    def run(task, train_seed, split_seed, R, draws):
-        methods = {m: {"abs": {"R": R, "R_prime": 0, "R_skill": 0, "spearman": 0,
-                               "top10_recall": 0, "cap": [R] * 6},
-                       "signed": {"R": R, "R_prime": 0, "R_skill": 0, "spearman": 0,
-                                  "top10_recall": 0, "cap": [R] * 6}, "v1_R": 0.5}
-                   for m in M.METHODS}
-        rec = {"ratio": None, "sum_g": 0.0}
-        return {"task": task, "family": "symmetric", "train_seed": train_seed,
-                "split_seed": split_seed, "informative_sites": 4, "sites": 9,
-                "methods": methods, "bootstrap": {m: draws for m in M.METHODS},
-                "recovery": {"top1": rec, "top5pct": rec},
-                "compute": {"timed": True, "stages": [], "ratios": {
-                    m: {k: 0.5 for k in AG.COST_KEYS} for m in M.METHODS + ("patching",)}}}
-    runs = [run("ioi", 0, 1, 0.2, [0.1, 0.3]), run("ioi", 1, 1, 0.4, [0.3, 0.5]),
-            run("induction", 0, 1, 0.6, [0.5, 0.7]), run("induction", 1, 1, 0.8, [0.7, 0.9])]
-    s = AG.summarize(runs)
+def _fake_run(task, train_seed, split_seed, R, draws, star=30):
+    entry = {"R": R, "R_grid": R, "R_prime": 0, "R_skill": 0, "spearman": 0,
+             "top10_recall": 0, "cap": [R] * F.k_max(star)}
+    methods = {m: {"abs": entry, "signed": entry, "v2_R": 0.5} for m in M.METHODS}
+    rec = {"ratio": None, "sum_g": 0.0}
+    cost = {"ratio": {"floor": 0.5, "naive_batched": 0.05, "prefix_reuse": 0.3},
+            "ratio_amortised": {"floor": 0.2, "naive_batched": 0.02, "prefix_reuse": 0.1},
+            "ratio_counted_flops": 0.5, "ratio_seconds": 0.5, "peak_memory_mb": 1.0}
+    return {"task": task, "family": "symmetric", "train_seed": train_seed,
+            "split_seed": split_seed, "informative_sites": star, "informative_sites_v2": star,
+            "sites": 99, "even_share": 0.5, "methods": methods,
+            "bootstrap": dict({m: draws for m in M.METHODS}, recovery_top1=[None] * len(draws),
+                              recovery_top5pct=[None] * len(draws)),
+            "recovery": {"top1": rec, "top5pct": rec},
+            "compute": {"timed": True, "stages": [], "costs": {m: cost for m in AG.METHOD_STAGES}}}
+
+
+def test_headline_interval_seed_spread_and_the_small_star_rule():
+    runs = [_fake_run("ioi", 0, 1, 0.2, [0.2]), _fake_run("ioi", 1, 1, 0.4, [0.4]),
+            _fake_run("induction", 0, 1, 0.6, [0.6]), _fake_run("induction", 1, 1, 0.8, [0.8]),
+            # a task with |S*| < 10 is reported, not in the headline
+            _fake_run("successor", 0, 1, 0.0, [0.0], star=6)]
+    s = AG.summarize(runs, n_draws=400, seed=0)
     assert s["tasks"]["ioi"]["methods"]["S1-proj"]["R"] == pytest.approx(0.3)
-    assert s["tasks"]["ioi"]["methods"]["S1-proj"]["draws"] == pytest.approx([0.2, 0.4])
-    h = s["headline"]
-    assert h["faithfulness_ratio"] == pytest.approx(0.5)
-    assert h["faithfulness_ratio_ci95"][0] == pytest.approx(0.4, abs=0.01)
-    seeds = h["faithfulness_ratio_seeds"]
+    assert s["headline_tasks"] == ["induction", "ioi"] and s["left_out_small_star"] == ["successor"]
+    h = s["families"]["all"]["methods"]["S1-proj"]
+    assert h["value"] == pytest.approx(0.5)
+    # draws: each task resamples its two training seeds: 0.2 / 0.3 / 0.4 and 0.6 / 0.7 / 0.8
+    assert 0.4 - 1e-9 <= h["ci95"][0] < 0.5 < h["ci95"][1] <= 0.6 + 1e-9
+    assert abs(h["bias"]) < 0.02 and h["outside"] is False
+    seeds = h["seeds"]  # (0, 1): ioi 0.2, induction 0.6; (1, 1): 0.4, 0.8
     assert seeds["combinations"] == 2 and seeds["min"] == pytest.approx(0.4)
     assert seeds["max"] == pytest.approx(0.6) and seeds["sd"] > 0
-    assert h["faithfulness_ratio_by_family"] == {"all": 0.5, "symmetric": 0.5}
+    # a combination missing a task is averaged over the tasks present, never dropped
+    s = AG.summarize(runs[:3], n_draws=50, seed=0)
+    seeds = s["families"]["all"]["methods"]["S1-proj"]["seeds"]
+    assert seeds["combinations"] == 2 and seeds["max"] == pytest.approx(0.4)
+    rows = {r["method"]: r for r in s["verdict"]["all"]}
+    assert rows["S1-proj"]["ratio_naive_batched"] == pytest.approx(0.05)
+    assert rows["S1-proj"]["holds_ratio_naive_batched"] is False   # R 0.4 < 0.88
 
 
 def test_families_partition_the_tasks():
@@ -272,18 +246,29 @@ def test_families_partition_the_tasks():
 # ----------------------------------------------------------------------------- standard scale
 
 @pytest.mark.parametrize("name", list(TASKS))
-def test_standard_tasks_pad_with_filler_and_keep_the_rule(name):
-    task = task_at(name, 16)
-    p = task.sample(100, torch.Generator().manual_seed(3))
-    assert p.clean.shape == p.corrupt.shape == (100, 16)
-    assert int(p.clean.max()) < VOCAB_STANDARD
-    rows = torch.arange(100)
+def test_standard_layout_spreads_filler_between_units_and_keeps_the_rule(name):
+    task = task_at(name, 24)
+    n = 300
+    p = task.sample(n, torch.Generator().manual_seed(3))
+    assert p.clean.shape == p.corrupt.shape == (n, 24)
+    assert int(p.clean.max()) < VOCAB_STANDARD and (p.clean[:, 0] == 1).all()  # BOS first
+    rows = torch.arange(n)
     assert (p.clean[rows, p.contrast] != p.corrupt[rows, p.contrast]).all()
-    for i in range(0, 100, 7):
+    assert ((p.clean != p.corrupt).sum(1) == 1).all()
+    # at least 8 positions between p* and the answer position (the last)
+    assert int((23 - p.contrast).min()) - 1 >= MIN_AFTER_CONTRAST
+    # the layout varies across pairs; filler lies between the task's tokens
+    assert p.contrast.unique().numel() > 1
+    filler = p.clean >= FILLER0
+    assert filler[:, 1:-1].any(0).sum() > 10 and not filler[:, -1].any()
+    if name == "induction":  # the copied bigram (a b) stays adjacent
+        a = p.clean[rows, p.contrast - 1]
+        assert (a < FILLER0).all() and (p.clean[:, -1] == a).all()
+    for i in range(0, n, 7):
         assert task.rule(p.clean[i]) == int(p.answer[i])
         assert task.rule(p.corrupt[i]) == int(p.wrong[i])
     with pytest.raises(ValueError, match="seq_len"):
-        task_at(name, 2)
+        task_at(name, 11)
 
 
 def test_standard_checkpoints_train_once_into_the_cache(tmp_path, monkeypatch):
@@ -301,7 +286,8 @@ def test_standard_checkpoints_train_once_into_the_cache(tmp_path, monkeypatch):
     model, info = train.ensure_checkpoint("successor", "standard", 1, progress=False)
     assert calls == [("successor", 1)]
     assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 128
-    assert info["seq_len"] == 16 and info["seed"] == 1 and info["threads"] >= 1
+    assert info["seq_len"] == 24 and info["seed"] == 1 and info["threads"] >= 1
+    assert info["decay"] is True and info["flush_denormal"] is True
     path = os.path.join(train.cache_dir(), "successor-seed1.safetensors")
     assert path.startswith(str(tmp_path)) and os.path.exists(path)
     again, _ = train.ensure_checkpoint("successor", "standard", 1, progress=False)
@@ -329,12 +315,16 @@ def test_standard_checkpoints_train_once_into_the_cache(tmp_path, monkeypatch):
     (dict(lr=1e-3, batch_pairs=64, steps=100, max_steps=2500), False),    # other batch
 ])
 def test_a_cached_checkpoint_is_reused_only_under_the_same_recipe(info, same):
-    assert train.same_training(info, dict(lr=1e-3, batch_pairs=128, max_steps=6000)) is same
+    wanted = dict(lr=1e-3, batch_pairs=128, max_steps=6000, target=0.99, decay=False)
+    assert train.same_training(info, wanted) is same
+    # another stopping target or schedule is another recipe
+    assert not train.same_training(dict(info, target=0.98), wanted)
+    assert not train.same_training(dict(info, decay=True), wanted)
 
 
 # ----------------------------------------------------------------------------- resumable runs
 
-TINY = dict(scale="toy", n_fit=8, n_val=4, n_eval=6, s2_steps=2, n_boot=8, n_boot_heavy=2,
+TINY = dict(scale="toy", n_fit=8, n_val=4, n_eval=6, s2_steps=2, n_boot=8, n_boot_hier=40,
             repeats=0, split_seeds=2, realistic_pairs=1, realistic_pairs_1b=0)
 
 
@@ -360,9 +350,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert resumed["runs_resumed"] == 3 and resumed["runs_done"] == 4
     strip = lambda r: {k: v for k, v in r.items() if k != "compute"}  # noqa: E731 (times vary)
     assert [strip(r) for r in resumed["runs"]] == [strip(r) for r in full["runs"]]
-    assert resumed["headline"]["faithfulness_ratio"] == full["headline"]["faithfulness_ratio"]
+    head = lambda r: r["families"]["all"]["methods"]["S1-proj"]  # noqa: E731
+    assert head(resumed)["value"] == head(full)["value"]
+    assert head(resumed)["ci95"] == head(full)["ci95"]   # the bootstrap is seeded
     data = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert data["complete"] and data["headline"]["faithfulness_ratio_seeds"]["combinations"] == 2
+    assert data["complete"] and head(data)["seeds"]["combinations"] == 2
 
 
 def test_models_below_95_percent_are_excluded_and_report_only_is_partial(tmp_path, monkeypatch):

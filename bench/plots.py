@@ -1,0 +1,177 @@
+"""The attribution benchmark's plots (docs/protocol.md v3): the faithfulness-compute
+plane per family, Cap(k) curves as small multiples (every method in a panel of its
+own), compute against |S*| and eval pairs, and per task heatmaps of g and of every
+method's scores, each panel with its own colour scale, colourbar and axis ticks."""
+import os
+
+import numpy as np
+
+from .aggregate import ABOUT, CAP_FRACTIONS, PAPER_COMPUTE, PAPER_R
+from .methods import METHODS
+
+HEATMAP_METHODS = ("S1-proj", "S1-proj-abs", "S1-lin", "S1-exact", "S1-exact-odd", "S1-class",
+                   "S2", "AtP", "norm", "S1-proj-randvec", "S1-exact-randvec")
+MARKERS = dict(zip(METHODS, "osD^vPXhp<>*d"))
+
+
+def _colours():
+    import matplotlib.pyplot as plt
+    cmap = plt.get_cmap("tab20")
+    return {m: cmap(i % 20) for i, m in enumerate(METHODS)}
+
+
+def plot_plane(results, path):
+    """R with its interval against compute (counted, over patching's floor), per family;
+    hollow markers of distinct shapes so that coinciding methods stay visible."""
+    import matplotlib.pyplot as plt
+    fams = list(results["families"])
+    colours = _colours()
+    fig, axes = plt.subplots(1, len(fams), figsize=(5.4 * len(fams), 4.6), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        ms = results["families"][fam]["methods"]
+        for m in METHODS:
+            e = ms[m]
+            x = (e.get("compute") or {}).get("ratio_floor")
+            if m == "random" or not x or not np.isfinite(x):
+                ax.axhline(e["value"], color=colours[m], ls=":", lw=1, label=f"{m} (no compute)")
+                continue
+            lo, hi = e["ci95"] if e["ci95"][0] is not None else (e["value"],) * 2
+            ax.errorbar([x], [e["value"]], yerr=[[max(0.0, e["value"] - lo)],
+                                                 [max(0.0, hi - e["value"])]],
+                        fmt=MARKERS[m], mfc="none", ms=8, mew=1.5, color=colours[m],
+                        capsize=3, label=m)
+        ax.scatter([1.0], [1.0], marker="*", s=140, color="k", label="patching (floor)", zorder=4)
+        ax.axhline(PAPER_R, color="gray", ls="--", lw=0.8, label=f"paper: R {PAPER_R}")
+        ax.axvline(PAPER_COMPUTE * ABOUT, color="gray", ls="-.", lw=0.8,
+                   label="paper: about 4% (<= 0.05)")
+        ax.set(xscale="log", xlabel="compute / patching at its floor (FLOPs, fit counted)",
+               ylabel="R (mean Cap(k), k = 1..|S*|/2)", title=f"{fam} tasks",
+               ylim=(min(-0.05, ax.get_ylim()[0]), 1.08))
+    _legend_right(fig, axes, path)
+
+
+def _legend_right(fig, axes, path):
+    import matplotlib.pyplot as plt
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cap(results, path):
+    """Cap(k) against k / |S*| (mean over the headline tasks, band ±1.96 s.e.), one
+    panel per method, random and patching drawn in every panel for reference."""
+    import matplotlib.pyplot as plt
+    fam = results["families"]["all"]["methods"]
+    shown = [m for m in METHODS if m != "random"]
+    cols = 4
+    rows = int(np.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), sharex=True,
+                             sharey=True, squeeze=False)
+    x = 100 * CAP_FRACTIONS
+    rand = np.asarray(fam["random"]["cap"], float)
+    for ax, m in zip(axes.flat, shown):
+        cap, se = np.asarray(fam[m]["cap"], float), np.asarray(fam[m]["cap_se"], float)
+        ax.plot(x, cap, marker="o", ms=3, color="C0", label="method")
+        ax.fill_between(x, cap - 1.96 * se, cap + 1.96 * se, color="C0", alpha=0.15)
+        ax.plot(x, rand, ls="--", color="gray", lw=1, label="random")
+        ax.axhline(1.0, color="k", lw=0.6, label="patching")
+        ax.set_title(f"{m}: R {fam[m]['value']:.2f}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("k (% of |S*|)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("Cap(k)")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"Cap(k), mean over {len(results['families']['all']['tasks'])} tasks "
+                 "(band: ±1.96 s.e. over tasks)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_compute(results, path):
+    """Analytic compute ratio (counted, over the floor) against |S*| and eval pairs,
+    every method with its own marker; runs and realistic sizes as points."""
+    import matplotlib.pyplot as plt
+    curves = results["curves"]
+    colours = _colours()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for m, ys in curves["by_sites"].items():
+        if m == "random":
+            continue
+        axes[0].plot(curves["sites"], ys, marker=MARKERS[m], ms=4, mfc="none",
+                     color=colours[m], label=m)
+        axes[1].plot(curves["pairs"], curves["by_pairs"][m], marker=MARKERS[m], ms=4,
+                     mfc="none", color=colours[m])
+    for name, r in (results.get("realistic") or {}).items():
+        if isinstance(r, dict) and "methods" in r:
+            axes[0].scatter([r["star_sites"]], [r["methods"]["S1-proj"]["ratio"]["floor"]],
+                            marker="x", s=60, color="k", zorder=4)
+            axes[0].annotate(f"{name} S1-proj", (r["star_sites"],
+                                                 r["methods"]["S1-proj"]["ratio"]["floor"]),
+                             fontsize=7)
+    for ax in axes:
+        ax.axhline(PAPER_COMPUTE, color="gray", ls="-.", lw=0.8)
+        ax.set(xscale="log", yscale="log", ylabel="compute / patching floor")
+        ax.grid(alpha=0.3)
+    axes[0].set(xlabel="|S*| (scored sites)", title="against |S*| (standard model shape)")
+    axes[1].set(xlabel="eval pairs", title="against eval pairs")
+    _legend_right(fig, axes[None, :], path)
+
+
+def plot_task_heatmaps(run, path):
+    """One task's first run: g and every method's mean scores over layer x position,
+    each panel its own colour scale and labelled colourbar; sites outside S* grey."""
+    import matplotlib.pyplot as plt
+    keys = ("effects",) + HEATMAP_METHODS
+    star = np.asarray(run["star"], bool)
+    L1, T = star.shape
+    cols = 4
+    rows = int(np.ceil(len(keys) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.5 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        m = np.asarray(run["effects"] if key == "effects" else run["scores"][key], float)
+        vals = np.where(star, m, np.nan)
+        vmax = float(np.nanmax(np.abs(vals))) if np.isfinite(vals).any() else 1.0
+        vmax = vmax or 1.0
+        im = ax.imshow(np.ma.masked_invalid(vals), aspect="auto", cmap="RdBu_r", vmin=-vmax,
+                       vmax=vmax, origin="lower", interpolation="nearest")
+        ax.imshow(np.ma.masked_where(star, np.ones_like(m)), aspect="auto", cmap="Greys",
+                  vmin=0, vmax=4, origin="lower", interpolation="nearest")
+        ax.set_title("patching g" if key == "effects" else key, fontsize=9)
+        ax.set_yticks(range(L1))
+        step = max(1, T // 8)
+        ax.set_xticks(range(0, T, step))
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("position", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        cb.ax.tick_params(labelsize=6)
+        cb.set_label("g" if key == "effects" else "score", fontsize=7)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(f"{run['task']} (training seed {run.get('train_seed', 0)}, split "
+                 f"{run['split_seed']}): colour scale per panel; grey = outside S*",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plots(results, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    plot_plane(results, os.path.join(out_dir, "plane.png"))
+    plot_cap(results, os.path.join(out_dir, "cap_curves.png"))
+    plot_compute(results, os.path.join(out_dir, "compute_ratio.png"))
+    folder = os.path.join(out_dir, "heatmaps")
+    os.makedirs(folder, exist_ok=True)
+    first = {}
+    for r in results["runs"]:
+        first.setdefault(r["task"], r)
+    for task, run in first.items():
+        plot_task_heatmaps(run, os.path.join(folder, f"{task}.png"))
