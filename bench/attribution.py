@@ -43,7 +43,7 @@ QUICK = dict(scale="toy", n_fit=32, n_val=16, n_eval=24, s2_steps=10, n_boot=100
              n_boot_hier=400, repeats=1, split_seeds=1, realistic_pairs=0,
              realistic_pairs_1b=0)
 FULL = dict(scale="standard", n_fit=64, n_val=32, n_eval=48, s2_steps=30, n_boot=200,
-            n_boot_hier=1000, repeats=3, split_seeds=5, realistic_pairs=4,
+            n_boot_hier=1000, repeats=3, split_seeds=3, realistic_pairs=4,
             realistic_pairs_1b=1)
 SEED = 1234
 MIN_ACCURACY = 0.95  # docs/protocol.md: a task model below this held-out accuracy is left out
