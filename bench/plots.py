@@ -10,7 +10,9 @@ from .aggregate import ABOUT, CAP_FRACTIONS, PAPER_COMPUTE, PAPER_R
 from .methods import METHODS
 
 HEATMAP_METHODS = ("S1-proj", "S1-proj-abs", "S1-lin", "S1-exact", "S1-exact-odd", "S1-class",
-                   "S2", "AtP", "norm", "S1-proj-randvec", "S1-exact-randvec")
+                   "S2", "AtP", "norm", "S1-proj-randvec", "S1-proj-abs-randvec",
+                   "S1-exact-randvec")
+FORM_LABELS = {"floor": "patching at its floor", "naive_batched": "naive-batched patching"}
 MARKERS = dict(zip(METHODS, "osD^vPXhp<>*d"))
 
 
@@ -21,40 +23,52 @@ def _colours():
 
 
 def plot_plane(results, path):
-    """R with its interval against compute (counted, over patching's floor), per family;
-    hollow markers of distinct shapes so that coinciding methods stay visible."""
+    """R with its interval against compute (counted) over each form of patching (one row
+    per form), per family; hollow markers of distinct shapes so that coinciding methods
+    stay visible."""
     import matplotlib.pyplot as plt
     fams = list(results["families"])
     colours = _colours()
-    fig, axes = plt.subplots(1, len(fams), figsize=(5.4 * len(fams), 4.6), squeeze=False)
-    for ax, fam in zip(axes[0], fams):
-        ms = results["families"][fam]["methods"]
-        for m in METHODS:
-            e = ms[m]
-            x = (e.get("compute") or {}).get("ratio_floor")
-            if m == "random" or not x or not np.isfinite(x):
-                ax.axhline(e["value"], color=colours[m], ls=":", lw=1, label=f"{m} (no compute)")
-                continue
-            lo, hi = e["ci95"] if e["ci95"][0] is not None else (e["value"],) * 2
-            ax.errorbar([x], [e["value"]], yerr=[[max(0.0, e["value"] - lo)],
-                                                 [max(0.0, hi - e["value"])]],
-                        fmt=MARKERS[m], mfc="none", ms=8, mew=1.5, color=colours[m],
-                        capsize=3, label=m)
-        ax.scatter([1.0], [1.0], marker="*", s=140, color="k", label="patching (floor)", zorder=4)
-        ax.axhline(PAPER_R, color="gray", ls="--", lw=0.8, label=f"paper: R {PAPER_R}")
-        ax.axvline(PAPER_COMPUTE * ABOUT, color="gray", ls="-.", lw=0.8,
-                   label="paper: about 4% (<= 0.05)")
-        ax.set(xscale="log", xlabel="compute / patching at its floor (FLOPs, fit counted)",
-               ylabel="R (mean Cap(k), k = 1..|S*|/2)", title=f"{fam} tasks",
-               ylim=(min(-0.05, ax.get_ylim()[0]), 1.08))
+    fig, axes = plt.subplots(2, len(fams), figsize=(5.0 * len(fams), 8.4), squeeze=False)
+    for row, form in enumerate(("floor", "naive_batched")):
+        for ax, fam in zip(axes[row], fams):
+            _plane_panel(ax, results["families"][fam]["methods"], form, colours,
+                         f"{fam} tasks, against {FORM_LABELS[form]}")
     _legend_right(fig, axes, path)
 
 
-def _legend_right(fig, axes, path):
+def _plane_panel(ax, ms, form, colours, title):
+    for m in METHODS:
+        e = ms[m]
+        x = (e.get("compute") or {}).get(f"ratio_{form}")
+        if m == "random" or not x or not np.isfinite(x):
+            ax.axhline(e["value"], color=colours[m], ls=":", lw=1, label=f"{m} (no compute)")
+            continue
+        lo, hi = e["ci95"] if e["ci95"][0] is not None else (e["value"],) * 2
+        ax.errorbar([x], [e["value"]], yerr=[[max(0.0, e["value"] - lo)],
+                                             [max(0.0, hi - e["value"])]],
+                    fmt=MARKERS[m], mfc="none", ms=8, mew=1.5, color=colours[m],
+                    capsize=3, label=m)
+    ax.scatter([1.0], [1.0], marker="*", s=140, color="k", label="patching (that form)",
+               zorder=4)
+    ax.axhline(PAPER_R, color="gray", ls="--", lw=0.8, label=f"paper: R {PAPER_R}")
+    ax.axvline(PAPER_COMPUTE * ABOUT, color="gray", ls="-.", lw=0.8,
+               label="paper: about 4% (<= 0.05)")
+    ax.set(xscale="log", xlabel="compute / patching (FLOPs, fit counted)",
+           ylabel="R (mean Cap(k), k = 1..|S*|/2)", title=title,
+           ylim=(min(-0.05, ax.get_ylim()[0]), 1.08))
+
+
+def _legend_right(fig, axes, path, below=False):
+    """One legend for every panel, outside them (to the right, or below), then save."""
     import matplotlib.pyplot as plt
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.82, 1))
+    if below:
+        fig.legend(handles, labels, loc="lower center", fontsize=8, ncol=2)
+        fig.tight_layout(rect=(0, 0.2, 1, 1))
+    else:
+        fig.legend(handles, labels, loc="center right", fontsize=8)
+        fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -93,34 +107,41 @@ def plot_cap(results, path):
     plt.close(fig)
 
 
+def _same_cost_groups(curves):
+    """Methods whose curves coincide (same stages) drawn once, labelled together."""
+    groups = {}
+    for m, ys in curves.items():
+        if m != "random":
+            groups.setdefault(tuple(np.round(ys, 12)), []).append(m)
+    return list(groups.values())
+
+
 def plot_compute(results, path):
-    """Analytic compute ratio (counted, over the floor) against |S*| and eval pairs,
-    every method with its own marker; runs and realistic sizes as points."""
+    """Analytic compute ratio (counted, over the floor) against |S*| and eval pairs;
+    methods of the same cost share one line; realistic sizes as points."""
     import matplotlib.pyplot as plt
     curves = results["curves"]
     colours = _colours()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for m, ys in curves["by_sites"].items():
-        if m == "random":
-            continue
-        axes[0].plot(curves["sites"], ys, marker=MARKERS[m], ms=4, mfc="none",
-                     color=colours[m], label=m)
-        axes[1].plot(curves["pairs"], curves["by_pairs"][m], marker=MARKERS[m], ms=4,
-                     mfc="none", color=colours[m])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6))
+    for group in _same_cost_groups(curves["by_sites"]):
+        m = group[0]
+        style = dict(marker=MARKERS[m], ms=4, mfc="none", color=colours[m])
+        axes[0].plot(curves["sites"], curves["by_sites"][m], label=", ".join(group), **style)
+        axes[1].plot(curves["pairs"], curves["by_pairs"][m], **style)
     for name, r in (results.get("realistic") or {}).items():
         if isinstance(r, dict) and "methods" in r:
-            axes[0].scatter([r["star_sites"]], [r["methods"]["S1-proj"]["ratio"]["floor"]],
-                            marker="x", s=60, color="k", zorder=4)
-            axes[0].annotate(f"{name} S1-proj", (r["star_sites"],
-                                                 r["methods"]["S1-proj"]["ratio"]["floor"]),
-                             fontsize=7)
+            y = r["methods"]["S1-proj"]["ratio"]["floor"]
+            axes[0].scatter([r["star_sites"]], [y], marker="x", s=60, color="k", zorder=4)
+            axes[0].annotate(f"{name}, S1-proj", (r["star_sites"], y), fontsize=7,
+                             xytext=(4, 4), textcoords="offset points")
     for ax in axes:
         ax.axhline(PAPER_COMPUTE, color="gray", ls="-.", lw=0.8)
-        ax.set(xscale="log", yscale="log", ylabel="compute / patching floor")
+        ax.set(xscale="log", yscale="log", ylabel="compute / patching floor (fit counted)")
         ax.grid(alpha=0.3)
-    axes[0].set(xlabel="|S*| (scored sites)", title="against |S*| (standard model shape)")
-    axes[1].set(xlabel="eval pairs", title="against eval pairs")
-    _legend_right(fig, axes[None, :], path)
+    axes[0].set(xlabel="|S*| (scored sites; the task model's shape, longer prompts)",
+                title="against |S*|")
+    axes[1].set(xlabel="eval pairs", title="against eval pairs (the benchmark's prompts)")
+    _legend_right(fig, axes[None, :], path, below=True)
 
 
 def plot_task_heatmaps(run, path):

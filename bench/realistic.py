@@ -105,14 +105,17 @@ def realistic(settings, device, progress=True, T=T_REALISTIC, contrast=CONTRAST)
 
 
 def compute_curves(config, T, settings, contrast):
-    """Analytic ratio (counted, against the floor) of each method against |S*| (sites
-    from p* on, more layers' worth) and against the number of eval pairs."""
+    """Analytic ratio (counted, against the floor) of each method against |S*| (the
+    model's shape at longer prompts, p* a third of the way in) and against the number
+    of eval pairs (the benchmark's T and p*)."""
     L = _layers(config)
-    curves = {"sites": [], "pairs": [8, 16, 32, 64, 128, 256], "by_sites": {}, "by_pairs": {}}
-    for width in range(1, T - contrast + 1):
-        p = priced(config, T, T - width, settings["n_fit"], settings["n_val"],
+    curves = {"sites": [], "tokens": [], "pairs": [8, 16, 32, 64, 128, 256], "by_sites": {},
+              "by_pairs": {}}
+    for tokens in (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256):
+        p = priced(config, tokens, tokens // 3, settings["n_fit"], settings["n_val"],
                    settings["n_eval"], settings["s2_steps"])
-        curves["sites"].append((L - 1) * width)
+        curves["sites"].append(p["star_sites"])
+        curves["tokens"].append(tokens)
         for m, c in p["methods"].items():
             curves["by_sites"].setdefault(m, []).append(c["ratio"]["floor"])
     for n in curves["pairs"]:
