@@ -183,7 +183,25 @@ def summarize(runs, n_draws=1000, seed=0):
             "headline_tasks": headline_tasks, "left_out_small_star": left_out,
             "headline_rule_met": bool(headline_tasks),
             "verdict": {fam: verdict(f) for fam, f in per_family.items()},
-            "stage_agreement": stage_agreement(runs)}
+            "stage_agreement": stage_agreement(runs), "memory": memory_by_stage(runs)}
+
+
+def memory_by_stage(runs):
+    """Peak memory per stage (MB above the level before it; CUDA allocator or CPU RSS):
+    the mean and max over runs, and per task with its |S*| (how a stage grows with the
+    number of scored sites)."""
+    stages = defaultdict(list)
+    per_task = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        for s in r["compute"]["stages"]:
+            if s.get("peak_memory_mb") is not None:
+                stages[s["name"]].append(s["peak_memory_mb"])
+                per_task[r["task"]][s["name"]].append(s["peak_memory_mb"])
+    star = {t: _mean([r["informative_sites"] for r in rs]) for t, rs in by_task(runs).items()}
+    return {"stages": {k: {"mean_mb": _mean(v), "max_mb": float(max(v))}
+                       for k, v in stages.items()},
+            "by_task": {t: dict({k: _mean(v) for k, v in st.items()}, star=star[t])
+                        for t, st in per_task.items()}}
 
 
 def stage_agreement(runs):

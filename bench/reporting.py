@@ -136,11 +136,38 @@ def model_lines(results):
         lines.append(f"| {m['task']} | {m['train_seed']} | {m['train_steps']} | "
                      f"{m['held_out_accuracy']:.4f} | {m.get('train_seconds')} "
                      f"({m.get('threads')}) | `{m['weights_sha256'][:16]}` | {same} |")
+    total = sum(m.get("train_seconds") or 0 for m in models)
+    lines += ["", f"Training (separate from the benchmark's time): {total / 60:.1f} CPU-minutes "
+              f"for these {len(models)} models, one thread each (the excluded ones are not in "
+              "this table)."]
+    return lines + [""]
+
+
+def memory_lines(results):
+    mem = results.get("memory") or {}
+    if not mem.get("stages"):
+        return []
+    meas = ((results.get("realistic") or {}).get("gpt2-small") or {}).get("measured") or {}
+    gpt2 = {s["name"]: s["peak_memory_mb"] for s in meas.get("stages", [])}
+    lines = ["## Peak memory per stage", "",
+             "MB above the process's level before the stage (CPU: peak resident set from "
+             "/proc; CUDA: the allocator's peak).", "",
+             "| stage | task models: mean (max) | gpt2-small, measured |", "|---|---|---|"]
+    for name, v in mem["stages"].items():
+        lines.append(f"| {name} | {_f(v['mean_mb'], 1)} ({_f(v['max_mb'], 1)}) | "
+                     f"{_f(gpt2.get(name), 1)} |")
+    by_task = sorted(mem["by_task"].items(), key=lambda kv: kv[1]["star"])
+    if len(by_task) > 1:
+        (lo_t, lo), (hi_t, hi) = by_task[0], by_task[-1]
+        lines += ["", f"Against |S\*|: patching's peak is {_f(lo.get('patching'), 1)} MB on "
+                  f"{lo_t} (|S\*| {lo['star']:.0f}) and {_f(hi.get('patching'), 1)} MB on "
+                  f"{hi_t} (|S\*| {hi['star']:.0f}); the caches do not depend on |S\*|."]
     return lines + [""]
 
 
 def compute_lines(results):
     lines = []
+    lines += memory_lines(results)
     agree = results.get("stage_agreement", {})
     if agree:
         lines += ["FlopCounterMode vs the analytic count of what ran, worst relative gap per "
