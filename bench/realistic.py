@@ -73,8 +73,10 @@ def measured(name, cfg, settings, device, pairs, T=T_REALISTIC, contrast=CONTRAS
     del model
     costs = run["compute"]["costs"]
     return {"pairs": pairs, "device": str(device), "repeats": settings["repeats"],
-            "methods": {m: {k: c.get(k) for k in ("ratio_seconds", "ratio_counted_flops",
-                                                  "seconds", "peak_memory_mb")}
+            "methods": {m: dict({k: c.get(k) for k in ("ratio_seconds", "ratio_counted_flops",
+                                                       "seconds", "peak_memory_mb")},
+                                # priced by the rules at these pair counts (beside the times)
+                                ratio_floor=(c.get("ratio") or {}).get("floor"))
                         for m, c in costs.items()},
             "stages": [{k: s[k] for k in ("name", "seconds", "seconds_q1", "seconds_q3",
                                           "counted_flops", "analytic_flops", "floor_flops",
