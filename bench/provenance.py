@@ -18,13 +18,16 @@ def repo_relative(path):
 
 def git_commit():
     """Short commit hash, with "+dirty" when the working tree has uncommitted
-    changes (the result then did not come from that commit alone)."""
+    changes (the result then did not come from that commit alone). Committed result
+    files (bench/results/) are outputs, not code: rewriting them does not count."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here,
                                          stderr=subprocess.DEVNULL).decode().strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
-                                        cwd=here, stderr=subprocess.DEVNULL).decode().strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no",
+                                         "--", ".", ":(exclude)bench/results"],
+                                        cwd=os.path.dirname(here),
+                                        stderr=subprocess.DEVNULL).decode().strip()
     except Exception:
         return None
     return commit + ("+dirty" if dirty else "")
