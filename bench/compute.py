@@ -13,8 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .memory import can_measure as can_measure_rss
-from .memory import peak_above_baseline_mb
+from .memory import profiled_peak_mb
 
 # the analytic FLOP model lives with the library (steerops.plan_sweep prices a sweep
 # before it runs); the benchmark reads the same functions
@@ -35,8 +34,8 @@ class Stage:
     seconds_q1: float = float("nan")  # interquartile range of the timed repeats
     seconds_q3: float = float("nan")
     repeats: int = 0
-    peak_memory_mb: float = None  # CUDA allocator peak, or on CPU the peak RSS above the
-    # level before the stage (/proc VmHWM reset), during the counted run
+    peak_memory_mb: float = None  # CUDA allocator peak, or on CPU the peak of the stage's
+    # tensor allocations (torch profiler memory events), during the counted run
     side: str = ""
     extra_forwards: int = 0  # further forward-only sequences in the same stage (e.g. AtP's clean run)
     analytic_override: float = None  # analytic FLOPs of a stage that is no plain forward
@@ -60,10 +59,10 @@ class Ledger:
         def counted():
             with FlopCounterMode(display=False) as counter:
                 return fn(), counter
-        if cuda or not can_measure_rss():
+        if cuda:
             (result, counter), peak = counted(), None
-        else:  # CPU: the process's peak resident set above its level before the stage
-            (result, counter), peak = peak_above_baseline_mb(counted)
+        else:  # CPU: the peak of the stage's own tensor allocations (profiler memory events)
+            (result, counter), peak = profiled_peak_mb(counted)
         if cuda:
             peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
         times = []

@@ -42,6 +42,26 @@ def peak_above_baseline_mb(fn):
     return result, (peak - before) / 1024
 
 
+def profiled_peak_mb(fn):
+    """(fn's result, peak MB of the tensor memory fn allocates on the CPU beyond what
+    was live before it), from the torch profiler's memory events: every allocation
+    and free in time order, the peak of their running sum. Unlike the resident set,
+    this sees memory the allocator reuses."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    # an allocation inside an op is reported as that op's own (self) memory, a free
+    # outside any op as a "[memory]" event: each at its start, in time order (an op's
+    # internal alloc-and-free nets out within it)
+    events = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]"
+                     else e.self_cpu_memory_usage) for e in prof.events())
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return result, peak / 2 ** 20
+
+
 def _child(conn, fn, args):
     try:
         conn.send(("ok", peak_above_baseline_mb(lambda: fn(*args))[1]))

@@ -253,3 +253,19 @@ def test_checkpoints_carry_their_weight_hash(tmp_path):
     path = train.checkpoint_path("successor")
     assert info["weights_sha256"] == train.weights_sha256(path) and len(
         info["weights_sha256"]) == 64
+
+
+# ----------------------------------------------------------------------------- memory
+
+def test_profiled_peak_sees_a_known_allocation_even_when_memory_is_reused():
+    from steerops.bench.memory import profiled_peak_mb
+
+    def work():
+        a = torch.empty(4 * 2 ** 20, dtype=torch.uint8)   # 4 MiB, then freed
+        del a
+        b = torch.empty(2 * 2 ** 20, dtype=torch.uint8)   # 2 MiB live with the next
+        c = torch.empty(3 * 2 ** 20, dtype=torch.uint8)   # 3 MiB: peak 5 MiB
+        return b.numel() + c.numel()
+    for _ in range(2):  # the second time the allocator reuses what it holds
+        n, peak = profiled_peak_mb(work)
+        assert n == 5 * 2 ** 20 and peak == pytest.approx(5.0, abs=0.05)
