@@ -7,9 +7,11 @@ VmHWM), so the peak of one call is measured without a fresh process; where that 
 not possible, run the call in a child process (``in_child``) so that the peak is
 that call's alone.
 """
+import contextlib
 import functools
 import gc
 import os
+import sys
 
 
 def _status_kb(field):
@@ -42,14 +44,34 @@ def peak_above_baseline_mb(fn):
     return result, (peak - before) / 1024
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null for the duration (C++ log lines included)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def profiled_peak_mb(fn):
     """(fn's result, peak MB of the tensor memory fn allocates on the CPU beyond what
     was live before it), from the torch profiler's memory events: every allocation
     and free in time order, the peak of their running sum. Unlike the resident set,
     this sees memory the allocator reuses."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the profiler's C++ side logs a line at every start and stop
+        prof.__enter__()
+    try:
         result = fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     # an allocation inside an op is reported as that op's own (self) memory, a free
     # outside any op as a "[memory]" event: each at its start, in time order (an op's
     # internal alloc-and-free nets out within it)
