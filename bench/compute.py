@@ -97,16 +97,6 @@ class Ledger:
         # never the weights: about one forward's worth of FLOPs (not two)
         return stage.sequences * per * (2 if stage.backward else 1) + stage.extra_forwards * per
 
-    def totals(self, side=None, names=None):
-        chosen = [s for s in self.stages if (side is None or s.side == side)
-                  and (names is None or s.name in names)]
-        return {"counted_flops": sum(s.counted_flops for s in chosen),
-                "analytic_flops": sum(self.analytic(s) for s in chosen),
-                "floor_flops": sum(self.analytic(s) if s.floor_flops is None else s.floor_flops
-                                   for s in chosen),
-                "seconds": sum(s.seconds for s in chosen),
-                "stages": [s.name for s in chosen]}
-
     def as_dicts(self):
         return [dict(vars(s), analytic_flops=self.analytic(s)) for s in self.stages]
 

@@ -112,8 +112,9 @@ def base_metrics(model, pairs, device):
 
 def val_recovery_table(model, val, vectors, device, grid=ALPHA_GRID, base=None):
     """Steering recovery on D_val of adding alpha v_l at p*, for every layer l and alpha
-    in ``grid``: (L+1, len(grid)); ratio of means. One forward per layer (rows = pairs x
-    alphas, one strength per row)."""
+    in ``grid``: (L+1, len(grid)); ratio of means. One whole forward per layer (rows =
+    pairs x alphas, one strength per row): the plain reference that
+    :func:`val_recovery_table_reuse` (what the benchmark runs) is tested against."""
     m_clean, m_corrupt = base if base is not None else base_metrics(model, val, device)
     n, G = len(val), len(grid)
     ids = val.corrupt.repeat_interleave(G, 0).to(device)
@@ -144,7 +145,8 @@ def choose_layer_alpha(table, grid=ALPHA_GRID):
 
 
 def steered_effects(model, pairs, vectors, alphas, sites, device, base=None, max_rows=4096):
-    """S1-exact per pair: m(corrupt; h_s += alpha_l v_l) - m(corrupt) at each site in
+    """S1-exact per pair, by plain steered forwards (the reference :func:`steered_sweeps`
+    is tested against): m(corrupt; h_s += alpha_l v_l) - m(corrupt) at each site in
     ``sites`` (bool (L+1, T)), NaN elsewhere: (n, L+1, T). Rows = pairs x positions of
     a layer, one steered position per row, in chunks of at most ``max_rows``."""
     if base is not None:
