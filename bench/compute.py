@@ -18,8 +18,7 @@ from .memory import profiled_peak_mb
 # the analytic FLOP model lives with the library (steerops.plan_sweep prices a sweep
 # before it runs); the benchmark reads the same functions
 from steerops.flops import (analytic_forward_flops, patching_floor_flops,  # noqa: F401
-                            patching_forms_flops, reuse_sweep_flops, site_floor_flops,
-                            token_layer_flops)
+                            reuse_sweep_flops)
 
 
 @dataclass

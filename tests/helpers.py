@@ -28,3 +28,19 @@ def grads(out, inputs, g):
 def leaf64(t):
     """float64 detached copy that requires grad iff t does."""
     return t.detach().double().requires_grad_(t.requires_grad)
+
+
+def toy_steering_case(task_name="ioi", pairs=3, seed=0):
+    """A shipped toy model, ``pairs`` of its task, one random vector per layer and an
+    empty (layer, position) site mask to fill: the set-up of the steered-forward tests."""
+    import numpy as np
+
+    from steerops.bench import train
+    from steerops.bench.tasks import TASKS
+
+    model, _ = train.load_checkpoint(task_name)
+    task = TASKS[task_name]
+    sampled = task.sample(pairs, torch.Generator().manual_seed(seed))
+    vectors = torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size)
+    sites = np.zeros((len(vectors), task.seq_len), bool)
+    return model, task, sampled, vectors, sites

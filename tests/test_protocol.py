@@ -17,6 +17,7 @@ from steerops.bench import evaluate as E
 from steerops.bench import faithfulness as F
 from steerops.bench import methods as M
 from steerops.bench import train
+from helpers import toy_steering_case
 from steerops.bench.tasks import (FAMILIES, FILLER0, MIN_AFTER_CONTRAST, TASKS, VOCAB_STANDARD,
                                   task_at)
 
@@ -158,16 +159,8 @@ def test_alpha_choice_is_closest_to_full_recovery():
     assert M.choose_layer_alpha(table, grid) == (1, 2.0)
 
 
-def _toy(name="ioi"):
-    model, _ = train.load_checkpoint(name)
-    return model, TASKS[name]
-
-
 def test_steered_effects_match_one_steered_forward():
-    model, task = _toy()
-    pairs = task.sample(3, torch.Generator().manual_seed(0))
-    vectors = torch.randn(3, model.config.hidden_size)
-    sites = np.zeros((3, task.seq_len), bool)
+    model, task, pairs, vectors, sites = toy_steering_case("ioi", pairs=3)
     sites[1, 4] = sites[2, 5] = True
     out = M.steered_effects(model, pairs, vectors, [1.0, 0.5, 2.0], sites, "cpu", max_rows=2)
     assert torch.isnan(out[:, 0]).all() and torch.isnan(out[:, 1, :4]).all()
@@ -183,8 +176,7 @@ def test_steered_effects_match_one_steered_forward():
 
 
 def test_cache_gradients_give_atp():
-    model, task = _toy()
-    pairs = task.sample(4, torch.Generator().manual_seed(1))
+    model, task, pairs, _, _ = toy_steering_case("ioi", pairs=4, seed=1)
     metric = steerops.logit_diff(pairs.answer, pairs.wrong)
     gc = steerops.cache_gradients(model, pairs.corrupt, metric)
     clean = steerops.cache_activations(model, pairs.clean).acts

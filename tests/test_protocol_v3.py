@@ -16,7 +16,7 @@ from steerops.bench import faithfulness as F
 from steerops.bench import methods as M
 from steerops.bench import pricing as P
 from steerops.bench import train
-from steerops.bench.tasks import TASKS
+from helpers import toy_steering_case
 
 
 # ----------------------------------------------------------------------------- S*
@@ -104,16 +104,8 @@ def test_even_share_splits_the_steering_effect_by_sign():
     assert E.even_share(plus, plus, star) == 1.0           # both signs do the same
 
 
-def _toy(name="ioi"):
-    model, _ = train.load_checkpoint(name)
-    return model, TASKS[name]
-
-
 def test_steered_sweeps_in_the_cheapest_form_equal_plain_steered_forwards():
-    model, task = _toy()
-    pairs = task.sample(5, torch.Generator().manual_seed(0))
-    vectors = torch.randn(3, model.config.hidden_size)
-    sites = np.zeros((3, task.seq_len), bool)
+    model, task, pairs, vectors, sites = toy_steering_case("ioi", pairs=5)
     sites[1, 2:] = True
     sites[2, 5] = True
     alphas = [1.0, 0.5, 2.0]
@@ -131,10 +123,8 @@ def test_steered_sweeps_in_the_cheapest_form_equal_plain_steered_forwards():
 
 
 def test_alpha_grid_in_the_cheapest_form_equals_the_plain_table():
-    model, task = _toy("induction")
-    val = task.sample(6, torch.Generator().manual_seed(4))
+    model, task, val, v, _ = toy_steering_case("induction", pairs=6, seed=4)
     val.contrast[:3] = 3                                   # two groups of p*
-    v = torch.randn(3, model.config.hidden_size)
     base = M.base_metrics(model, val, "cpu")
     acts = E.steerops.cache_activations(model, val.corrupt).acts.float()
     table, work = M.val_recovery_table_reuse(model, val, acts, v, "cpu", base)
