@@ -1,6 +1,11 @@
 """Peak memory of a piece of work on the CPU, where torch has no allocator
-statistics (and tracemalloc does not see torch's allocations): the process's peak
-resident set above what it held before, read from /proc.
+statistics (and tracemalloc does not see torch's allocations), read two ways:
+
+- ``profiled_peak_mb``: the peak of the work's own tensor allocations, from the
+  torch profiler's memory events (the attribution benchmark's stages). It sees
+  memory the allocator reuses, which the resident set does not.
+- ``peak_above_baseline_mb``: the process's peak resident set above what it held
+  before, read from /proc (the patching-sweep benchmark's whole sweeps).
 
 Linux lets a process reset its own peak (``echo 5 > /proc/self/clear_refs`` resets
 VmHWM), so the peak of one call is measured without a fresh process; where that is

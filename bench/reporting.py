@@ -168,8 +168,9 @@ def memory_lines(results):
     meas = ((results.get("realistic") or {}).get("gpt2-small") or {}).get("measured") or {}
     gpt2 = {s["name"]: s["peak_memory_mb"] for s in meas.get("stages", [])}
     lines = ["## Peak memory per stage", "",
-             "MB above the process's level before the stage (CPU: peak resident set from "
-             "/proc; CUDA: the allocator's peak).", "",
+             "MB above the process's level before the stage (CPU: the peak of the stage's "
+             "own tensor allocations, from the torch profiler's memory events in time "
+             "order; CUDA: the allocator's peak).", "",
              "| stage | task models: mean (max) | gpt2-small, measured |", "|---|---|---|"]
     for name, v in mem["stages"].items():
         lines.append(f"| {name} | {_f(v['mean_mb'], 1)} ({_f(v['max_mb'], 1)}) | "
