@@ -185,6 +185,9 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
                "train_seeds": seeds, "split_seeds": split_seeds,
                "checkpoints": checkpoint_dir or ("shipped" if scale == "toy" else "cache"),
                "complete": False, "stages_done": [], "runs_done": 0, "runs_total": len(jobs)}
+    # read before this run rewrites results.json: when --out is the committed folder,
+    # the file it overwrites is the record its models are compared with
+    committed = committed_hashes(scale)
     started = time.time()
     # one unit per task model (its split seeds together: it is trained or loaded once),
     # costed by its runs still missing, so a resumed run spreads what is left; rank 0's
@@ -239,7 +242,7 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     if main:
         save_results(out_dir, "results", results)
     results.update(summarize(runs, settings["n_boot_hier"], SEED))
-    results["models"] = models_seen(runs, scale)
+    results["models"] = models_seen(runs, scale, committed)
     model, _ = ensure_checkpoint(tasks[0], scale, seeds[0], checkpoint_dir, device, progress)
     T = task_at(tasks[0], SCALES[scale]["seq_len"]).seq_len
     results["curves"] = compute_curves(model.config, T, settings, contrast=min(
@@ -278,8 +281,9 @@ COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                          "attribution_v3", "results.json")
 
 
-def committed_hashes(scale, path=COMMITTED):
+def committed_hashes(scale, path=None):
     """{(task, training seed): sha256} of the committed results at ``scale`` ({} if none)."""
+    path = COMMITTED if path is None else path
     try:
         with open(path) as f:
             data = json.load(f)

@@ -178,9 +178,9 @@ def memory_lines(results):
     by_task = sorted(mem["by_task"].items(), key=lambda kv: kv[1]["star"])
     if len(by_task) > 1:
         (lo_t, lo), (hi_t, hi) = by_task[0], by_task[-1]
-        lines += ["", f"Against |S\*|: patching's peak is {_f(lo.get('patching'), 1)} MB on "
-                  f"{lo_t} (|S\*| {lo['star']:.0f}) and {_f(hi.get('patching'), 1)} MB on "
-                  f"{hi_t} (|S\*| {hi['star']:.0f}); the caches do not depend on |S\*|."]
+        lines += ["", f"Against |S\\*|: patching's peak is {_f(lo.get('patching'), 1)} MB on "
+                  f"{lo_t} (|S\\*| {lo['star']:.0f}) and {_f(hi.get('patching'), 1)} MB on "
+                  f"{hi_t} (|S\\*| {hi['star']:.0f}); the caches do not depend on |S\\*|."]
     return lines + [""]
 
 

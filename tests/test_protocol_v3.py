@@ -3,6 +3,7 @@ S_dead, R over every k, S1-proj-abs, the sign-flip split of S1-exact, the steere
 sweeps in the cheapest form, the hierarchical bootstrap on synthetic runs of known
 variance, the pricing of a hand-counted sweep, and the weight-hash record."""
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -236,6 +237,26 @@ def test_models_seen_say_whether_the_weights_are_the_committed_ones():
     assert [(m["task"], m["train_seed"], m["matches"]) for m in seen] == [
         ("ioi", 0, True), ("ioi", 1, False), ("sorting", 0, None)]
     assert seen[0]["informative_sites"] == [30, 30] and "config" not in seen[0]
+
+
+def test_a_rerun_into_the_committed_folder_compares_with_the_file_it_overwrites(
+        tmp_path, monkeypatch):
+    # the run writes results.json before it records its models: the committed hashes
+    # must be read first, or every model reads "n/a"
+    committed = tmp_path / "results.json"
+    real = train.weights_sha256(train.checkpoint_path("successor"))
+    committed.write_text(json.dumps({"settings": {"scale": "toy"}, "models": [
+        {"task": "successor", "train_seed": 0, "weights_sha256": real},
+        {"task": "pronoun", "train_seed": 0, "weights_sha256": "0" * 64}]}))
+    monkeypatch.setattr(A, "COMMITTED", str(committed))
+    settings = dict(scale="toy", n_fit=8, n_val=4, n_eval=6, s2_steps=2, n_boot=8,
+                    n_boot_hier=40, repeats=0, split_seeds=1, realistic_pairs=1,
+                    realistic_pairs_1b=0)
+    results, table = A.run(["successor", "pronoun"], out_dir=str(tmp_path), progress=False,
+                           with_realistic=False, settings=settings)
+    assert {m["task"]: m["matches"] for m in results["models"]} == {
+        "successor": True, "pronoun": False}
+    assert "1 task model(s) differ from the committed results' weights" in table
 
 
 def test_checkpoints_carry_their_weight_hash(tmp_path):
