@@ -150,7 +150,10 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=
     gen = torch.Generator().manual_seed(split_seed)
 
     def stage(name, fn, **kw):
-        return ledger.run(name, fn, tokens=T, repeats=timing_repeats, device=device, **kw)
+        # memory is read with the timings (each model's first split): a stage's peak
+        # depends on its shapes, not on which pairs it gets, and the read costs a run
+        return ledger.run(name, fn, tokens=T, repeats=timing_repeats, device=device,
+                          memory=timing_repeats > 0, **kw)
 
     def reuse_flops(work):  # a reuse sweep's work as run (its base runs carry the full head)
         return float(work.get("base_rows", 0) * analytic_forward_flops(cfg, T)
@@ -241,7 +244,8 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=
         costs[m].update(
             counted_flops=sum(s.counted_flops for s in chosen),
             seconds=sum(s.seconds for s in chosen) if timing_repeats else None,
-            peak_memory_mb=max([s.peak_memory_mb or 0 for s in chosen], default=0))
+            peak_memory_mb=max([s.peak_memory_mb or 0 for s in chosen], default=0)
+            if timing_repeats else None)
     patch = stages["patching"]
     costs["patching"] = {"flops": forms["floor"], "forms": forms,
                          "counted_flops": patch.counted_flops,
