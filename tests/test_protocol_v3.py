@@ -271,8 +271,6 @@ def test_checkpoints_carry_their_weight_hash(tmp_path):
 def test_stage_memory_is_read_outside_the_flop_counter():
     # under FlopCounterMode's dispatch mode the profiler reads an optimisation's peak
     # higher than the same work alone (S2: 550 MB vs 87 MB on a counting model)
-    from torch.utils.flop_counter import FlopCounterMode
-
     from steerops.bench.compute import Ledger
     from steerops.bench.memory import profiled_peak_mb
     model, task, fit, _, _ = toy_steering_case("ioi", pairs=8)
@@ -281,11 +279,9 @@ def test_stage_memory_is_read_outside_the_flop_counter():
     def s2():
         return M.optimise_s2(model, fit, 1, 2.0, init, 3, "cpu")
 
-    def counted():
-        with FlopCounterMode(display=False):
-            return s2()
-    alone, under_counter = profiled_peak_mb(s2)[1], profiled_peak_mb(counted)[1]
-    assert under_counter > alone * 1.1  # the misreading this guards against
+    # torch 2.13 reads 1.30 MB under the counter and 0.99 MB alone; the ledger must
+    # give the reading alone whether or not a later torch still differs
+    alone = profiled_peak_mb(s2)[1]
     ledger = Ledger(model.config)
     ledger.run("s2", s2, sequences=8 * 3, tokens=task.seq_len, backward=True, repeats=0)
     ledger.run("s2 unread", s2, sequences=8 * 3, tokens=task.seq_len, repeats=0, memory=False)
