@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from steerops.bench import compile_cases as cases
 from steerops.bench import compile_check as C
 from steerops.bench import kernels as KB
 from steerops.kernels import config
@@ -23,15 +24,15 @@ def test_occupancy_follows_the_register_file():
 
 
 def test_enumeration_covers_every_flag_combination():
-    fwd = list(C.steer_flag_combinations("fwd"))
-    bwd = list(C.steer_flag_combinations("bwd"))
+    fwd = list(cases.steer_flag_combinations("fwd"))
+    bwd = list(cases.steer_flag_combinations("bwd"))
     # residual x patch (none / plain / weighted) x [no steering | K vectors x per-row alpha
     # x mask x mode]; the backward adds the source gradient (with a patch) and the
     # vector gradient (with steering)
     assert len(fwd) == 2 * 3 * (1 + 2 * 2 * 2 * 4) == 198
     assert len(bwd) == 2 * (1 + 2 * 2) * (1 + 2 * 2 * 2 * 4 * 2) == 650
-    assert len({C.flag_label("bwd", f) for f in bwd}) == 650  # labels tell them apart
-    entries = C.enumerate_specializations((2048,), ("fp32",))
+    assert len({cases.flag_label("bwd", f) for f in bwd}) == 650  # labels tell them apart
+    entries = cases.enumerate_specializations((2048,), ("fp32",))
     by_kernel = {}
     for e in entries:
         by_kernel.setdefault(e["kernel"], []).append(e)
@@ -51,7 +52,7 @@ def test_enumeration_covers_every_flag_combination():
             assert not (kw["HAS_VIDX"] or kw["HAS_ALPHA"] or kw["HAS_MASK"] or kw["MODE"])
         assert kw["NEED_DALPHA"] == (kw["HAS_ALPHA"] and kw["HAS_STEER"])
     # the CI grid reaches single-pass and looped launches of both kernels
-    ci = C.enumerate_specializations(C.CI_D, ("fp32",))
+    ci = cases.enumerate_specializations(C.CI_D, ("fp32",))
     single = {(e["kernel"], e["kwargs"]["SINGLE_PASS"]) for e in ci
               if e["kernel"].startswith("_steer")}
     assert single == {(k, p) for k in ("_steer_fwd_kernel", "_steer_bwd_kernel")
