@@ -29,7 +29,8 @@ from .provenance import environment, save_results, strict_json, write_json
 from .realistic import compute_curves, realistic
 from .plots import plots
 from .reporting import markdown
-from .tasks import TASKS, task_at
+from .spread import task_at
+from .tasks import TASKS
 from .train import SCALES, checkpoint_info, ensure_checkpoint
 
 PROTOCOL_VERSION = 3

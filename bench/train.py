@@ -19,7 +19,8 @@ import torch
 
 from steerops.cli_args import Parser, nonnegative_int, output_folder, positive_int
 
-from .tasks import TASKS, VOCAB, VOCAB_STANDARD, task_at
+from .spread import VOCAB_STANDARD, task_at
+from .tasks import TASKS, VOCAB
 
 CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
 MODEL_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,

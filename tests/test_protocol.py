@@ -18,8 +18,8 @@ from steerops.bench import faithfulness as F
 from steerops.bench import methods as M
 from steerops.bench import train
 from helpers import toy_steering_case
-from steerops.bench.tasks import (FAMILIES, FILLER0, MIN_AFTER_CONTRAST, TASKS, VOCAB_STANDARD,
-                                  task_at)
+from steerops.bench.spread import FILLER0, MIN_AFTER_CONTRAST, VOCAB_STANDARD, task_at
+from steerops.bench.tasks import FAMILIES, TASKS
 
 
 # ----------------------------------------------------------------------------- S*
