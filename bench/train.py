@@ -19,6 +19,7 @@ import torch
 
 from steerops.cli_args import Parser, nonnegative_int, output_folder, positive_int
 
+from . import reproducible as R
 from .spread import VOCAB_STANDARD, task_at
 from .tasks import TASKS, VOCAB
 
@@ -37,6 +38,9 @@ STANDARD_CONFIG = dict(MODEL_CONFIG, hidden_size=128, intermediate_size=384,
 SCALES = {
     "toy": dict(config=MODEL_CONFIG, seq_len=None, seeds=(0,), batch_pairs=128),
     "standard": dict(config=STANDARD_CONFIG, seq_len=24, seeds=(0, 1, 2), batch_pairs=64,
+                     # v4: the benchmark's own seeded initialisation, pinned CPU math paths
+                     # (bench/reproducible.py), resumable training
+                     reproducible=True,
                      # a model on a plateau just under the 99% target stops here, not at 6000
                      # (every cached model that reached 99% did so within 1200 steps)
                      max_steps=1500, target=0.98, decay=True,
@@ -51,7 +55,7 @@ SCALES = {
                      overrides={"brackets": dict(lr=1e-3, batch_pairs=128),
                                 "counting": dict(lr=1e-3, batch_pairs=128, max_steps=3000)}),
 }
-STANDARD_VERSION = "standard-v3"
+STANDARD_VERSION = "standard-v4"
 # Subnormal floats appear as these models train and slow a CPU step 3x (induction: 2.1
 # steps/s at step 100, 0.7 at step 800); flushing them to zero keeps the step time flat.
 FLUSH_DENORMAL = True  # bump when the config, tasks or training recipe change
@@ -88,22 +92,29 @@ def accuracy(model, task, n_pairs, seed):
 
 
 def train_task(task, *, seed=0, max_steps=6000, batch_pairs=128, lr=3e-3, target=0.99,
-               eval_every=250, progress=True, config=None, decay=False):
+               eval_every=250, progress=True, config=None, decay=False, seeded_init=False,
+               resume_path=None):
     """``decay``: after the 100 warm-up steps the learning rate falls linearly to 10% at
     ``max_steps`` (the standard scale: a constant rate left models oscillating a few
-    points under the target until the budget ran out)."""
+    points under the target until the budget ran out). ``seeded_init``: the benchmark's
+    own initialisation (bench/reproducible.py) instead of the library's. ``resume_path``:
+    the whole training state is saved there at every evaluation and a run finding it
+    continues from it (removed at the end)."""
     torch.set_flush_denormal(FLUSH_DENORMAL)
     try:
         return _train(task, seed, max_steps, batch_pairs, lr, target, eval_every, progress,
-                      config or MODEL_CONFIG, decay)
+                      config or MODEL_CONFIG, decay, seeded_init, resume_path)
     finally:
         torch.set_flush_denormal(False)  # the default: later work in the process unchanged
 
 
-def _train(task, seed, max_steps, batch_pairs, lr, target, eval_every, progress, config, decay):
+def _train(task, seed, max_steps, batch_pairs, lr, target, eval_every, progress, config, decay,
+           seeded_init, resume_path):
     from tqdm.auto import tqdm
     torch.manual_seed(seed)
     model = build_model(config)
+    if seeded_init:
+        R.seeded_init(model, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
 
     def schedule(s):
@@ -111,10 +122,14 @@ def _train(task, seed, max_steps, batch_pairs, lr, target, eval_every, progress,
         return warm * max(0.1, 1 - s / max_steps) if decay else warm
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(TRAIN_SEED + seed)
-    t0 = time.time()
-    step, held_out = 0, 0.0
-    bar = tqdm(total=max_steps, disable=not progress, desc=f"train {task.name}", leave=False)
-    while step < max_steps:
+    step, held_out, before = 0, 0.0, 0.0
+    parts = dict(model=model, opt=opt, sched=sched, gen=gen)
+    if resume_path and os.path.exists(resume_path):
+        step, held_out, before = R.load_state(resume_path, **parts)
+    t0 = time.time() - before
+    bar = tqdm(total=max_steps, initial=step, disable=not progress, desc=f"train {task.name}",
+               leave=False)
+    while step < max_steps and not (step and held_out >= target):
         model.train()
         ids, labels = _examples(task, batch_pairs, gen)
         loss = torch.nn.functional.cross_entropy(model(ids).logits[:, -1], labels)
@@ -127,16 +142,20 @@ def _train(task, seed, max_steps, batch_pairs, lr, target, eval_every, progress,
         if step % eval_every == 0:
             held_out = accuracy(model, task, 500, EVAL_SEED + seed)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{held_out:.3f}")
-            if held_out >= target:
-                break
+            if resume_path:
+                R.save_state(resume_path, step=step, held_out=held_out,
+                             elapsed=time.time() - t0, **parts)
     bar.close()
     test = accuracy(model, task, 2000, TEST_SEED + seed)
+    if resume_path and os.path.exists(resume_path):
+        os.remove(resume_path)
     return model.eval(), {"task": task.name, "seed": seed, "steps": step, "lr": lr,
                           "batch_pairs": batch_pairs, "max_steps": max_steps,
                           "target": target, "held_out_accuracy": test, "decay": decay,
                           "flush_denormal": FLUSH_DENORMAL,
                           "seq_len": task.seq_len, "config": config,
-                          "threads": torch.get_num_threads(),
+                          "threads": torch.get_num_threads(), "seeded_init": seeded_init,
+                          "math_paths": R.math_paths(),
                           "train_seconds": round(time.time() - t0, 1)}
 
 
@@ -208,14 +227,44 @@ def same_training(info, wanted):
     return budget == wanted["max_steps"]
 
 
-def train_scale_task(task_name, scale, seed, *, max_steps=None, progress=True):
+def train_scale_task(task_name, scale, seed, *, max_steps=None, progress=True,
+                     resume_path=None):
     """Trains one task model of ``scale`` with ``seed`` (the recipe SCALES fixes)."""
     spec = SCALES[scale]
     r = recipe(task_name, scale)
     if max_steps:
         r["max_steps"] = max_steps
     return train_task(task_at(task_name, spec["seq_len"]), seed=seed, config=spec["config"],
-                      eval_every=100 if scale == "standard" else 250, progress=progress, **r)
+                      eval_every=100 if scale == "standard" else 250, progress=progress,
+                      seeded_init=spec.get("reproducible", False), resume_path=resume_path,
+                      **r)
+
+
+def train_and_save(task_name, scale, seed, path, *, max_steps=None, progress=True):
+    """Trains (resuming from ``path``.resume.pt when a run was cut short) and saves."""
+    model, info = train_scale_task(task_name, scale, seed, max_steps=max_steps,
+                                   progress=progress, resume_path=path + ".resume.pt")
+    info["scale"] = scale
+    save_checkpoint(model, info, path)
+    return info
+
+
+def _train_pinned(task_name, scale, seed, path, max_steps, progress):
+    """A reproducible scale trains on the pinned CPU math paths: here when this process
+    is pinned, else in a child process that is (bench/reproducible.py)."""
+    import subprocess
+    if not SCALES[scale].get("reproducible") or R.is_pinned():
+        return train_and_save(task_name, scale, seed, path, max_steps=max_steps,
+                              progress=progress)
+    argv, env = R.pinned_command(
+        ["steerops.bench.train", "--scale", scale, "--tasks", task_name, "--seeds", str(seed),
+         "--out", os.path.dirname(path), "--max-steps", str(max_steps), "--threads", "1"]
+        + ([] if progress else ["--no-progress"]))
+    done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL)
+    if done.returncode != 0 or not os.path.exists(path):
+        raise RuntimeError(f"training {task_name} seed {seed} ({scale}) on the pinned math "
+                           f"paths failed (exit {done.returncode}); run it alone to see why: "
+                           + " ".join(argv[1:]))
 
 
 def checkpoint_path(task_name, scale="toy", seed=0, directory=None):
@@ -246,9 +295,7 @@ def ensure_checkpoint(task_name, scale="toy", seed=0, directory=None, device="cp
         os.remove(path)
     if not os.path.exists(path):
         os.makedirs(directory, exist_ok=True)
-        model, info = train_scale_task(task_name, scale, seed, progress=progress)
-        info["scale"] = scale
-        save_checkpoint(model, info, path)
+        _train_pinned(task_name, scale, seed, path, wanted["max_steps"], progress)
     return load_checkpoint(task_name, directory, device, scale, seed)
 
 
@@ -276,8 +323,15 @@ def main(argv=None):
                    help="torch CPU threads, fixed and recorded in each checkpoint: training "
                         "is reproducible for a given seed and thread count (default: 1)")
     p.add_argument("--max-steps", type=positive_int, default=None,
-                   help="step budget per task (default: 6000 toy, 2500 standard)")
+                   help="step budget per task (default: the scale's recipe)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if SCALES[args.scale].get("reproducible") and args.threads == 1 and not R.is_pinned():
+        # the pinned math paths are read when torch loads: run again in a process that has them
+        import subprocess
+        cmd, env = R.pinned_command(["steerops.bench.train", *(argv if argv is not None
+                                                               else sys.argv[1:])])
+        raise SystemExit(subprocess.call(cmd, env=env))
     if args.overwrite_shipped:
         if args.scale != "toy":
             p.error("--overwrite-shipped only applies to the toy scale")
@@ -290,10 +344,14 @@ def main(argv=None):
     # seed-major: an interrupted run has every task at the earlier seeds
     for seed in seeds:
         for name in args.tasks:
-            model, info = train_scale_task(name, args.scale, seed, max_steps=args.max_steps)
-            info["scale"] = args.scale
-            save_checkpoint(model, info, os.path.join(args.out,
-                                                      checkpoint_name(name, args.scale, seed)))
+            path = os.path.join(args.out, checkpoint_name(name, args.scale, seed))
+            wanted = dict(recipe(name, args.scale), **(
+                {"max_steps": args.max_steps} if args.max_steps else {}))
+            if os.path.exists(path) and same_training(read_info(path), wanted):
+                print(f"{name:18s} seed {seed} already trained: {path}", flush=True)
+                continue  # a rerun of a cut-short batch goes on where it stopped
+            info = train_and_save(name, args.scale, seed, path, max_steps=args.max_steps,
+                                  progress=not args.no_progress)
             flag = "" if info["held_out_accuracy"] >= 0.95 else "  BELOW 95%"
             print(f"{name:18s} seed {seed} steps {info['steps']:5d}  held-out acc "
                   f"{info['held_out_accuracy']:.4f}  ({info['train_seconds']} s){flag}",

@@ -1,0 +1,73 @@
+"""Reproducible task models (docs/protocol.md, "Reproducible models"): the benchmark's
+own seeded initialisation, pinned CPU math paths, and training that resumes bit for bit."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from steerops.bench import reproducible as R
+from steerops.bench import train
+from steerops.bench.spread import task_at
+from steerops.bench.tasks import TASKS
+
+SMALL = dict(train.MODEL_CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+             num_key_value_heads=2)
+
+
+def _digest(model):
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_seeded_init_is_the_seed_alone_and_spreads_as_stated():
+    a = R.seeded_init(train.build_model(SMALL), 3)
+    torch.manual_seed(99)  # torch's global stream plays no part
+    b = R.seeded_init(train.build_model(SMALL), 3)
+    c = R.seeded_init(train.build_model(SMALL), 4)
+    assert _digest(a) == _digest(b) != _digest(c)
+    w = a.model.embed_tokens.weight
+    assert abs(float(w.std()) - R.INIT_STD) < 0.1 * R.INIT_STD
+    assert float(w.abs().max()) < R.INIT_STD * 3 ** 0.5
+    assert all(float(n.weight.min()) == 1.0 for n in [a.model.norm, a.model.layers[0].input_layernorm])
+
+
+def test_uniform_values_are_exact_arithmetic_of_the_integers():
+    g = torch.Generator().manual_seed(0)
+    k = torch.randint(0, 1 << 24, (1000,), generator=torch.Generator().manual_seed(0))
+    u = R.uniform_like((1000,), 0.5, g)
+    expected = ((2 * k + 1 - (1 << 24)).double() / (1 << 24) * 0.5).float()
+    assert torch.equal(u, expected) and float(u.abs().max()) < 0.5
+
+
+def _train_small(resume_path=None):
+    return train.train_task(TASKS["successor"], seed=1, max_steps=6, batch_pairs=8,
+                            eval_every=2, target=2.0, progress=False, config=SMALL,
+                            seeded_init=True, resume_path=resume_path)
+
+
+def test_training_cut_short_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    whole, info = _train_small()
+    assert info["seeded_init"] and info["math_paths"]["threads"] == torch.get_num_threads()
+    path = str(tmp_path / "state.pt")
+    real_save, saves = R.save_state, []
+
+    def save_then_die(*a, **kw):
+        real_save(*a, **kw)
+        saves.append(kw["step"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed right after its second save (step 4)
+    monkeypatch.setattr(R, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(path)
+    assert saves == [2, 4] and os.path.exists(path)
+    monkeypatch.setattr(R, "save_state", real_save)
+    resumed, rinfo = _train_small(path)
+    assert rinfo["steps"] == 6 and not os.path.exists(path)  # the state file is gone at the end
+    assert _digest(resumed) == _digest(whole)
+
