@@ -13,6 +13,7 @@ from collections import defaultdict
 import numpy as np
 
 from . import bootstrap as B
+from . import headline as H
 from .methods import METHODS
 from .pricing import METHOD_STAGES
 from .tasks import FAMILIES
@@ -56,11 +57,14 @@ def _compute(task_runs, m):
     out["ratio_seconds"] = _mean([c["ratio_seconds"] for c in costs
                                   if c.get("ratio_seconds") is not None])
     out["peak_memory_mb"] = _mean([c["peak_memory_mb"] for c in costs])
+    for key in ("forward_equivalents_per_pair", "forward_equivalents_per_pair_amortised"):
+        out[key] = _mean([c.get(key) for c in costs])
     return out
 
 
 def task_summary(task_runs, n_draws, seed):
-    keys = list(METHODS) + ["recovery_top1", "recovery_top5pct"]
+    # v3's and v4's keys in one call: the same picks for every key (paired differences)
+    keys = list(METHODS) + ["recovery_top1", "recovery_top5pct"] + H.keys()
     draws = B.task_draws(task_runs, keys, n_draws, seed)
     stars = [r["informative_sites"] for r in task_runs]
     out = {"family": task_runs[0]["family"], "runs": len(task_runs),
@@ -97,6 +101,7 @@ def task_summary(task_runs, n_draws, seed):
                           defined_runs=len(defined), runs=len(ratios),
                           sum_g=_mean([r["recovery"][label]["sum_g"] for r in task_runs]))
     out["recovery"] = rec
+    out["v4"] = H.task_v4(task_runs, draws)
     return out
 
 
@@ -112,7 +117,9 @@ def seed_spread(runs, names, method):
     combos = defaultdict(list)
     for r in runs:
         if r["task"] in names:
-            combos[(r.get("train_seed", 0), r["split_seed"])].append(
+            # split seeds are nested per model: the combination is (training seed, the
+            # split's index), the same draw position across tasks
+            combos[(r.get("train_seed", 0), r.get("split_index", r["split_seed"]))].append(
                 r["methods"][method]["abs"]["R"])
     values = [_mean(v) for v in combos.values()]
     values = [v for v in values if np.isfinite(v)]
@@ -183,6 +190,7 @@ def summarize(runs, n_draws=1000, seed=0):
             "headline_tasks": headline_tasks, "left_out_small_star": left_out,
             "headline_rule_met": bool(headline_tasks),
             "verdict": {fam: verdict(f) for fam, f in per_family.items()},
+            "v4": H.summarize_v4(tasks, FAMILIES, seed),
             "stage_agreement": stage_agreement(runs), "memory": memory_by_stage(runs)}
 
 

@@ -23,17 +23,18 @@ from steerops import distributed as D
 from steerops.cli_args import (FolderLock, Parser, UsageError, device, existing_folder,
                                nonnegative_int, output_folder, positive_int)
 
+from . import controls as C
 from .aggregate import summarize
 from .evaluate import run_one
-from .provenance import environment, save_results, strict_json, write_json
-from .realistic import compute_curves, realistic
+from .provenance import environment, read_shard, save_results, write_json, write_shard
+from .realistic import break_even_curves, compute_curves, realistic
 from .plots import plots
 from .reporting import markdown
 from .spread import task_at
 from .tasks import TASKS
 from .train import SCALES, checkpoint_info, ensure_checkpoint
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 PROTOCOL_DOC = "docs/protocol.md"
 # pairs per split, within-run bootstrap draws, hierarchical bootstrap draws, S2
 # optimisation steps, timing repeats (on each model's first split seed), split seeds,
@@ -60,7 +61,14 @@ def _settings_key(settings):
 
 def shard_path(out_dir, settings, task, train_seed, split_seed):
     return os.path.join(out_dir, "runs", f"{settings['scale']}-{_settings_key(settings)}",
-                        f"{task}-train{train_seed}-split{split_seed}.json")
+                        f"{task}-train{train_seed}-split{split_seed}.json.gz")
+
+
+def record_path(out_dir, settings):
+    """The run's own record beside its shards (environment, timings, the realistic stage):
+    what --report-only needs to rebuild results.json exactly."""
+    return os.path.join(os.path.dirname(shard_path(out_dir, settings, "x", 0, 0)),
+                        "record.json")
 
 
 def model_record(info):
@@ -70,7 +78,13 @@ def model_record(info):
             "train_seconds": info.get("train_seconds")}
 
 
-def _run_jobs(jobs, *, settings, scale, split_seeds, out_dir, checkpoint_dir, device,
+def split_seeds(task_name, train_seed, settings):
+    """The split seeds of one task model: nested in its training seed (docs/protocol.md
+    v4), so the models of a task never share a pair pool."""
+    return [C.split_seed(task_name, train_seed, i) for i in range(settings["split_seeds"])]
+
+
+def _run_jobs(jobs, *, settings, scale, out_dir, checkpoint_dir, device,
               progress):
     """Runs the jobs whose shard is missing; returns (how many it ran, the models
     excluded for held-out accuracy below 95%, whose jobs are skipped)."""
@@ -89,13 +103,16 @@ def _run_jobs(jobs, *, settings, scale, split_seeds, out_dir, checkpoint_dir, de
             print(f"excluded: {task_name} training seed {train_seed}, held-out accuracy "
                   f"{info['held_out_accuracy']:.3f} < 0.95", file=sys.stderr)
             continue
-        timed = split_seed == split_seeds[0]  # timing repeats on each model's first split
+        # timing repeats on each model's first split
+        timed = split_seed == split_seeds(task_name, train_seed, settings)[0]
         r = run_one(task_at(task_name, SCALES[scale]["seq_len"]), model, settings, split_seed,
-                    device, timing_repeats=settings["repeats"] if timed else 0)
-        r.update(train_seed=train_seed, model=dict(model_record(info), weights_sha256=info[
+                    device, timing_repeats=settings["repeats"] if timed else 0,
+                    train_seed=train_seed)
+        r.update(train_seed=train_seed, split_index=split_seeds(
+            task_name, train_seed, settings).index(split_seed), model=dict(model_record(info), weights_sha256=info[
             "weights_sha256"]))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_json(path, strict_json(r))
+        write_shard(path, r)
         ran += 1
     return ran, excluded
 
@@ -153,9 +170,8 @@ def set_aside_unreadable(paths):
         if not os.path.exists(path):
             continue
         try:
-            with open(path) as f:
-                json.load(f)
-        except (ValueError, OSError) as e:
+            read_shard(path)
+        except (ValueError, OSError, EOFError) as e:
             os.replace(path, path + ".unreadable")
             print(f"set aside {path} (not readable JSON: {e}); it will be recomputed",
                   file=sys.stderr)
@@ -177,13 +193,13 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     seeds = list(train_seeds if train_seeds is not None else SCALES[scale]["seeds"])
     if scale == "toy":
         seeds = [0]  # one shipped model per task
-    split_seeds = [SEED + i for i in range(settings["split_seeds"])]
     # training seed first: an interrupted run has every task at the earlier seeds
-    jobs = [(t, s, sp) for s in seeds for t in tasks for sp in split_seeds]
+    jobs = [(t, s, sp) for s in seeds for t in tasks for sp in split_seeds(t, s, settings)]
     env.update(world_size=world, device_used=str(device))
     results = {"protocol": {"version": PROTOCOL_VERSION, "document": PROTOCOL_DOC},
                "environment": env, "settings": dict(settings, seed=SEED, quick=quick),
-               "train_seeds": seeds, "split_seeds": split_seeds,
+               "train_seeds": seeds, "split_seeds": "nested: bench.controls.split_seed(task, "
+               "training seed, index), index < settings.split_seeds",
                "checkpoints": checkpoint_dir or ("shipped" if scale == "toy" else "cache"),
                "complete": False, "stages_done": [], "runs_done": 0, "runs_total": len(jobs)}
     # read before this run rewrites results.json: when --out is the committed folder,
@@ -197,14 +213,14 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     if main:
         set_aside_unreadable(shard_path(out_dir, settings, *j) for j in jobs)
     left = [sum(not os.path.exists(shard_path(out_dir, settings, t, s, sp))
-                for sp in split_seeds) for t, s in models]
+                for sp in split_seeds(t, s, settings)) for t, s in models]
     if split:
         left = D.gather(left)[0]
     mine = {models[u] for u in D.assign(left, world)[rank]}
     ran, excluded = 0, {}
     if not report_only:
         ran, excluded = _run_jobs([j for j in jobs if j[:2] in mine], settings=settings,
-                                  scale=scale, split_seeds=split_seeds, out_dir=out_dir,
+                                  scale=scale, out_dir=out_dir,
                                   checkpoint_dir=checkpoint_dir, device=device,
                                   progress=progress)
     if split:
@@ -218,8 +234,7 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
         if not os.path.exists(path):
             missing.append([task_name, train_seed, split_seed])
             continue
-        with open(path) as f:
-            runs.append(json.load(f))
+        runs.append(read_shard(path))
     # models this call did not load (--report-only, or another call's): excluded by
     # their recorded accuracy; their runs are not missing, the protocol leaves them out
     for t, s in {(t, s) for t, s, _ in missing} - set(excluded):
@@ -239,29 +254,55 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
                    runs_excluded=len(jobs) - len(runs) - len(missing),
                    excluded_models=[{"task": t, "train_seed": s, "held_out_accuracy": a}
                                     for (t, s), a in sorted(excluded.items())])
+    # --report-only over a finished run: the run's own record (environment, timings, the
+    # measured realistic stage), so results.json comes out as the run wrote it
+    record = _read_record(out_dir, settings, len(runs)) if report_only else None
+    if record:
+        results.update({k: record[k] for k in ("environment", "runs_resumed", "run_seconds")})
     results["stages_done"].append("runs")
-    if main:
+    if main and not report_only:
         save_results(out_dir, "results", results)
     results.update(summarize(runs, settings["n_boot_hier"], SEED))
     results["models"] = models_seen(runs, scale, committed)
-    model, _ = ensure_checkpoint(tasks[0], scale, seeds[0], checkpoint_dir, device, progress)
+    import transformers as T_  # the model's shape alone: a report needs no weights
+    config = T_.LlamaConfig(**SCALES[scale]["config"])
     T = task_at(tasks[0], SCALES[scale]["seq_len"]).seq_len
-    results["curves"] = compute_curves(model.config, T, settings, contrast=min(
+    results["curves"] = compute_curves(config, T, settings, contrast=min(
         min(r["contrast_positions"]) for r in runs))
+    results["break_even"] = break_even_curves(settings)
     results["stages_done"].append("curves")
     results["runs"] = runs
     if not main:
         return results, markdown(results)
-    save_results(out_dir, "results", compact(results))
-    if with_realistic:
+    if not report_only:
+        save_results(out_dir, "results", compact(results))
+    if record and "realistic" in record:
+        results["realistic"] = record["realistic"]
+        results["stages_done"].append("realistic")
+    elif with_realistic:
         results["realistic"] = realistic(settings, device, progress=progress)
         results["stages_done"].append("realistic")
     results["complete"] = True
-    results["total_seconds"] = round(time.time() - started, 1)
+    results["total_seconds"] = record["total_seconds"] if record else round(
+        time.time() - started, 1)
+    if not report_only and not results["partial"]:
+        write_json(record_path(out_dir, settings), {k: results[k] for k in (
+            "environment", "runs_done", "runs_resumed", "run_seconds", "total_seconds",
+            *(("realistic",) if "realistic" in results else ()))})
     table = markdown(results)
     save_results(out_dir, "results", compact(results), table)
     plots(results, out_dir)
     return results, table
+
+
+def _read_record(out_dir, settings, runs_done):
+    """The finished run's record, when it describes these runs (None otherwise)."""
+    try:
+        with open(record_path(out_dir, settings)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if record.get("runs_done") == runs_done else None
 
 
 def compact(results):
@@ -279,7 +320,7 @@ def compact(results):
 
 # the committed full run: a rerun compares its task models' weights with these
 COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                         "attribution_v3", "results.json")
+                         "attribution_v4", "results.json")
 
 
 def committed_hashes(scale, path=None):
@@ -357,8 +398,8 @@ def main(argv=None):
     if not D.is_main():
         return 0
     print(table)
-    print(f"\nwrote {args.out}/results.json, results.md, plane.png, cap_curves.png, "
-          f"compute_ratio.png, heatmaps/TASK.png (runs resumable under {args.out}/runs)",
+    print(f"\nwrote {args.out}/results.json, results.md, plane.png, answer_column_share.png, "
+          f"break_even.png, plane_v3.png, cap_curves.png, compute_ratio.png, heatmaps/TASK.png (runs resumable under {args.out}/runs)",
           file=sys.stderr)
     return 0
 

@@ -10,6 +10,7 @@ import torch
 import steerops
 from steerops.flops import token_layer_flops
 
+from . import controls as C
 from . import faithfulness as F
 from . import methods as M
 from . import pricing as P
@@ -65,11 +66,13 @@ def effects(raw, m_clean, m_corrupt):
 
 # ----------------------------------------------------------------------------- scoring
 
-def per_pair_scores(fit_dp, fit_answer, diffs, grads, ev_answer, generator):
+def per_pair_scores(fit_dp, fit_answer, diffs, grads, ev_answer, twin_seed):
     """Per-pair scores (n_eval, L+1, T) of the methods that need no further forward,
-    plus the S1 vectors and the random control's directions."""
+    plus the S1 vectors and the random twins' directions (v3's randvec controls are
+    the first twin)."""
     v = M.fit_vectors(fit_dp)
-    rand = M.random_vectors(v, generator)
+    twins = C.twin_directions(v, twin_seed)
+    rand = twins[0]
     scores = {
         "S1-proj": M.projection(diffs, v),
         "S1-proj-abs": M.projection_abs(diffs, v),
@@ -80,7 +83,17 @@ def per_pair_scores(fit_dp, fit_answer, diffs, grads, ev_answer, generator):
         "S1-proj-randvec": M.projection(diffs, rand),
         "S1-proj-abs-randvec": M.projection_abs(diffs, rand),
     }
-    return {k: x.double() for k, x in scores.items()}, v, rand
+    return {k: x.double() for k, x in scores.items()}, v, twins
+
+
+def twin_scores(diffs, grads, twins):
+    """The cheap readings' random-direction twins: {twin name: [per draw (n, L+1, T)]}."""
+    out = {C.TWINS["S1-proj"]: [], C.TWINS["S1-proj-abs"]: [], C.TWINS["S1-lin"]: []}
+    for r in twins:
+        out[C.TWINS["S1-proj"]].append(M.projection(diffs, r).double())
+        out[C.TWINS["S1-proj-abs"]].append(M.projection_abs(diffs, r).double())
+        out[C.TWINS["S1-lin"]].append(M.linearised(diffs, grads, r).double())
+    return out
 
 
 def score_all(maps, g, star, star_v2):
@@ -133,10 +146,12 @@ def differing_sites(diffs, star):
 
 # ----------------------------------------------------------------------------- one run
 
-def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=None):
+def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=None,
+            train_seed=0):
     """Every number of one (task model, split seed): see the module docstring.
     ``splits``: given D_fit / D_val / D_eval (the realistic-size timing uses random
-    pairs) instead of sampling them from ``task``."""
+    pairs) instead of sampling them from ``task``. The random twins' directions come
+    from a seed derived from (task, training seed, split seed)."""
     cfg = model.config
     T = task.seq_len
     L1 = (getattr(cfg, "num_hidden_layers", None) or cfg.n_layer) + 1
@@ -190,8 +205,10 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=
     star = F.star_sites(diffs.numpy(), ev.contrast.numpy())
     star_v2 = F.informative_sites(diffs.numpy(), ev.contrast.numpy())
     star_list = [tuple(int(x) for x in s) for s in np.argwhere(star)]
-    per_pair, vectors, rand_v = per_pair_scores(fit_dp, fit.answer, diffs, grads, ev.answer,
-                                                gen)
+    twin_seed = C.derived_seed("twin", task.name, train_seed, split_seed)
+    per_pair, vectors, twins = per_pair_scores(fit_dp, fit.answer, diffs, grads, ev.answer,
+                                               twin_seed)
+    twin = twin_scores(diffs, grads, twins)
 
     # --- D_val choices (alpha grid in the cheapest form), S1-exact (+-v) and its control
     def val_stage():
@@ -202,18 +219,24 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=
     ledger.amend("val_table", analytic_override=2 * n_val * analytic_forward_flops(cfg, T)
                  + n_val * analytic_forward_flops(cfg, T, False) + reuse_flops(val_work))
     alphas = M.choose_alphas(table)
-    variants = {"plus": vectors, "minus": -vectors, "randvec": rand_v}
-    steered, sweep_work = {}, {}
-    for name, key in (("exact_sweep", "plus"), ("exact_sweep_negative", "minus"),
-                      ("exact_sweep_randvec", "randvec")):
-        out, work = stage(name, lambda key=key: M.steered_sweeps(
-            model, ev, ev_x, {key: variants[key]}, alphas, star, device),
-            sequences=work_rows(star, n_ev))
-        steered[key] = out[key]
+    # the twins' steered sweeps (+r and -r for each draw) are stages of their own: controls
+    # are priced as their reading, never into it
+    sweeps = {"exact_sweep": {"plus": vectors}, "exact_sweep_negative": {"minus": -vectors},
+              "exact_sweep_randvec": {f"twin{k}": r for k, r in enumerate(twins)},
+              "exact_sweep_randvec_negative": {f"-twin{k}": -r for k, r in enumerate(twins)}}
+    steered = {}
+    for name, variants in sweeps.items():
+        out, work = stage(name, lambda variants=variants: M.steered_sweeps(
+            model, ev, ev_x, variants, alphas, star, device),
+            sequences=len(variants) * work_rows(star, n_ev))
+        steered.update(out)
         ledger.amend(name, analytic_override=reuse_flops(work))
     per_pair["S1-exact"] = steered["plus"]
     per_pair["S1-exact-odd"] = (steered["plus"] - steered["minus"]) / 2
-    per_pair["S1-exact-randvec"] = steered["randvec"]
+    per_pair["S1-exact-randvec"] = steered["twin0"]
+    twin[C.TWINS["S1-exact"]] = [steered[f"twin{k}"] for k in range(len(twins))]
+    twin[C.TWINS["S1-exact-odd"]] = [(steered[f"twin{k}"] - steered[f"-twin{k}"]) / 2
+                                     for k in range(len(twins))]
     s2_layer, s2_alpha = M.choose_layer_alpha(table)
     v2, history = stage("s2_optimise", lambda: M.optimise_s2(
         model, fit, s2_layer, s2_alpha, vectors[s2_layer], settings["s2_steps"], device),
@@ -223,6 +246,9 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=
     ledger.amend("s2_optimise", analytic_override=float(
         settings["s2_steps"] * n_fit * fwd * (1 + above)))
     per_pair["S2"] = M.projection(diffs, v2.expand(L1, -1)).double()
+    twin[C.TWINS["S2"]] = [M.projection(diffs, r.expand(L1, -1)).double() for r in
+                           C.twin_directions(v2[None], C.derived_seed("twin-S2", task.name,
+                                                                      train_seed, split_seed))]
 
     maps = {k: x.mean(0).numpy() for k, x in per_pair.items()}
     scored = score_all(maps, g, star, star_v2)
@@ -256,7 +282,15 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=
         c["ratio_counted_flops"] = c["counted_flops"] / patch.counted_flops
         c["ratio_seconds"] = (c["seconds"] / patch.seconds) if timing_repeats else None
 
-    draws = bootstrap(per_pair, raw, m_clean, m_corrupt, star, settings["n_boot"], split_seed)
+    for c in costs.values():  # forward-equivalents per eval pair beside the ratios
+        if "flops" in c:
+            c["forward_equivalents_per_pair"] = c["flops"] / (fwd * n_ev)
+            c["forward_equivalents_per_pair_amortised"] = c.get(
+                "flops_amortised", c["flops"]) / (fwd * n_ev)
+    v4 = version4(per_pair, twin, raw, m_clean, m_corrupt, diffs, star, ev.contrast.numpy(),
+                  g)
+    draws = bootstrap(per_pair, raw, m_clean, m_corrupt, star, settings["n_boot"], split_seed,
+                      v4.pop("pair_R"))
     return {
         "task": task.name, "family": "consistent" if task.binary else "symmetric",
         "split_seed": split_seed, "seq_len": T, "layers": L1, "sites": L1 * T,
@@ -269,24 +303,67 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=
         "alphas": alphas, "val_table": table.tolist(),
         "s2": {"layer": s2_layer, "alpha": s2_alpha, "metric_history": history},
         "compute": {"costs": costs, "stages": ledger.as_dicts(), "timed": timing_repeats > 0},
+        "v4": v4, "twin_seed": twin_seed,
     }
+
+
+def version4(per_pair, twin, raw, m_clean, m_corrupt, diffs, star, contrast, g):
+    """Protocol v4's per-run numbers (bench.controls): per pair g^i and every reading's,
+    twin's and prior's R on each pair's own map (``pair_R``: (n,) per name, for the
+    bootstrap), R_pair (their mean), the twins' and priors' R on the mean map, the
+    answer-column and top-3 shares, and the per-pair data the report is rebuilt from."""
+    n, L1, T = raw.shape
+    g_pairs = C.pair_effects(raw.numpy(), m_clean.numpy(), m_corrupt.numpy())
+    stars = C.pair_star(diffs.numpy(), star)
+    pair_R = {name: C.pair_R(x.numpy(), g_pairs, stars) for name, x in per_pair.items()}
+    mean_map_R = {}
+    for name, draws_ in twin.items():
+        pair_R[name] = np.mean([C.pair_R(x.numpy(), g_pairs, stars) for x in draws_], 0)
+        mean_map_R[name] = float(np.mean([F.R_all_k(np.abs(np.nan_to_num(
+            x.mean(0).numpy()[star])), g[star]) for x in draws_]))
+    priors = {"prior-answer": np.broadcast_to(C.prior_answer(L1, T), (n, L1, T)),
+              "prior-path": C.prior_path(L1, T, contrast)}
+    for name, x in priors.items():
+        pair_R[name] = C.pair_R(x, g_pairs, stars)
+        mean_map_R[name] = F.R_all_k(x.mean(0)[star], g[star])
+    pair_R["random"] = np.array([F.random_measures_v3(gi[s])["R"] if s.any() else np.nan
+                                 for gi, s in zip(g_pairs, stars)])
+    return {"R_pair": {k: C.mean_of(v) for k, v in pair_R.items()}, "R": mean_map_R,
+            "pair_R": pair_R, **C.shares(g, star),
+            "per_pair": {"shape": list(g_pairs.shape), "g": _rounded(g_pairs),
+                         "star": stars.astype(np.uint8).ravel().tolist(),
+                         "scores": {k: _rounded(np.nan_to_num(x.numpy()))
+                                    for k, x in per_pair.items()}}}
+
+
+def _rounded(x, digits=6):
+    """A flat list at ``digits`` significant digits (the shards stay small; every number
+    the report prints is computed before rounding)."""
+    return [float(f"{v:.{digits}g}") for v in np.asarray(x, dtype=np.float64).ravel()]
+
+
+PAIR = "pair:"  # bootstrap keys of R_pair draws
 
 
 def work_rows(star, pairs):
     return int(pairs * (1 + star.sum()))
 
 
-def bootstrap(per_pair, raw, m_clean, m_corrupt, star, n_boot, seed):
+def bootstrap(per_pair, raw, m_clean, m_corrupt, star, n_boot, seed, pair_R=None):
     """Within-run draws for the hierarchical bootstrap: the run's eval pairs resampled
     (the vectors stay those fitted on its D_fit; bench.bootstrap resamples training
     and split seeds above this). Every method's R (|a|, S*) and the recoveries, per
     draw; the draws use the same resamples for every method."""
     rng = np.random.default_rng(seed)
     n = raw.shape[0]
-    out = {m: [] for m in list(per_pair) + ["random", "recovery_top1", "recovery_top5pct"]}
+    pair_R = pair_R or {}
+    out = {m: [] for m in list(per_pair) + ["random", "recovery_top1", "recovery_top5pct"]
+           + [PAIR + k for k in pair_R]}
     s = torch.as_tensor(star)
     for _ in range(n_boot):
         idx = torch.as_tensor(rng.integers(0, n, n))
+        for name, values in pair_R.items():  # R_pair of the resample: the same pairs
+            out[PAIR + name].append(C.mean_of(values[idx.numpy()]))
         g = effects(raw[idx], m_clean[idx], m_corrupt[idx])
         gs = g[star]
         for name, x in per_pair.items():

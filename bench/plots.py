@@ -8,6 +8,7 @@ import numpy as np
 
 from .aggregate import ABOUT, CAP_FRACTIONS, PAPER_COMPUTE, PAPER_R
 from .methods import METHODS
+from .plots_v4 import plot_break_even, plot_plane_v4, plot_shares
 
 HEATMAP_METHODS = ("S1-proj", "S1-proj-abs", "S1-lin", "S1-exact", "S1-exact-odd", "S1-class",
                    "S2", "AtP", "norm", "S1-proj-randvec", "S1-proj-abs-randvec",
@@ -186,7 +187,10 @@ def plot_task_heatmaps(run, path):
 def plots(results, out_dir):
     import matplotlib
     matplotlib.use("Agg")
-    plot_plane(results, os.path.join(out_dir, "plane.png"))
+    plot_plane_v4(results, os.path.join(out_dir, "plane.png"))
+    plot_shares(results, os.path.join(out_dir, "answer_column_share.png"))
+    plot_break_even(results, os.path.join(out_dir, "break_even.png"))
+    plot_plane(results, os.path.join(out_dir, "plane_v3.png"))
     plot_cap(results, os.path.join(out_dir, "cap_curves.png"))
     plot_compute(results, os.path.join(out_dir, "compute_ratio.png"))
     folder = os.path.join(out_dir, "heatmaps")

@@ -16,6 +16,8 @@ configs (``bench.realistic``), so a ratio means the same thing at every scale.
 """
 from steerops.flops import _dims, analytic_forward_flops, token_layer_flops
 
+from .controls import N_TWINS
+
 # the stages that fit a vector (amortised: fitted once, reused on new prompts)
 FITTING = ("fit_caches", "val_table", "s2_optimise")
 
@@ -32,11 +34,11 @@ METHOD_STAGES = {
     "AtP": ("eval_clean_cache", "eval_grads"),
     "norm": ("eval_clean_cache", "eval_corrupt_cache"),
     "random": (),
-    # the controls pay for what they use: the fit (for ||v_l|| and alpha_l) included
-    "S1-proj-randvec": ("fit_caches", "eval_clean_cache", "eval_corrupt_cache"),
-    "S1-proj-abs-randvec": ("fit_caches", "eval_clean_cache", "eval_corrupt_cache"),
-    "S1-exact-randvec": ("fit_caches", "val_table", "eval_corrupt_cache", "exact_sweep_randvec"),
 }
+# a random twin is priced as its reading (docs/protocol.md v4: one draw costs what the
+# reading costs; the fit is paid for ||v_l|| and alpha_l)
+for _m in ("S1-proj", "S1-proj-abs", "S1-exact"):
+    METHOD_STAGES[_m + "-randvec"] = METHOD_STAGES[_m]
 
 
 def head_flops(config):
@@ -105,7 +107,10 @@ def run_stages(config, T, *, n_fit, n_val, n_eval, val_contrast, star_sites, gri
         "val_table": 2 * n_val * fwd + val_sites,
         "exact_sweep": steered,
         "exact_sweep_negative": steered,
-        "exact_sweep_randvec": steered,
+        # the random twins (bench.controls): +r and -r for each draw; controls, never
+        # counted into a reading's cost
+        "exact_sweep_randvec": N_TWINS * steered,
+        "exact_sweep_randvec_negative": N_TWINS * steered,
         # per step and pair: one forward with head, the backward through the blocks above
         "s2_optimise": s2_steps * n_fit * fwd * (1 + above),
     }

@@ -68,6 +68,26 @@ def write_json(path, result):
     os.replace(tmp, path)
 
 
+def write_shard(path, result):
+    """A run shard, compressed (gzip without a timestamp: the same run gives the same
+    bytes), written atomically."""
+    import gzip
+    tmp = path + ".tmp"
+    text = json.dumps(strict_json(result), separators=(",", ":"), allow_nan=False)
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0,
+                                               filename="") as f:
+        f.write(text.encode())
+    os.replace(tmp, path)
+
+
+def read_shard(path):
+    """A shard written by :func:`write_shard` (or a plain JSON file)."""
+    import gzip
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
 def save_results(out_dir, stem, result, table=None):
     """``<stem>.json`` (the full record) and ``<stem>.md`` (the table) in ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)

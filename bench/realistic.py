@@ -126,3 +126,28 @@ def compute_curves(config, T, settings, contrast):
         for m, c in p["methods"].items():
             curves["by_pairs"].setdefault(m, []).append(c["ratio"]["floor"])
     return curves
+
+
+BREAK_EVEN_LAYERS = (2, 4, 8, 12, 24, 48)
+BREAK_EVEN_TOKENS = (12, 24, 48, 96, 192)
+
+
+def break_even_curves(settings, layers=BREAK_EVEN_LAYERS, tokens=BREAK_EVEN_TOKENS):
+    """Each method's counted ratio against each form of patching as a function of the
+    depth L (GPT-2-small's width, T = 24) and of the prompt length T (GPT-2-small, p* a
+    third of the way in): where "about 4%" holds, and for which reading."""
+    import transformers as Tf
+    out = {"layers": list(layers), "tokens": list(tokens), "by_layers": {}, "by_tokens": {}}
+    for L in layers:
+        p = priced(Tf.GPT2Config(n_layer=L), T_REALISTIC, CONTRAST, settings["n_fit"],
+                   settings["n_val"], settings["n_eval"], settings["s2_steps"])
+        for m, c in p["methods"].items():
+            for form, ratio in c["ratio"].items():
+                out["by_layers"].setdefault(m, {}).setdefault(form, []).append(ratio)
+    for T in tokens:
+        p = priced(Tf.GPT2Config(), T, T // 3, settings["n_fit"], settings["n_val"],
+                   settings["n_eval"], settings["s2_steps"])
+        for m, c in p["methods"].items():
+            for form, ratio in c["ratio"].items():
+                out["by_tokens"].setdefault(m, {}).setdefault(form, []).append(ratio)
+    return out

@@ -6,6 +6,7 @@ import json
 import numpy as np
 
 from .aggregate import ABOUT, FORMS, PAPER_COMPUTE, PAPER_R
+from .report_v4 import v4_lines
 
 SHOWN = ("S1-proj", "S1-proj-abs", "S1-lin", "S1-exact", "S1-exact-odd", "S1-class", "S2",
          "AtP", "norm", "random", "S1-proj-randvec", "S1-proj-abs-randvec", "S1-exact-randvec")
@@ -248,6 +249,7 @@ def markdown(results):
     if changed:
         lines += [f"**{len(changed)} task model(s) differ from the committed results' weights** "
                   "(sha256): these numbers come from differently trained models.", ""]
+    lines += v4_lines(results) + ["## Protocol v3's columns (beside v4's)", ""]
     lines += verdict_lines(results)
     for name, f in results["families"].items():
         lines += family_lines(name, f)

@@ -114,7 +114,7 @@ def test_end_to_end_small_run(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert sorted(data["tasks"]) == ["pronoun", "successor"]
     assert data["complete"] is True and data["stages_done"][-1] == "curves"
-    assert data["protocol"] == {"version": 3, "document": "docs/protocol.md"}
+    assert data["protocol"] == {"version": 4, "document": "docs/protocol.md"}
     for key in ("device", "torch", "triton", "transformers", "commit", "torch_threads"):
         assert key in data["environment"]
     # the report opens with the verdict: every reading, R with its interval, both forms

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from steerops.bench.provenance import read_shard
 from steerops.cli import main
 from steerops.cli_args import FolderLock, UsageError
 
@@ -180,16 +181,16 @@ def test_cut_short_shard_is_named_set_aside_and_recomputed(tmp_path, capsys):
     out = str(tmp_path / "out")
     assert _run(ATTRIBUTION + ["--tasks", "ioi", "--out", out], capsys)[0] == 0
     shards = [os.path.join(root, f) for root, _, files in os.walk(os.path.join(out, "runs"))
-              for f in files if f.endswith(".json")]
+              for f in files if f.endswith(".json.gz")]
     assert len(shards) == 1
-    with open(shards[0]) as f:
-        whole = json.load(f)
-    with open(shards[0], "w") as f:
-        f.write(json.dumps(whole)[:200])  # a writer killed mid-file
+    whole = read_shard(shards[0])
+    with open(shards[0], "rb") as f:
+        data = f.read()
+    with open(shards[0], "wb") as f:
+        f.write(data[:200])  # a writer killed mid-file
     code, err = _run(ATTRIBUTION + ["--tasks", "ioi", "--out", out], capsys)
     assert code == 0
     assert f"set aside {shards[0]}" in err and "recomputed" in err
     assert os.path.exists(shards[0] + ".unreadable")
-    with open(shards[0]) as f:
-        again = json.load(f)
+    again = read_shard(shards[0])
     assert again["methods"] == whole["methods"]  # recomputed, the same numbers

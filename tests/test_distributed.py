@@ -105,7 +105,7 @@ def test_two_process_benchmark_equals_one_process(tmp_path):
     assert data["runs_done"] == len(BENCH_TASKS)
     # resumed with two models' runs missing: the ranks split what is left, one model each
     runs = tmp_path / "bench" / "runs"
-    for path in runs.rglob("*.json"):
+    for path in runs.rglob("*.json.gz"):
         if path.name.split("-")[0] in ("successor", "ioi"):
             path.unlink()
     _spawn(tmp_path, "resume")

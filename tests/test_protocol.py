@@ -12,6 +12,7 @@ import torch
 
 import steerops
 from steerops.bench import aggregate as AG
+from steerops.bench import headline as H
 from steerops.bench import attribution as A
 from steerops.bench import evaluate as E
 from steerops.bench import faithfulness as F
@@ -200,7 +201,11 @@ def _fake_run(task, train_seed, split_seed, R, draws, star=30):
             "split_seed": split_seed, "informative_sites": star, "informative_sites_v2": star,
             "sites": 99, "even_share": 0.5, "methods": methods,
             "bootstrap": dict({m: draws for m in M.METHODS}, recovery_top1=[None] * len(draws),
-                              recovery_top5pct=[None] * len(draws)),
+                              recovery_top5pct=[None] * len(draws),
+                              **{k: draws for k in H.keys()}),
+            # protocol v4's block (bench.headline reads it): every row at R
+            "v4": {"R_pair": {k: R for k in H.ROWS}, "R": {k: R for k in H.ROWS},
+                   "answer_column_share": 0.5, "top3_share": 0.7},
             "recovery": {"top1": rec, "top5pct": rec},
             "compute": {"timed": True, "stages": [], "costs": {m: cost for m in AG.METHOD_STAGES}}}
 
@@ -266,28 +271,37 @@ def test_standard_layout_spreads_filler_between_units_and_keeps_the_rule(name):
 def test_standard_checkpoints_train_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("STEEROPS_CACHE", str(tmp_path))
     calls = []
-    real = train.train_scale_task
+    real = train._train_pinned
 
     # a 3-step budget: the recipe the cache is checked against
     monkeypatch.setitem(train.SCALES, "standard", dict(train.SCALES["standard"], max_steps=3))
 
-    def counted(name, scale, seed, **kw):
+    def counted(name, scale, seed, path, max_steps, progress):
         calls.append((name, seed))
-        return real(name, scale, seed, progress=False)
-    monkeypatch.setattr(train, "train_scale_task", counted)
+        return real(name, scale, seed, path, max_steps, progress)
+    monkeypatch.setattr(train, "_train_pinned", counted)
     model, info = train.ensure_checkpoint("successor", "standard", 1, progress=False)
     assert calls == [("successor", 1)]
     assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 128
-    assert info["seq_len"] == 24 and info["seed"] == 1 and info["threads"] >= 1
+    assert info["seq_len"] == 24 and info["seed"] == 1 and info["threads"] == 1
     assert info["decay"] is True and info["flush_denormal"] is True
+    # v4: the benchmark's own initialisation, trained on the pinned math paths (a child
+    # process when this one is not pinned), and the paths recorded
+    assert info["seeded_init"] is True
+    assert info["math_paths"]["cpu_capability"] == "AVX2"
+    assert info["math_paths"]["MKL_CBWR"] == "AVX2"
     path = os.path.join(train.cache_dir(), "successor-seed1.safetensors")
     assert path.startswith(str(tmp_path)) and os.path.exists(path)
+    assert not os.path.exists(path + ".resume.pt")  # the training state is gone at the end
     again, _ = train.ensure_checkpoint("successor", "standard", 1, progress=False)
     assert calls == [("successor", 1)]  # cached: not trained twice
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
-    # deterministic: the same seed retrains to the same weights
-    fresh, _ = real("successor", "standard", 1, max_steps=3, progress=False)
+    # deterministic: the same seed retrains (pinned) to the same weights
+    other = tmp_path / "again"
+    other.mkdir()
+    real("successor", "standard", 1, str(other / "successor-seed1.safetensors"), 3, False)
+    fresh, _ = train.load_checkpoint("successor", str(other), scale="standard", seed=1)
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
     # a changed recipe (here a larger budget than the one this model ran out of) retrains
@@ -377,5 +391,6 @@ def test_models_below_95_percent_are_excluded_and_report_only_is_partial(tmp_pat
     monkeypatch.setattr(A, "checkpoint_info", real_info)
     report, table = A.run(["successor", "pronoun"], out_dir=str(tmp_path), progress=False,
                           with_realistic=False, settings=settings, report_only=True)
-    assert report["partial"] and report["missing_runs"] == [["pronoun", 0, 1234]]
+    assert report["partial"] and report["missing_runs"] == [
+        ["pronoun", 0, A.split_seeds("pronoun", 0, settings)[0]]]  # nested split seeds (v4)
     assert report["runs_done"] == 1 and "Partial: 1 of 2 runs" in table

@@ -71,3 +71,23 @@ def test_training_cut_short_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert rinfo["steps"] == 6 and not os.path.exists(path)  # the state file is gone at the end
     assert _digest(resumed) == _digest(whole)
 
+
+
+# The weights of bench/repro_check's small model, trained pinned: the same on transformers
+# 4.48.3 and 5.24.0 (CI runs this test at both ends of the supported range). Unpinned, on
+# an AVX-512 machine, the same training gives 05590392... (the math paths matter).
+PINNED_DIGEST = "415ca8eae4091de6ff9e11d2b5c9ee51d09a1e1d5e5f45216a2e207fa35d419a"
+
+
+def test_pinned_training_gives_the_recorded_weights_on_this_transformers_release():
+    from steerops.bench import repro_check
+    assert repro_check.pinned_digest() == PINNED_DIGEST
+
+
+def test_the_pinned_child_process_is_pinned():
+    argv, env = R.pinned_command(["steerops.bench.reproducible"])
+    code = ("import torch; from steerops.bench import reproducible as R; "
+            "print(R.is_pinned(), torch.backends.cpu.get_cpu_capability())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["True", "AVX2"]

@@ -1,0 +1,126 @@
+"""Protocol v4's plots: the plane with R_pair (twins beside their readings, priors as
+free lines), the answer-column share per task, and the break-even curves of every
+reading's compute ratio over depth and prompt length."""
+import numpy as np
+
+from .controls import PRIORS, TWINS
+from .headline import BASELINES, COMPUTE_LIMIT, PAPER_R, READINGS
+
+FORM_LABELS = {"floor": "patching at its floor", "naive_batched": "naive-batched patching"}
+CURVE_METHODS = ("S1-proj", "S1-lin", "S1-exact", "S1-exact-odd", "S2", "AtP", "norm")
+
+
+MARKERS = dict(zip(("S1-proj", "S1-proj-abs", "S1-lin", "S1-exact", "S1-exact-odd", "S2",
+                    "S1-class", "AtP", "norm"), "osD^vPhdp"))
+
+
+def _colours(names):
+    import matplotlib.pyplot as plt
+    cmap = plt.get_cmap("tab10")
+    palette = [cmap(i) for i in range(10) if i != 7]  # grey is the twins' colour
+    return {m: palette[i % len(palette)] for i, m in enumerate(names)}
+
+
+def plot_plane_v4(results, path):
+    """R_pair [interval] against compute (counted) / patching, per family and form; each
+    steering reading's random twin at the same compute (grey, joined to it), the priors
+    and random as horizontal lines (they cost nothing). Hollow markers of distinct
+    shapes: readings that coincide (S1-proj and S1-proj-abs rank each pair alike) stay
+    visible."""
+    import matplotlib.pyplot as plt
+    fams = results["v4"]["families"]
+    colours = _colours(READINGS + BASELINES)
+    prior_styles = {"prior-answer": ("k", "--"), "prior-path": ("tab:brown", "-."),
+                    "random": ("gray", ":")}
+    fig, axes = plt.subplots(2, len(fams), figsize=(5.0 * len(fams), 8.6), squeeze=False)
+    for row, form in enumerate(("floor", "naive_batched")):
+        for ax, (fam, f) in zip(axes[row], fams.items()):
+            rows = f["rows"]
+            for m in READINGS + BASELINES:
+                x = (rows[m].get("compute") or {}).get(f"ratio_{form}")
+                if not x or not np.isfinite(x):
+                    continue
+                _point(ax, x, rows[m], colours[m], MARKERS.get(m, "o"), m)
+                if m in TWINS:
+                    t = rows[TWINS[m]]
+                    _point(ax, x * 1.08, t, "0.55", "x", "random twin (same compute)")
+                    ax.plot([x, x * 1.08], [rows[m]["R_pair"], t["R_pair"]], color="0.7",
+                            lw=0.8)
+            for name, (c, ls) in prior_styles.items():
+                ax.axhline(rows[name]["R_pair"], color=c, ls=ls, lw=1,
+                           label=f"{name} (free)" if name in PRIORS else "random (expected)")
+            ax.axhline(PAPER_R, color="tab:red", lw=0.6, alpha=0.6, label="R_pair 0.88")
+            ax.axvline(COMPUTE_LIMIT, color="tab:red", lw=0.6, ls=(0, (1, 1)),
+                       label="compute 0.05")
+            ax.set(xscale="log", xlabel=f"compute / {FORM_LABELS[form]} (FLOPs, fit counted)",
+                   ylabel="R_pair", title=f"{fam} ({len(f['tasks'])} tasks), vs {form}",
+                   ylim=(min(0.0, ax.get_ylim()[0]), 1.05))
+    _legend_and_save(fig, axes, path)
+
+
+def _point(ax, x, e, colour, marker, label):
+    lo, hi = e["ci95"] if e["ci95"][0] is not None else (e["R_pair"],) * 2
+    ax.errorbar([x], [e["R_pair"]], yerr=[[max(0.0, e["R_pair"] - lo)],
+                                          [max(0.0, hi - e["R_pair"])]],
+                fmt=marker, mfc="none", ms=9 if marker == "o" else 7, mew=1.4, color=colour, capsize=3, label=label)
+
+
+def _legend_and_save(fig, axes, path, right=0.82):
+    import matplotlib.pyplot as plt
+    seen = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, h)
+    fig.legend(list(seen.values()), list(seen), loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, right, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_shares(results, path):
+    """Per task: the answer-column share and the top-3 share of Σ|g| over S*, with
+    prior-answer's R_pair; discriminative tasks (prior-answer < 0.8) marked."""
+    import matplotlib.pyplot as plt
+    tasks = results["tasks"]
+    names = list(tasks)
+    col = [tasks[n]["v4"]["answer_column_share"] for n in names]
+    top3 = [tasks[n]["v4"]["top3_share"] for n in names]
+    prior = [tasks[n]["v4"]["rows"]["prior-answer"]["R_pair"] for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(names) + 2) + 3.2, 4.4))
+    ax.bar(x - 0.2, col, 0.4, label="answer-column share of Σ|g| (S*)", color="tab:blue")
+    ax.bar(x + 0.2, top3, 0.4, label="top-3 share of Σ|g| (S*)", color="tab:orange")
+    ax.plot(x, prior, "kD", mfc="none", label="prior-answer R_pair")
+    ax.axhline(0.8, color="k", ls=":", lw=0.8, label="discriminative below 0.8 (prior-answer)")
+    labels = [n + ("\n(discr.)" if tasks[n]["v4"]["discriminative"] else "") for n in names]
+    ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
+    ax.set(ylim=(0, 1.05), ylabel="share / R_pair",
+           title=f"How positional is each task's ground truth ({results['settings']['scale']})")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_break_even(results, path):
+    """Each reading's counted compute ratio against patching at its floor (solid) and
+    naive-batched (dashed), over depth L (GPT-2-small width, T = 24) and prompt length
+    T (GPT-2-small); the 0.05 line marks "about 4%"."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+    curves = results["break_even"]
+    colours = _colours(CURVE_METHODS)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, key, xs, xlabel in ((axes[0], "by_layers", curves["layers"], "layers L (T = 24)"),
+                                (axes[1], "by_tokens", curves["tokens"],
+                                 "prompt length T (12 layers, p* at T/3)")):
+        for m in CURVE_METHODS:
+            for form, ls in (("floor", "-"), ("naive_batched", "--")):
+                ax.plot(xs, curves[key][m][form], ls, marker="o", ms=3, color=colours[m],
+                        label=f"{m} vs {form}")
+        ax.axhline(COMPUTE_LIMIT, color="tab:red", lw=0.8, label="0.05")
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="compute / patching (FLOPs)",
+               title="break-even: " + xlabel.split(" (")[0])
+        ax.set_xticks(xs, [str(v) for v in xs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    _legend_and_save(fig, np.array(axes), path, right=0.78)
