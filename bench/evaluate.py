@@ -330,9 +330,11 @@ def version4(per_pair, twin, raw, m_clean, m_corrupt, diffs, star, contrast, g):
                                  for gi, s in zip(g_pairs, stars)])
     return {"R_pair": {k: C.mean_of(v) for k, v in pair_R.items()}, "R": mean_map_R,
             "pair_R": pair_R, **C.shares(g, star),
-            "per_pair": {"shape": list(g_pairs.shape), "g": _rounded(g_pairs),
-                         "star": stars.astype(np.uint8).ravel().tolist(),
-                         "scores": {k: _rounded(np.nan_to_num(x.numpy()))
+            # on S* only (the sites every R reads): (n, |S*|) in S*'s row-major order
+            "per_pair": {"pairs": n, "star_sites": int(star.sum()),
+                         "g": _rounded(g_pairs[:, star]),
+                         "pair_star": stars[:, star].astype(np.uint8).ravel().tolist(),
+                         "scores": {k: _rounded(np.nan_to_num(x.numpy()[:, star]))
                                     for k, x in per_pair.items()}}}
 
 

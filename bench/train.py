@@ -302,6 +302,36 @@ def ensure_checkpoint(task_name, scale="toy", seed=0, directory=None, device="cp
 DEFAULT_OUT = "checkpoints/attribution"
 
 
+def _claimed_elsewhere(path):
+    """Whether a live process holds ``path``'s training claim."""
+    try:
+        with open(path + ".training") as f:
+            pid = int(f.read().strip() or 0)
+        os.kill(pid, 0)
+        return pid != os.getpid()
+    except (OSError, ValueError):
+        return False
+
+
+class _claim:
+    """``path``.training holds the trainer's pid while it trains that model (a stale
+    claim, whose process is gone, is taken over)."""
+
+    def __init__(self, path):
+        self.file = path + ".training"
+
+    def __enter__(self):
+        with open(self.file, "w") as f:
+            f.write(str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.remove(self.file)
+        except OSError:
+            pass
+
+
 def main(argv=None):
     p = Parser(
         prog="python -m steerops.bench.train",
@@ -342,9 +372,21 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     seeds = args.seeds if args.seeds is not None else SCALES[args.scale]["seeds"]
     # seed-major: an interrupted run has every task at the earlier seeds
-    for seed in seeds:
-        for name in args.tasks:
-            path = os.path.join(args.out, checkpoint_name(name, args.scale, seed))
+    pending = [(name, seed) for seed in seeds for name in args.tasks]
+    while pending:
+        # one trainer per model: a model another process is training is left for later
+        # (several trainers on one folder share the work); when only such models are
+        # left, wait for them
+        name, seed = next((j for j in pending if not _claimed_elsewhere(
+            os.path.join(args.out, checkpoint_name(j[0], args.scale, j[1])))), (None, None))
+        if name is None:
+            time.sleep(10)
+            pending = [j for j in pending if not os.path.exists(
+                os.path.join(args.out, checkpoint_name(j[0], args.scale, j[1])))]
+            continue
+        pending.remove((name, seed))
+        path = os.path.join(args.out, checkpoint_name(name, args.scale, seed))
+        with _claim(path):
             wanted = dict(recipe(name, args.scale), **(
                 {"max_steps": args.max_steps} if args.max_steps else {}))
             if os.path.exists(path) and same_training(read_info(path), wanted):
@@ -352,10 +394,10 @@ def main(argv=None):
                 continue  # a rerun of a cut-short batch goes on where it stopped
             info = train_and_save(name, args.scale, seed, path, max_steps=args.max_steps,
                                   progress=not args.no_progress)
-            flag = "" if info["held_out_accuracy"] >= 0.95 else "  BELOW 95%"
-            print(f"{name:18s} seed {seed} steps {info['steps']:5d}  held-out acc "
-                  f"{info['held_out_accuracy']:.4f}  ({info['train_seconds']} s){flag}",
-                  flush=True)
+        flag = "" if info["held_out_accuracy"] >= 0.95 else "  BELOW 95%"
+        print(f"{name:18s} seed {seed} steps {info['steps']:5d}  held-out acc "
+              f"{info['held_out_accuracy']:.4f}  ({info['train_seconds']} s){flag}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -207,8 +207,15 @@ def test_the_benchmark_writes_every_v4_field_and_report_only_rebuilds_it_exactly
         assert f.read(2) == b"\x1f\x8b"
     run = read_shard(shard)
     pp = run["v4"]["per_pair"]
-    n = int(np.prod(pp["shape"]))
-    assert len(pp["g"]) == n and len(pp["scores"]["S1-lin"]) == n and len(pp["star"]) == n
+    n, k = pp["pairs"], pp["star_sites"]
+    assert len(pp["g"]) == n * k and len(pp["scores"]["S1-lin"]) == n * k
+    # every reading's R_pair can be recomputed from the shard alone (to its 6 digits)
+    g = np.array(pp["g"]).reshape(n, 1, k)
+    stars = np.array(pp["pair_star"], bool).reshape(n, 1, k)
+    for name in ("S1-lin", "S1-exact", "AtP"):
+        a = np.array(pp["scores"][name]).reshape(n, 1, k)
+        assert C.mean_of(C.pair_R(a, g, stars)) == pytest.approx(run["v4"]["R_pair"][name],
+                                                                 abs=1e-4)
     # --report-only over the finished run: results.json and results.md byte for byte
     before = {f: open(os.path.join(out, f), "rb").read() for f in ("results.json", "results.md")}
     A.run(["successor", "pronoun"], out_dir=out, progress=False, with_realistic=False,
