@@ -15,10 +15,46 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``PROG: error: MESSAGE (see PROG --help)``, exit 2."""
+    """argparse with one-line errors: ``PROG: error: MESSAGE (see PROG --help)``, exit 2.
+
+    An option given twice is an error (argparse would keep the last one silently), and
+    a value that starts with '-' but is not an option (``--alpha -4,4``) is the value."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(self._checked(args), namespace)
+
+    def _checked(self, args):
+        out, seen = [], set()
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if a == "--":
+                return out + args[i:]
+            name = a.split("=", 1)[0]
+            action = self._option_string_actions.get(name) if a.startswith("-") else None
+            if action is not None and not isinstance(action, (argparse._HelpAction,
+                                                              argparse._VersionAction)):
+                key = action.dest
+                if key in seen:
+                    self.error(f"{name} is given twice; give it once")
+                seen.add(key)
+                takes_one = action.nargs is None and action.option_strings and \
+                    not isinstance(action, (argparse._StoreTrueAction,
+                                            argparse._StoreFalseAction,
+                                            argparse._StoreConstAction))
+                nxt = args[i + 1] if i + 1 < len(args) else None
+                if takes_one and "=" not in a and nxt is not None and nxt.startswith("-") \
+                        and nxt not in self._option_string_actions:
+                    out.append(f"{name}={nxt}")  # a negative value, not an option
+                    i += 2
+                    continue
+            out.append(a)
+            i += 1
+        return out
 
 
 def _int_at_least(low, what):
@@ -88,6 +124,14 @@ def output_folder(text):
         raise argparse.ArgumentTypeError(f"{text}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"{text}: {probe} is not writable")
+    # root passes os.access everywhere; /proc and /sys still refuse a new folder: try one
+    # (removed at once), so the command fails here and not after its work
+    import tempfile
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".steerops-probe-", dir=probe))
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text}: cannot create a folder in {probe} "
+                                         f"({e.strerror or e})") from None
     return text
 
 

@@ -15,6 +15,12 @@ from .cli_args import (FolderLock, Parser, UsageError, device, existing_folder, 
                        positive_int)
 
 DTYPES = ("float32", "bfloat16", "float16")
+# the files a saved tokenizer leaves (fast, sentencepiece, BPE / WordPiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
+# what the commands write into --out: a new run removes an earlier run's copies first
+OUTPUT_FILES = ("patching.json", "attribution.json", "patching.png", "attribution.png",
+                "report.html", "steer.json")
 
 
 # ---------------------------------------------------------------------- inputs
@@ -23,6 +29,12 @@ def load_tokenizer(folder):
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise UsageError(f"--model {folder}: no config.json there; give a Hugging Face model "
                          f"folder (what save_pretrained writes)")
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        # decided from the folder's files, before transformers (whose error for a folder
+        # without a tokenizer differs between releases: protobuf, sentencepiece, ...)
+        raise UsageError(f"--model {folder}: no tokenizer there (none of "
+                         f"{', '.join(TOKENIZER_FILES)}); save one with "
+                         f"tokenizer.save_pretrained(folder)")
     from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -34,14 +46,52 @@ def load_tokenizer(folder):
     return tokenizer
 
 
-def check_layers(folder, layers, option):
-    """Site layers against the config's block count, before any weight is loaded."""
+def read_config(folder):
+    """The folder's config, checked to describe a causal LM before any weight loads."""
     from transformers import AutoConfig
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--model {folder}: unreadable config.json: "
                          f"{str(e).splitlines()[0]}") from None
+    arch = list(getattr(config, "architectures", None) or [])
+    if arch and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch):
+        raise UsageError(f"--model {folder}: a {', '.join(arch)} has no causal language-model "
+                         f"head (its config names no *ForCausalLM / *LMHeadModel); loading it "
+                         f"as one would start from a random head")
+    return config
+
+
+def check_inputs(folder, tokenizer, texts, option, allow_unknown=False):
+    """Before the weights load: the tokenizer's ids fit the model's vocabulary, every
+    prompt fits its positions, and no word becomes the unknown token (unless allowed)."""
+    config = read_config(folder)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise UsageError(f"--model {folder}: the tokenizer has {len(tokenizer)} tokens but the "
+                         f"model's vocabulary is {vocab}: they do not belong together")
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
+                                                                        None)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    unknown = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        if limit is not None and len(ids) > limit:
+            raise UsageError(f"{option}: a prompt is {len(ids)} tokens, more than this model's "
+                             f"{limit} positions: {text[:60]!r}")
+        if unk is not None and unk in ids and not allow_unknown:
+            unknown += [w for w in text.split() if unk in tokenizer(w, add_special_tokens=False)[
+                "input_ids"] and w != tokenizer.unk_token]
+    if unknown:
+        words = ", ".join(repr(w) for w in dict.fromkeys(unknown))
+        raise UsageError(f"{option}: not in the tokenizer's vocabulary (they would all become "
+                         f"{tokenizer.unk_token!r}): {words}; add --allow-unknown to run anyway")
+    return config
+
+
+def check_layers(folder, layers, option):
+    """Site layers against the config's block count, before any weight is loaded."""
+    config = read_config(folder)
     L = getattr(config, "num_hidden_layers", None)
     for layer in layers if L is not None else ():
         if not 0 <= layer <= L:
@@ -55,11 +105,17 @@ def load_model(folder, device_name="cpu", dtype="float32"):
     import torch
     from transformers import AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
-                                                     **_dtype_argument(getattr(torch, dtype)))
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, output_loading_info=True,
+            **_dtype_argument(getattr(torch, dtype)))
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--model {folder}: cannot load a causal LM from it: "
                          f"{str(e).splitlines()[0]}") from None
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise UsageError(f"--model {folder}: {len(missing)} weight(s) are not in the folder and "
+                         f"would start random ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}): not a causal LM's weights")
     return model.to(device_name).eval()
 
 
@@ -74,25 +130,36 @@ def _dtype_argument(dtype):
 def read_jsonl(path, keys, option):
     """Objects with string ``keys``, one per line (blank lines skipped); a bad line
     is named by its number."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a folder; give a .jsonl file")
     if not os.path.isfile(path):
         raise UsageError(f"{option} {path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{option} {path}, line {n}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UsageError(f"{option} {path}, line {n}: expected an object with keys "
-                                 f"{list(keys)}")
-            missing = [k for k in keys if not isinstance(obj.get(k), str) or not obj[k].strip()]
-            if missing:
-                raise UsageError(f"{option} {path}, line {n}: missing or empty {missing} "
-                                 f"(each line needs {list(keys)} as strings)")
-            rows.append({k: obj[k] for k in keys})
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{option} {path}: not UTF-8 text (byte {e.start}: "
+                         f"{e.object[e.start:e.start + 1]!r})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{option} {path}, line {n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{option} {path}, line {n}: expected an object with keys "
+                             f"{list(keys)}")
+        missing = [k for k in keys if not isinstance(obj.get(k), str) or not obj[k].strip()]
+        if missing:
+            raise UsageError(f"{option} {path}, line {n}: missing or empty {missing} "
+                             f"(each line needs {list(keys)} as strings)")
+        extra = sorted(set(obj) - set(keys))
+        if extra:
+            raise UsageError(f"{option} {path}, line {n}: unknown key(s) {extra} (each "
+                             f"line takes {list(keys)} only)")
+        rows.append({k: obj[k] for k in keys})
     if not rows:
         raise UsageError(f"{option} {path}: no lines")
     return rows
@@ -138,6 +205,9 @@ def _pair_parser(prog, description):
     p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-unknown", action="store_true",
+                   help="run even when a word is not in the tokenizer's vocabulary (it becomes "
+                        "the unknown token; default: an error listing such words)")
     return p
 
 
@@ -149,11 +219,28 @@ def _pairs(args):
     if args.pairs is not None:
         if given:
             raise UsageError(f"give either --pairs or --{'/--'.join(PAIR_KEYS)}, not both")
-        return read_jsonl(args.pairs, PAIR_KEYS, "--pairs")
-    missing = [k for k in PAIR_KEYS if getattr(args, k) is None]
-    if missing:
-        raise UsageError(f"missing --{', --'.join(missing)} (or give --pairs FILE.jsonl)")
-    return [{k: getattr(args, k) for k in PAIR_KEYS}]
+        rows = read_jsonl(args.pairs, PAIR_KEYS, "--pairs")
+        where = lambda n: f"--pairs {args.pairs}, pair {n}"  # noqa: E731
+    else:
+        missing = [k for k in PAIR_KEYS if getattr(args, k) is None]
+        if missing:
+            raise UsageError(f"missing --{', --'.join(missing)} (or give --pairs FILE.jsonl)")
+        rows = [{k: getattr(args, k) for k in PAIR_KEYS}]
+        where = lambda n: "--answer / --wrong"  # noqa: E731
+    for n, r in enumerate(rows, 1):
+        if r["answer"].strip() == r["wrong"].strip():
+            raise UsageError(f"{where(n)}: answer and wrong are both {r['answer']!r}; the "
+                             f"metric compares two different answers")
+    return rows
+
+
+def clear_outputs(out):
+    """Removes what an earlier steerops command wrote into ``out`` (its known output
+    files), so a report never sits beside another run's results."""
+    for name in OUTPUT_FILES:
+        path = os.path.join(out, name)
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 class PairJob:
@@ -168,6 +255,8 @@ class PairJob:
         self.layers = check_layers(args.model, args.layers, "--layers") if args.layers else None
         self.clean = [p["clean"] for p in self.pairs]
         self.corrupt = [p["corrupt"] for p in self.pairs]
+        check_inputs(args.model, self.tokenizer, self.clean + self.corrupt,
+                     "--pairs" if args.pairs else "--clean / --corrupt", args.allow_unknown)
         _user_errors(text.encode_pairs, self.tokenizer, self.clean, self.corrupt)
         make = getattr(metrics, args.metric)
         self.metric = _user_errors(make, [p["answer"] for p in self.pairs],
@@ -210,6 +299,7 @@ def print_top(record, k=10):
 def write_outputs(out, stem, records, title, prompt, agreement=None):
     from .report import write_html, write_json, write_png
     os.makedirs(out, exist_ok=True)
+    clear_outputs(out)
     for rec in records:
         write_json(dict(rec, agreement=agreement) if agreement else rec,
                    os.path.join(out, f"{rec['kind']}.json"))
@@ -260,8 +350,11 @@ def attribute_main(argv):
 # ---------------------------------------------------------------------- steer
 def _alphas(text):
     import argparse
+    if any(not x.strip() for x in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected numbers separated by single commas, got "
+                                         f"{text!r} (an empty item)")
     try:
-        values = [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
     if not values or any(v != v or abs(v) == float("inf") for v in values):
@@ -280,7 +373,7 @@ def steer_main(argv):
     which.add_argument("--vector", metavar="FILE", help="a SteeringVector file (.save())")
     which.add_argument("--learn-from", metavar="FILE.jsonl",
                        help='learn a vector from {"positive", "negative"} prompts, one per line')
-    p.add_argument("--method", choices=("mean_diff", "pca"), default="mean_diff",
+    p.add_argument("--method", choices=("mean_diff", "pca"), default=None,
                    help="how --learn-from learns (default mean_diff)")
     p.add_argument("--layer", type=int, help="the site layer (required with --learn-from)")
     p.add_argument("--alpha", type=_alphas, default=[4.0],
@@ -290,12 +383,21 @@ def steer_main(argv):
     p.add_argument("--out", type=output_folder, help="also write steer.json here")
     p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--allow-unknown", action="store_true",
+                   help="run even when a word is not in the tokenizer's vocabulary")
     args = p.parse_args(argv)
     if args.learn_from and args.layer is None:
         raise UsageError("--learn-from needs --layer (where to learn and steer)")
+    if args.vector and args.method is not None:
+        raise UsageError("--method applies to --learn-from; a --vector is already learned")
+    args.method = args.method or "mean_diff"
     learn_rows = read_jsonl(args.learn_from, ("positive", "negative"), "--learn-from") \
         if args.learn_from else None
     tokenizer = load_tokenizer(args.model)
+    check_inputs(args.model, tokenizer, [args.prompt], "--prompt", args.allow_unknown)
+    if learn_rows:
+        check_inputs(args.model, tokenizer, [t for r in learn_rows for t in r.values()],
+                     "--learn-from", args.allow_unknown)
     if args.layer is not None:
         check_layers(args.model, [args.layer], "--layer")
     vector = _load_vector(args) if args.vector else None
@@ -308,9 +410,10 @@ def steer_main(argv):
     plain = _user_errors(generate_text, model, tokenizer, [args.prompt],
                          args.max_new_tokens)[0]
     alphas = torch.tensor(args.alpha, dtype=torch.float32)
-    steered = _user_errors(steerops.Steering(model, None, vector, alpha=alphas,
-                                             mode=args.mode).generate,
-                           [args.prompt] * len(args.alpha), tokenizer, args.max_new_tokens)
+    steering = _user_errors(steerops.Steering, model, None, vector, alpha=alphas,
+                            mode=args.mode)
+    steered = _user_errors(steering.generate, [args.prompt] * len(args.alpha), tokenizer,
+                           args.max_new_tokens)
     width = max(len("unsteered"), *(len(f"alpha {a:g}") for a in args.alpha))
     print(f"prompt: {args.prompt!r} (layer {vector.layers}, mode {args.mode})")
     print(f"  {'unsteered':<{width}} | {plain}")
@@ -318,6 +421,7 @@ def steer_main(argv):
         print(f"  {f'alpha {a:g}':<{width}} | {text}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        clear_outputs(args.out)
         with open(os.path.join(args.out, "steer.json"), "w") as f:
             json.dump({"prompt": args.prompt, "layer": vector.layers, "mode": args.mode,
                        "unsteered": plain,
@@ -347,6 +451,15 @@ def _load_vector(args):
     if args.layer is not None and [args.layer] != vector.layers:
         raise UsageError(f"--layer {args.layer}: the vector in {args.vector} is for layer(s) "
                          f"{vector.layers}")
+    config = read_config(args.model)  # before any weight loads: its layers and width
+    L, width = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+    for layer in vector.layers if L is not None else ():
+        if not 0 <= layer <= L:
+            raise UsageError(f"--vector {args.vector}: its layer {layer} is out of range; this "
+                             f"model has sites at layers 0..{L}")
+    if width is not None and vector.hidden_size != width:
+        raise UsageError(f"--vector {args.vector}: {vector.hidden_size} wide, but this model's "
+                         f"hidden size is {width}")
     return vector
 
 

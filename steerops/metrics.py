@@ -197,5 +197,14 @@ def _pair_tensors(answer, wrong):
     if answer.dim() == 1 and wrong.dim() == 1 and answer.numel() != wrong.numel():
         raise ValueError(f"answer has {answer.numel()} entries and wrong has {wrong.numel()}; "
                          f"give one of each per pair")
+    same = torch.nonzero(torch.broadcast_to(answer == wrong, (max(
+        answer.numel(), wrong.numel()),) if answer.dim() or wrong.dim() else ()).reshape(-1))
+    if same.numel():
+        i = int(same[0])
+        token = int(torch.broadcast_to(answer, (max(answer.numel(), 1),)).reshape(-1)[i]) \
+            if answer.dim() else int(answer)
+        where = f"at pair {i}" if answer.dim() or wrong.dim() else "for every pair"
+        raise ValueError(f"answer and wrong are the same token ({token}) {where}: the metric "
+                         f"compares two different answers")
     pairs = next((t.numel() for t in (answer, wrong) if t.dim() == 1), None)
     return answer.long(), wrong.long(), pairs

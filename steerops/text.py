@@ -27,6 +27,20 @@ def is_text(value):
                                       and all(isinstance(s, str) for s in value))
 
 
+def check_prompt_list(value, name):
+    """A list of prompts must be non-empty and all text (a ``None`` or an id list among
+    strings is named, not left to fail deep inside)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{name} is empty: give at least one prompt (text), or token ids "
+                             f"as a (batch, seq) tensor")
+        if any(isinstance(v, str) for v in value) or any(v is None for v in value):
+            for i, v in enumerate(value):
+                if not isinstance(v, str):
+                    raise ValueError(f"{name}[{i}] is {type(v).__name__}, not text: every "
+                                     f"prompt in a list must be a string")
+
+
 def require_tokenizer(tokenizer, name):
     if tokenizer is None:
         raise ValueError(f"{name} is text: pass tokenizer= (e.g. AutoTokenizer.from_pretrained("
@@ -167,6 +181,8 @@ def pair_inputs(model, tokenizer, clean, corrupt, metric, device):
     right-padded batch, its last position read at each pair's last real token);
     ``tokens`` = (clean tokens, corrupt tokens) per pair, or None without a tokenizer."""
     from .metrics import bind_metric
+    check_prompt_list(clean, "clean")
+    check_prompt_list(corrupt, "corrupt")
     if is_text(clean) or is_text(corrupt):
         if not (is_text(clean) and is_text(corrupt)):
             raise TypeError("clean and corrupt must both be text or both be token ids")
@@ -184,6 +200,7 @@ def pair_inputs(model, tokenizer, clean, corrupt, metric, device):
 def prompt_inputs(model, tokenizer, inputs, device, name="inputs", side=None):
     """Inputs for the one-prompt-set calls (caching, learning): text encoded, ids
     kept (labelled with token strings when a tokenizer is given)."""
+    check_prompt_list(inputs, name)
     if is_text(inputs):
         return encode(tokenizer, inputs, device, name, model, side)
     if tokenizer is not None:
@@ -215,6 +232,10 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=20, **generate_kwarg
     ``generate_kwargs`` say otherwise; prompts left-padded, as decoder-only
     generation needs."""
     from .models import model_device
+    check_prompt_list(prompts, "prompts")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     inputs = encode(tokenizer, prompts, model_device(model), "prompts", side="left")
     inputs.pop("position_ids", None)  # generate counts positions from the mask itself
     if "attention_mask" not in inputs:  # pad == eos in many tokenizers: say there is none

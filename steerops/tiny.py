@@ -131,6 +131,16 @@ def make_tiny_model(folder, steps=300, seed=0):
     return accuracy
 
 
+def _check_target(parser, folder):
+    """Refuses a folder holding anything but an earlier tiny model (another model's
+    folder is never overwritten)."""
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return
+    if not os.path.isfile(os.path.join(folder, "steerops_tiny.json")):
+        parser.error(f"{folder} is not empty and holds no earlier tiny model "
+                     f"(no steerops_tiny.json); give an empty or new folder")
+
+
 def main(argv=None):
     from .cli_args import Parser, output_folder, positive_int
     p = Parser(prog="steerops tiny-model",
@@ -140,6 +150,7 @@ def main(argv=None):
     p.add_argument("folder", type=output_folder, help="where to save the model and tokenizer")
     p.add_argument("--steps", type=positive_int, default=300, help="training steps (300)")
     args = p.parse_args(argv)
+    _check_target(p, args.folder)
     accuracy = make_tiny_model(args.folder, steps=args.steps)
     print(f"tiny model saved to {args.folder} (answer accuracy {accuracy:.0%}); try:\n"
           f"  steerops patch --model {args.folder} --pairs {args.folder}/pairs.jsonl "

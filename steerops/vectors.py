@@ -99,6 +99,10 @@ class SteeringVector:
         if not vector.is_floating_point() or not bool(torch.isfinite(vector).all()):
             raise ValueError(f"SteeringVector.load: {path} holds non-finite (NaN/Inf) or "
                              f"non-floating values: the file's data is corrupted")
+        if vector.shape[-1] != meta["hidden_size"]:
+            raise ValueError(f"SteeringVector.load: {path}: the vector is {vector.shape[-1]} "
+                             f"wide but its metadata says hidden_size {meta['hidden_size']}: "
+                             f"the file's data and record disagree")
         if device is not None:
             vector = vector.to(device)
         return cls(vector, meta["layer"], meta["hidden_size"], meta.get("model_name"),

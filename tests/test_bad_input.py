@@ -292,3 +292,49 @@ def test_steering_vector_load_refuses_bad_files(model, tmp_path):
         steerops.SteeringVector.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such file"):
         steerops.SteeringVector.load(os.path.join(tmp_path, "missing.safetensors"))
+
+
+# ----------------------------------------------------------------------------- issue 31, Python
+
+def test_empty_or_non_text_prompt_lists_are_named(tiny):
+    import steerops
+    from steerops.tiny import TEMPLATE
+    model, tok = tiny
+    c = TEMPLATE.format(a="Mary", b="John", place="store", obj="drink")
+    x = TEMPLATE.format(a="Sarah", b="John", place="store", obj="drink")
+    metric = steerops.logit_diff("Mary", "John")
+    calls = {
+        "patching_sweep": lambda a, b: steerops.patching_sweep(model, a, b, metric,
+                                                               tokenizer=tok, progress=False),
+        "attribution_patching": lambda a, b: steerops.attribution_patching(
+            model, a, b, metric, tokenizer=tok),
+        "cache_activations": lambda a, b: steerops.cache_activations(model, a, tokenizer=tok),
+        "learn_steering_vector": lambda a, b: steerops.learn_steering_vector(
+            model, a, b, layer=2, tokenizer=tok),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"is empty: give at least one prompt"):
+            call([], [])
+        with pytest.raises(ValueError, match=r"\[1\] is NoneType, not text"):
+            call([c, None], [x, x])
+    sv = steerops.learn_steering_vector(model, [c], [x], layer=2, tokenizer=tok)
+    steering = steerops.Steering(model, None, sv, alpha=1.0)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        steering.generate([], tok)
+    for bad in (1.5, 0, True, "2"):
+        with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+            steering.generate([c], tok, max_new_tokens=bad)
+
+
+def test_a_pair_whose_answer_is_its_wrong_is_an_error(tiny):
+    import steerops
+    model, tok = tiny
+    with pytest.raises(ValueError, match="same token .* at pair 1"):
+        steerops.logit_diff(torch.tensor([3, 4]), torch.tensor([5, 4]))
+    with pytest.raises(ValueError, match="for every pair"):
+        steerops.prob_diff(3, 3)
+    metric = steerops.logit_diff(["Mary", "John"], ["John", "John"])  # resolved at the call
+    c = ["When Mary and John went to the store , John gave a drink to"] * 2
+    x = ["When Sarah and John went to the store , John gave a drink to"] * 2
+    with pytest.raises(ValueError, match="at pair 1"):
+        steerops.patching_sweep(model, c, x, metric, tokenizer=tok, progress=False)

@@ -163,12 +163,13 @@ def test_command_user_errors(tiny_folder, tmp_path, capsys, monkeypatch):
     no_tok.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(os.path.join(tiny_folder, name), no_tok / name)
-    _fails(steerops_cli("patch", "--model", str(no_tok), *pair), "no usable tokenizer")
+    _fails(steerops_cli("patch", "--model", str(no_tok), *pair), "no tokenizer there")
     _fails(steerops_cli("patch", "--model", str(tmp_path), *pair), "no config.json")
     _fails(steerops_cli("patch", "--model", tiny_folder, *pair, "--layers", "9"),
            "--layers 9: out of range", "0..4")
-    _fails(steerops_cli("patch", "--model", tiny_folder, *pair[:-2], "--answer", "Mary John",
-                        "--out", str(tmp_path / "o")), "'Mary John' is 2 tokens")
+    _fails(steerops_cli("patch", "--model", tiny_folder, "--clean", CLEAN, "--corrupt", CORRUPT,
+                        "--wrong", "John", "--answer", "Mary John", "--out", str(tmp_path / "o")),
+           "'Mary John' is 2 tokens")
     _fails(steerops_cli("patch", "--model", tiny_folder, "--clean", "When Mary went",
                         "--corrupt", "When Sarah and Tom went", "--answer", "Mary", "--wrong",
                         "John", "--out", str(tmp_path / "o")),
@@ -191,3 +192,137 @@ def test_command_user_errors(tiny_folder, tmp_path, capsys, monkeypatch):
                         str(tmp_path / "missing.safetensors")), "--vector")
     _fails(steerops_cli("steer", "--model", tiny_folder, "--prompt", CLEAN, "--vector", "x",
                         "--alpha", "1,two"), "--alpha")
+
+
+def _in_process(capsys, tmp_path, monkeypatch):
+    from steerops.cli import main
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err
+    return run
+
+
+def _folders(tmp_path, tiny_folder):
+    """A BERT folder with the tiny tokenizer, a Llama whose vocabulary is smaller than the
+    tokenizer's, and vector files whose layer or width is wrong."""
+    import transformers as T
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    import steerops
+    tok = T.AutoTokenizer.from_pretrained(tiny_folder)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64)
+    T.BertModel(T.BertConfig(vocab_size=len(tok), **small)).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=20, num_key_value_heads=2, **small)) \
+        .save_pretrained(tmp_path / "vocab20")
+    tok.save_pretrained(tmp_path / "vocab20")
+    model = T.AutoModelForCausalLM.from_pretrained(tiny_folder)
+    sv = steerops.learn_steering_vector(model, [CLEAN], [CORRUPT], layer=2, tokenizer=tok)
+    sv.save(str(tmp_path / "v.safetensors"))
+    with safe_open(str(tmp_path / "v.safetensors"), "pt") as f:
+        meta = f.metadata()["steerops"]
+    tensors = load_file(str(tmp_path / "v.safetensors"))
+    for name, m, t in (("v7", meta.replace('"layer": 2', '"layer": 7'), tensors),
+                       ("vneg", meta.replace('"layer": 2', '"layer": -1'), tensors),
+                       ("vwide", meta, {"vector": torch.randn(65)})):
+        save_file(t, str(tmp_path / f"{name}.safetensors"), metadata={"steerops": m})
+
+
+def test_command_user_errors_part3(tiny_folder, tmp_path, capsys, monkeypatch):
+    """Issue "never silently wrong, part 3": each case a one-line message naming the
+    argument, exit 2, before the weights load where it can be."""
+    run = _in_process(capsys, tmp_path, monkeypatch)
+    _folders(tmp_path, tiny_folder)
+    out = ["--out", str(tmp_path / "o")]
+    pair = ["--clean", CLEAN, "--corrupt", CORRUPT, "--answer", "Mary", "--wrong", "John"]
+    # 1. a folder holding a non-causal model
+    _fails(run("patch", "--model", str(tmp_path / "bert"), *pair, *out),
+           "BertModel has no causal language-model head")
+    # 3. a word outside the vocabulary: listed, and accepted only with --allow-unknown
+    zorb = CLEAN.replace("Mary", "Zorblax")
+    _fails(run("patch", "--model", tiny_folder, "--clean", zorb, "--corrupt", CORRUPT,
+               "--answer", "Mary", "--wrong", "John", *out),
+           "--clean / --corrupt: not in the tokenizer's vocabulary", "'Zorblax'",
+           "--allow-unknown")
+    # 4. a prompt longer than the model's positions (64), for patch and steer
+    long = " ".join([CLEAN] * 6)
+    _fails(run("patch", "--model", tiny_folder, "--clean", long, "--corrupt", long, "--answer",
+               "Mary", "--wrong", "John", *out), "more than this model's 64 positions")
+    _fails(run("steer", "--model", tiny_folder, "--prompt", long, "--learn-from",
+               os.path.join(tiny_folder, "steer_pairs.jsonl"), "--layer", "2"),
+           "--prompt: a prompt is", "64 positions")
+    # 5. answer equal to wrong, on the command line and in a --pairs line
+    _fails(run("patch", "--model", tiny_folder, *pair[:-2], "--wrong", "Mary", *out),
+           "answer and wrong are both 'Mary'")
+    lines = tmp_path / "pairs.jsonl"
+    rows = [dict(clean=CLEAN, corrupt=CORRUPT, answer="Mary", wrong="John"),
+            dict(clean=CLEAN, corrupt=CORRUPT, answer="John", wrong="John")]
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _fails(run("patch", "--model", tiny_folder, "--pairs", str(lines), *out), "pair 2",
+           "answer and wrong are both 'John'")
+    # 6. ignored input: extra keys, --method beside --vector, repeated options, 1,,2
+    lines.write_text(json.dumps(dict(rows[0], layer=2)) + "\n")
+    _fails(run("patch", "--model", tiny_folder, "--pairs", str(lines), *out),
+           "line 1: unknown key(s) ['layer']")
+    _fails(run("steer", "--model", tiny_folder, "--prompt", CLEAN, "--vector",
+               str(tmp_path / "v.safetensors"), "--method", "pca"), "--method applies to")
+    _fails(run("patch", "--model", tiny_folder, *pair, "--layers", "1", "--layers", "2", *out),
+           "--layers is given twice")
+    _fails(run("steer", "--model", tiny_folder, "--prompt", CLEAN, "--vector",
+               str(tmp_path / "v.safetensors"), "--alpha", "1", "--alpha", "2"),
+           "--alpha is given twice")
+    _fails(run("steer", "--model", tiny_folder, "--prompt", CLEAN, "--vector",
+               str(tmp_path / "v.safetensors"), "--alpha", "1,,2"), "an empty item")
+    # 7. tiny-model never overwrites another model's folder
+    _fails(run("tiny-model", str(tmp_path / "bert")), "holds no earlier tiny model")
+    # 9. a tokenizer whose ids exceed the model's vocabulary
+    _fails(run("patch", "--model", str(tmp_path / "vocab20"), *pair, *out),
+           "the tokenizer has", "vocabulary is 20")
+    # 10. --pairs: invalid UTF-8, a folder
+    lines.write_bytes(b'{"clean": "\xff\xfe"}\n')
+    _fails(run("patch", "--model", tiny_folder, "--pairs", str(lines), *out), "not UTF-8")
+    _fails(run("patch", "--model", tiny_folder, "--pairs", str(tmp_path), *out), "is a folder")
+    # 11. a vector file whose layer is out of range, or whose width disagrees
+    for name, needle in (("v7", "its layer 7 is out of range"),
+                         ("vneg", "its layer -1 is out of range"),
+                         ("vwide", "65 wide but its metadata says hidden_size 64")):
+        _fails(run("steer", "--model", tiny_folder, "--prompt", CLEAN, "--vector",
+                   str(tmp_path / f"{name}.safetensors")), needle)
+    # 12. --out where no folder can be made (as root os.access says yes to /proc)
+    for cmd in (["patch", "--model", tiny_folder, *pair], ["tiny-model"],
+                ["bench", "attribution", "--quick"]):
+        where = ["/proc/steerops-x/y"] if cmd == ["tiny-model"] else ["--out",
+                                                                      "/proc/steerops-x/y"]
+        _fails(run(*cmd, *where), "cannot create a folder in /proc")
+
+
+def test_negative_alpha_and_a_reused_out_folder(tiny_folder, tmp_path, capsys, monkeypatch):
+    run = _in_process(capsys, tmp_path, monkeypatch)
+    # 13. a negative first value is a value
+    code, err = run("steer", "--model", tiny_folder, "--prompt", CLEAN, "--learn-from",
+                    os.path.join(tiny_folder, "steer_pairs.jsonl"), "--layer", "2", "--alpha",
+                    "-4,4", "--max-new-tokens", "1", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    steer = json.loads((tmp_path / "o" / "steer.json").read_text())
+    assert [s["alpha"] for s in steer["steered"]] == [-4.0, 4.0]
+    # 7. a reused --out keeps only this run's files (steer.json was there)
+    code, err = run("attribute", "--model", tiny_folder, "--clean", CLEAN, "--corrupt", CORRUPT,
+                    "--answer", "Mary", "--wrong", "John", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert sorted(f for f in os.listdir(tmp_path / "o") if f != ".lock") == [
+        "attribution.json", "attribution.png", "report.html"]
+    # --allow-unknown runs, and the unknown word shows as the unknown token
+    code, err = run("attribute", "--model", tiny_folder, "--clean",
+                    CLEAN.replace("Mary", "Zorblax"), "--corrupt", CORRUPT, "--answer", "Mary",
+                    "--wrong", "John", "--allow-unknown", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    rec = json.loads((tmp_path / "o" / "attribution.json").read_text())
+    assert "[UNK]" in json.dumps(rec)
