@@ -162,7 +162,6 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=
     fit, val, ev = splits["fit"], splits["val"], splits["eval"]
     n_fit, n_val, n_ev = len(fit), len(val), len(ev)
     ledger = Ledger(cfg)
-    gen = torch.Generator().manual_seed(split_seed)
 
     def stage(name, fn, **kw):
         # memory is read with the timings (each model's first split): a stage's peak

@@ -23,9 +23,9 @@ def _diff(d):
 
 def verdict_table(v4, family="all"):
     fam = v4["families"][family]
-    lines = [f"| reading | kind | R_pair [95% CI] | tasks resampled | R − twin | R − prior-answer "
-             f"| compute vs floor (counted / amortised) | vs naive-batched | fwd-equiv / pair "
-             f"| pair holds vs floor / naive | fails (counted, vs floor) |",
+    lines = ["| reading | kind | R_pair [95% CI] | tasks resampled | R − twin | R − prior-answer "
+             "| compute vs floor (counted / amortised) | vs naive-batched | fwd-equiv / pair "
+             "| pair holds vs floor / naive | fails (counted, vs floor) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in v4["verdict"][family]:
         e = fam["rows"][row["method"]]
@@ -67,7 +67,6 @@ def sentence(v4):
 
 
 def task_table(results):
-    v4 = results["v4"]
     lines = ["## Per task (v4): how positional is the ground truth", "",
              f"Discriminative: prior-answer's R_pair < {DISCRIMINATIVE_BELOW} (the task can "
              f"tell a method from a positional guess). Shares are of Σ|g| over S*.", "",

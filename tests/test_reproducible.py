@@ -10,7 +10,6 @@ import torch
 
 from steerops.bench import reproducible as R
 from steerops.bench import train
-from steerops.bench.spread import task_at
 from steerops.bench.tasks import TASKS
 
 SMALL = dict(train.MODEL_CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
