@@ -47,6 +47,20 @@ def capture(model, inputs, layers, pos, layers_path, stop_early):
     return store, output
 
 
+def _refuse_negative_on_right_padding(inputs, positions):
+    """A negative position counts from the batch's end, which on a right-padded batch is
+    padding for the shorter prompts: refused, with what to do instead."""
+    from .text import _right_pad_last
+    if positions is None or _right_pad_last(inputs) is None:
+        return
+    values = [positions] if isinstance(positions, int) else list(
+        positions.tolist() if hasattr(positions, "tolist") else positions)
+    if any(int(p) < 0 for p in values):
+        raise ValueError(f"positions {values}: negative positions on a right-padded batch would "
+                         f"read padding for the shorter prompts; pad on the left "
+                         f"(tokenizer.padding_side = 'left') or give positions from the start")
+
+
 def cache_activations(model, inputs, layers=None, positions=None, *, layers_path=None,
                       stop_early=True, tokenizer=None):
     """Residual-stream activations at the requested sites, from one forward pass.
@@ -63,6 +77,7 @@ def cache_activations(model, inputs, layers=None, positions=None, *, layers_path
     tokens = getattr(inputs, "tokens", None)
     inputs = as_inputs(inputs, model_device(model))
     B, T = batch_shape(inputs)
+    _refuse_negative_on_right_padding(inputs, positions)
     pos = resolve_positions(positions, T, model_device(model))
     with eval_mode(model, "cache_activations"):
         store, output = capture(model, inputs, layers, pos, layers_path, stop_early)

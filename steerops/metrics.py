@@ -171,8 +171,8 @@ def _unresolved(spec):
 
 def bind_metric(metric, tokenizer, last_positions=None):
     """``metric`` with its text answers resolved through ``tokenizer``; a
-    logit_diff / prob_diff at position -1 on a right-padded batch reads each
-    pair's last real token (``last_positions``) instead of the padding."""
+    logit_diff / prob_diff at a negative position on a right-padded batch counts from
+    each pair's last real token (``last_positions``), never from the padding."""
     spec = getattr(metric, "spec", None)
     if spec is None:
         return metric
@@ -181,8 +181,12 @@ def bind_metric(metric, tokenizer, last_positions=None):
     if (is_text(answer) or is_text(wrong)) and tokenizer is None:
         raise ValueError(f"{kind}({answer!r}, {wrong!r}) has text answers: pass tokenizer= to "
                          f"{kind} or to this call")
-    if last_positions is not None and isinstance(position, int) and position == -1:
-        position = last_positions.cpu()
+    if last_positions is not None and isinstance(position, int) and position < 0:
+        # counted from each pair's own last real token, never from the padding
+        position = last_positions.cpu() + 1 + position
+        if bool((position < 0).any()):
+            raise ValueError(f"{kind} position {spec[3]}: before the first token of a "
+                             f"shorter prompt")
     elif not (is_text(answer) or is_text(wrong)):
         return metric
     return _answer_metric(kind, answer, wrong, position, tokenizer)

@@ -190,7 +190,13 @@ def pair_inputs(model, tokenizer, clean, corrupt, metric, device):
     elif tokenizer is not None:
         require_tokenizer(tokenizer, "clean")
         clean, corrupt = _labelled(tokenizer, clean), _labelled(tokenizer, corrupt)
-    metric = bind_metric(metric, tokenizer, _right_pad_last(clean))
+    last = _right_pad_last(clean)
+    if last is not None and getattr(metric, "spec", None) is None:
+        raise ValueError("a custom metric on a right-padded batch would read padding at the end "
+                         "of the shorter prompts: pad on the left (tokenizer.padding_side = "
+                         "'left'), or use logit_diff / prob_diff, whose positions count from "
+                         "each pair's last real token")
+    metric = bind_metric(metric, tokenizer, last)
     tokens = None
     if getattr(clean, "tokens", None) is not None:
         tokens = (clean.tokens, corrupt.tokens)

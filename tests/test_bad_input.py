@@ -338,3 +338,34 @@ def test_a_pair_whose_answer_is_its_wrong_is_an_error(tiny):
     x = ["When Sarah and John went to the store , John gave a drink to"] * 2
     with pytest.raises(ValueError, match="at pair 1"):
         steerops.patching_sweep(model, c, x, metric, tokenizer=tok, progress=False)
+
+
+def test_right_padded_batches_count_positions_from_each_pairs_real_tokens(tiny):
+    """Issue 31, case 2: a metric position counts from each pair's last real token; a
+    negative cached position or a custom metric on a right-padded batch is refused."""
+    import steerops
+    model, tok = tiny
+    tok = type(tok).from_pretrained(tok.name_or_path) if tok.name_or_path else tok
+    tok.padding_side = "right"
+    long_c = "When Mary and John went to the store , John gave a drink to"
+    long_x = "When Sarah and John went to the store , John gave a drink to"
+    short_c, short_x = "When Tom and Kate went to the park , Kate gave", \
+        "When Paul and Kate went to the park , Kate gave"
+    for position in (-1, -2):
+        metric = steerops.logit_diff(["Mary", "Tom"], ["John", "Kate"], position)
+        both = steerops.attribution_patching(model, [long_c, short_c], [long_x, short_x],
+                                             metric, tokenizer=tok)
+        for i, (c, x) in enumerate(((long_c, long_x), (short_c, short_x))):
+            alone = steerops.attribution_patching(
+                model, [c], [x], steerops.logit_diff(["Mary", "Tom"][i], ["John", "Kate"][i],
+                                                     position), tokenizer=tok)
+            assert float(both.clean_metric[i]) == pytest.approx(float(alone.clean_metric[0]),
+                                                                abs=1e-4)
+    with pytest.raises(ValueError, match="negative positions on a right-padded batch"):
+        steerops.cache_activations(model, [long_c, short_c], positions=[-1], tokenizer=tok)
+    with pytest.raises(ValueError, match="custom metric on a right-padded batch"):
+        steerops.patching_sweep(model, [long_c, short_c], [long_x, short_x],
+                                lambda logits: logits[:, -1, 0], tokenizer=tok, progress=False)
+    tok.padding_side = "left"  # the way out the message names
+    cache = steerops.cache_activations(model, [long_c, short_c], positions=[-1], tokenizer=tok)
+    assert cache.acts.shape[0] == 2
