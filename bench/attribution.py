@@ -1,13 +1,15 @@
-"""The attribution benchmark (protocol version 3, docs/protocol.md): do steering
-vectors recover activation patching's causal attribution at a fraction of its compute?
+"""The attribution benchmark (protocol version 4, docs/protocol.md): do steering
+vectors recover activation patching's causal attribution at a fraction of its compute,
+and does each reading beat its own random-direction twin and a positional guess?
 
-    steerops bench attribution --quick         # toy scale, one seed, about a minute on CPU
-    steerops bench attribution                 # standard scale, 3 training x 5 split seeds
+    steerops bench attribution --quick         # toy scale, one seed, about two minutes on CPU
+    steerops bench attribution                 # standard scale, 3 training x 3 nested split seeds
 
-Every method of ``bench.methods`` is scored against patching on the informative
-sites S* and priced on both sides (``bench.evaluate``); runs are aggregated over
-seeds with bootstrap intervals (``bench.aggregate``) and reported as JSON, Markdown
-and plots (``bench.reporting``). Each run is saved as a shard under ``OUT/runs`` as
+Every method of ``bench.methods`` (and every control of ``bench.controls``) is scored
+against patching on the informative sites S* and priced on both sides
+(``bench.evaluate``); runs are aggregated over seeds with bootstrap intervals
+(``bench.aggregate``, ``bench.headline``) and reported as JSON, Markdown and plots
+(``bench.reporting``). Each run is saved as a compressed shard under ``OUT/runs`` as
 soon as it finishes, so a killed run continues where it stopped.
 """
 import contextlib
