@@ -319,9 +319,3 @@ def _load_vector(args):
                          f"hidden size is {width}")
     return vector
 
-
-COMMANDS = {
-    "patch": (patch_main, "activation patching from text prompts on a local model folder"),
-    "attribute": (attribute_main, "attribution patching (AtP), optionally beside the sweep"),
-    "steer": (steer_main, "unsteered and steered generations side by side"),
-}

@@ -64,11 +64,6 @@ def choose_form(model, reuse):
     return reuse, "asked for"
 
 
-def resolve_reuse(model, reuse):
-    """The sweep's form for ``reuse`` ('auto' chooses): see :func:`choose_form`."""
-    return choose_form(model, reuse)[0]
-
-
 class _SkippedBlock(torch.nn.Module):
     """Stands in for a block for one forward: returns ``output`` (or, when None,
     its input unchanged) without computing; other attributes read through to the
