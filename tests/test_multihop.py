@@ -1,0 +1,77 @@
+"""Protocol v4's multi-hop task generators (bench/multihop.py): the rule gives the
+answer, pairs differ at one early position, the hop counts are as stated, answers are
+balanced, and no token collides with the shared vocabulary's other roles."""
+import collections
+
+import pytest
+import torch
+
+from steerops.bench import multihop as MH
+from steerops.bench.spread import FILLER0, VOCAB_STANDARD
+from steerops.bench.tasks import NUM0, NUM_COUNT, QUERY
+
+
+CASES = [("var_chain", 5, 40), ("var_chain", 7, 48), ("pointer", 5, 48), ("pointer", 7, 48),
+         ("increment_chain", 5, 48)]
+
+
+def _depth(prompt, task_name):
+    """The number of hops from the queried variable back to a literal (var tasks), read
+    off the prompt alone."""
+    p = [int(x) for x in prompt if int(x) < FILLER0]
+    src = {}
+    i = 1
+    while p[i] != QUERY:
+        plus = task_name == "increment_chain" and p[i + 3] != MH.SEP
+        src[p[i]] = p[i + 2]
+        i += 6 if plus else 4
+    var, hops = p[i + 1], 0
+    while var in src:
+        var, hops = src[var], hops + 1
+    return hops - 1  # the root statement assigns a literal
+
+
+@pytest.mark.parametrize("name, hops, T", CASES)
+def test_multihop_pairs_follow_the_rule_and_differ_at_one_early_position(name, hops, T):
+    task = MH.multihop_task(name, hops, T)
+    n = 200
+    p = task.sample(n, torch.Generator().manual_seed(1))
+    assert p.clean.shape == p.corrupt.shape == (n, T)
+    assert int(p.clean.max()) < VOCAB_STANDARD and int(p.clean.min()) >= 0
+    rows = torch.arange(n)
+    assert ((p.clean != p.corrupt).sum(1) == 1).all()
+    assert (p.clean[rows, p.contrast] != p.corrupt[rows, p.contrast]).all()
+    assert (p.answer != p.wrong).all()
+    # p* early: in the first third of the prompt, the query at the end
+    assert int(p.contrast.max()) < T // 3 + 4 and (p.clean[:, -2] == QUERY).all()
+    for i in range(0, n, 5):
+        assert task.rule(p.clean[i]) == int(p.answer[i])
+        assert task.rule(p.corrupt[i]) == int(p.wrong[i])
+        if name != "pointer":
+            assert _depth(p.clean[i], name) == hops
+    if name == "pointer":  # the query asks for `hops` steps
+        assert (p.clean[:, -1] == NUM0 + hops).all()
+
+
+@pytest.mark.parametrize("name", list(MH.MULTIHOP))
+def test_multihop_answers_are_balanced(name):
+    task = MH.multihop_task(name, 5, 48)
+    p = task.sample(4000, torch.Generator().manual_seed(2))
+    counts = collections.Counter(p.answer.tolist())
+    # uniform over the answer set: no answer more than twice its fair share
+    assert len(counts) >= 30 and max(counts.values()) < 2 * 4000 / len(counts)
+
+
+def test_too_many_hops_for_the_length_is_an_error():
+    with pytest.raises(ValueError, match="more than seq_len"):
+        MH.multihop_task("var_chain", 9, 32)
+    with pytest.raises(ValueError, match="unknown multi-hop task"):
+        MH.multihop_task("nope", 5, 48)
+
+
+def test_increment_chain_answer_is_root_plus_hops():
+    task = MH.multihop_task("increment_chain", 5, 48)
+    p = task.sample(50, torch.Generator().manual_seed(3))
+    rows = torch.arange(50)
+    root = p.clean[rows, p.contrast] - NUM0
+    assert (p.answer - NUM0 == (root + 5) % NUM_COUNT).all()
