@@ -32,9 +32,9 @@ from .provenance import environment, read_shard, save_results, write_json, write
 from .realistic import break_even_curves, compute_curves, realistic
 from .plots import plots
 from .reporting import markdown
-from .spread import task_at
+from .multihop import MULTIHOP
 from .tasks import TASKS
-from .train import SCALES, checkpoint_info, ensure_checkpoint
+from .train import SCALES, checkpoint_info, ensure_checkpoint, scale_tasks, task_for
 
 PROTOCOL_VERSION = 4
 PROTOCOL_DOC = "docs/protocol.md"
@@ -107,7 +107,7 @@ def _run_jobs(jobs, *, settings, scale, out_dir, checkpoint_dir, device,
             continue
         # timing repeats on each model's first split
         timed = split_seed == split_seeds(task_name, train_seed, settings)[0]
-        r = run_one(task_at(task_name, SCALES[scale]["seq_len"]), model, settings, split_seed,
+        r = run_one(task_for(task_name, scale), model, settings, split_seed,
                     device, timing_repeats=settings["repeats"] if timed else 0,
                     train_seed=train_seed)
         r.update(train_seed=train_seed, split_index=split_seeds(
@@ -268,7 +268,7 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     results["models"] = models_seen(runs, scale, committed)
     import transformers as T_  # the model's shape alone: a report needs no weights
     config = T_.LlamaConfig(**SCALES[scale]["config"])
-    T = task_at(tasks[0], SCALES[scale]["seq_len"]).seq_len
+    T = task_for(tasks[0], scale).seq_len
     results["curves"] = compute_curves(config, T, settings, contrast=min(
         min(r["contrast_positions"]) for r in runs))
     results["break_even"] = break_even_curves(settings)
@@ -362,11 +362,15 @@ def build_parser():
         description="The attribution benchmark (protocol v3, docs/protocol.md): activation "
                     "patching vs steering-vector attributions, faithfulness and compute, over "
                     "12 tasks, two model scales and several seeds.")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS),
-                   metavar="TASK", help=f"tasks to run (default: all): {', '.join(TASKS)}")
+    p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS) + list(MULTIHOP),
+                   metavar="TASK", help=f"tasks to run (default: the scale's: the 12 "
+                                        f"{', '.join(TASKS)}; deep: {', '.join(MULTIHOP)})")
     p.add_argument("--quick", action="store_true",
                    help="toy scale, one split seed, fewer pairs and bootstrap draws (same "
-                        "protocol), about a minute on CPU")
+                        "protocol), about two minutes on CPU")
+    p.add_argument("--scale", choices=("standard", "deep"), default=None,
+                   help="the full run's scale: standard (the 12 tasks, 4 layers; default) or "
+                        "deep (the multi-hop tasks, 6 layers, 48 tokens)")
     p.add_argument("--device", default=None, type=device,
                    help="torch device (default: cuda:LOCAL_RANK if CUDA is available, else cpu)")
     p.add_argument("--out", default="results/attribution", type=output_folder,
@@ -392,8 +396,18 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if args.quick and args.scale:
+        p.error("--quick runs the toy scale; give --scale without --quick")
+    scale = "toy" if args.quick else args.scale or "standard"
+    args.tasks = args.tasks or scale_tasks(scale)
+    wrong = [t for t in args.tasks if t not in scale_tasks(scale)]
+    if wrong:
+        p.error(f"--tasks {' '.join(wrong)}: not tasks of the {scale} scale (its tasks: "
+                f"{', '.join(scale_tasks(scale))})")
+    settings = None if scale != "deep" else dict(FULL, scale="deep")
     D.init_from_env()  # under torchrun: one process group, the work split over its ranks
-    _, table = run(args.tasks, quick=args.quick, device=args.device, out_dir=args.out,
+    _, table = run(args.tasks, quick=args.quick, settings=settings, device=args.device,
+                   out_dir=args.out,
                    progress=not args.no_progress, checkpoint_dir=args.checkpoints,
                    with_realistic=not args.no_realistic, threads=args.threads,
                    train_seeds=args.train_seeds, report_only=args.report_only)

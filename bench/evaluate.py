@@ -291,7 +291,8 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=
     draws = bootstrap(per_pair, raw, m_clean, m_corrupt, star, settings["n_boot"], split_seed,
                       v4.pop("pair_R"))
     return {
-        "task": task.name, "family": "consistent" if task.binary else "symmetric",
+        "task": task.name, "family": getattr(task, "family", None) or (
+            "consistent" if task.binary else "symmetric"),
         "split_seed": split_seed, "seq_len": T, "layers": L1, "sites": L1 * T,
         "informative_sites": int(star.sum()), "informative_sites_v2": int(star_v2.sum()),
         "star": star.tolist(), "contrast_positions": sorted(set(ev.contrast.tolist())),

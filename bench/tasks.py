@@ -367,4 +367,6 @@ TASKS = {t.name: t for t in (Induction(), IOI(), GreaterThan(), Docstring(), Bra
 # The two families of docs/protocol.md: one binary variable (oriented pairs, a consistent
 # contrast direction) vs pairs that each contrast different tokens.
 FAMILIES = {"consistent": tuple(n for n, t in TASKS.items() if t.binary),
-            "symmetric": tuple(n for n, t in TASKS.items() if not t.binary)}
+            "symmetric": tuple(n for n, t in TASKS.items() if not t.binary),
+            # protocol v4's multi-hop tasks (bench/multihop.py; the deep scale)
+            "multihop": ("var_chain", "pointer", "increment_chain")}

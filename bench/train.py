@@ -20,6 +20,7 @@ import torch
 from steerops.cli_args import Parser, nonnegative_int, output_folder, positive_int
 
 from . import reproducible as R
+from .multihop import MULTIHOP, multihop_task
 from .spread import VOCAB_STANDARD, task_at
 from .tasks import TASKS, VOCAB
 
@@ -55,10 +56,33 @@ SCALES = {
                      overrides={"brackets": dict(lr=1e-3, batch_pairs=128),
                                 "counting": dict(lr=1e-3, batch_pairs=128, max_steps=3000)}),
 }
+# `deep` (docs/protocol.md v4): the multi-hop tasks on 6-layer models at 48 tokens, h = 5
+# hops (layers - 1); the standard recipe, a longer budget (untrained so far: the budget is
+# the protocol's, not tuned to a result)
+DEEP_CONFIG = dict(STANDARD_CONFIG, num_hidden_layers=6, max_position_embeddings=48)
+SCALES["deep"] = dict(config=DEEP_CONFIG, seq_len=48, hops=5, seeds=(0, 1, 2), batch_pairs=64,
+                      reproducible=True, max_steps=4000, target=0.98, decay=True,
+                      tasks=tuple(MULTIHOP))
 STANDARD_VERSION = "standard-v4"
 # Subnormal floats appear as these models train and slow a CPU step 3x (induction: 2.1
 # steps/s at step 100, 0.7 at step 800); flushing them to zero keeps the step time flat.
 FLUSH_DENORMAL = True  # bump when the config, tasks or training recipe change
+
+
+def scale_tasks(scale):
+    """The task names a scale trains and evaluates."""
+    return list(SCALES[scale].get("tasks", TASKS))
+
+
+def task_for(name, scale):
+    """Task ``name`` laid out as ``scale`` lays it out (its length; its hops for the
+    multi-hop tasks)."""
+    spec = SCALES[scale]
+    if name in MULTIHOP:
+        if "hops" not in spec:
+            raise ValueError(f"{name} is a multi-hop task: it runs at the deep scale")
+        return multihop_task(name, spec["hops"], spec["seq_len"])
+    return task_at(name, spec["seq_len"])
 
 
 def cache_dir():
@@ -234,8 +258,8 @@ def train_scale_task(task_name, scale, seed, *, max_steps=None, progress=True,
     r = recipe(task_name, scale)
     if max_steps:
         r["max_steps"] = max_steps
-    return train_task(task_at(task_name, spec["seq_len"]), seed=seed, config=spec["config"],
-                      eval_every=100 if scale == "standard" else 250, progress=progress,
+    return train_task(task_for(task_name, scale), seed=seed, config=spec["config"],
+                      eval_every=250 if scale == "toy" else 100, progress=progress,
                       seeded_init=spec.get("reproducible", False), resume_path=resume_path,
                       **r)
 
@@ -337,8 +361,9 @@ def main(argv=None):
         prog="python -m steerops.bench.train",
         description="Train the attribution-benchmark task models (one small Llama per task). "
                     "Use them with: steerops bench attribution --checkpoints OUT")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS),
-                   metavar="TASK", help=f"tasks to train (default: all): {', '.join(TASKS)}")
+    p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS) + list(MULTIHOP),
+                   metavar="TASK", help=f"tasks to train (default: the scale's: the 12 "
+                                        f"{', '.join(TASKS)}; deep: {', '.join(MULTIHOP)})")
     p.add_argument("--out", default=DEFAULT_OUT, type=output_folder,
                    help=f"folder for the checkpoints (default: {DEFAULT_OUT}); the shipped "
                         f"ones are only replaced with --overwrite-shipped")
@@ -346,7 +371,8 @@ def main(argv=None):
                    help=f"write into the package's shipped checkpoints ({CHECKPOINT_DIR})")
     p.add_argument("--scale", choices=list(SCALES), default="toy",
                    help="toy: 2 layers, d_model 64, the tasks' own lengths (shipped); standard: "
-                        "4 layers, d_model 128, 16 tokens, 3 seeds (default: toy)")
+                        "4 layers, d_model 128, 24 tokens, 3 seeds; deep: the multi-hop tasks, "
+                        "6 layers, 48 tokens, 3 seeds (default: toy)")
     p.add_argument("--seeds", type=nonnegative_int, nargs="+", default=None,
                    help="training seeds (default: 0 for toy, 0 1 2 for standard)")
     p.add_argument("--threads", type=positive_int, default=1,
@@ -356,6 +382,11 @@ def main(argv=None):
                    help="step budget per task (default: the scale's recipe)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    args.tasks = args.tasks or scale_tasks(args.scale)
+    wrong = [t for t in args.tasks if t not in scale_tasks(args.scale)]
+    if wrong:
+        p.error(f"--tasks {' '.join(wrong)}: not tasks of the {args.scale} scale (its tasks: "
+                f"{', '.join(scale_tasks(args.scale))})")
     if SCALES[args.scale].get("reproducible") and args.threads == 1 and not R.is_pinned():
         # the pinned math paths are read when torch loads: run again in a process that has them
         import subprocess

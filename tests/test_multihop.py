@@ -75,3 +75,29 @@ def test_increment_chain_answer_is_root_plus_hops():
     rows = torch.arange(50)
     root = p.clean[rows, p.contrast] - NUM0
     assert (p.answer - NUM0 == (root + 5) % NUM_COUNT).all()
+
+
+def test_the_deep_scale_lays_out_the_multihop_tasks_and_trains_them(tmp_path, monkeypatch):
+    from steerops.bench import train
+    assert train.scale_tasks("deep") == list(MH.MULTIHOP)
+    task = train.task_for("pointer", "deep")
+    assert task.seq_len == 48 and task.hops == train.DEEP_CONFIG["num_hidden_layers"] - 1
+    with pytest.raises(ValueError, match="runs at the deep scale"):
+        train.task_for("pointer", "standard")
+    model, info = train.train_scale_task("var_chain", "deep", 0, max_steps=2, progress=False)
+    assert model.config.num_hidden_layers == 6 and info["seq_len"] == 48
+    assert info["seeded_init"] is True
+
+
+def test_the_cli_keeps_a_scales_tasks_apart(capsys):
+    from steerops.cli import main
+    for argv, needle in ((["bench", "attribution", "--scale", "deep", "--tasks", "ioi"],
+                          "not tasks of the deep scale"),
+                         (["bench", "attribution", "--quick", "--tasks", "pointer"],
+                          "not tasks of the toy scale"),
+                         (["bench", "attribution", "--quick", "--scale", "deep"],
+                          "--quick runs the toy scale")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert needle in capsys.readouterr().err
