@@ -7,6 +7,7 @@ from .controls import PRIORS, TWINS
 from .headline import BASELINES, COMPUTE_LIMIT, PAPER_R, READINGS
 
 FORM_LABELS = {"floor": "patching at its floor", "naive_batched": "naive-batched patching"}
+LEGEND_INCHES = 2.6  # the shared legend's column, right of the panels
 CURVE_METHODS = ("S1-proj", "S1-lin", "S1-exact", "S1-exact-odd", "S2", "AtP", "norm")
 
 
@@ -32,7 +33,8 @@ def plot_plane_v4(results, path):
     colours = _colours(READINGS + BASELINES)
     prior_styles = {"prior-answer": ("k", "--"), "prior-path": ("tab:brown", "-."),
                     "random": ("gray", ":")}
-    fig, axes = plt.subplots(2, len(fams), figsize=(5.0 * len(fams), 8.6), squeeze=False)
+    width = 5.0 * len(fams) + LEGEND_INCHES
+    fig, axes = plt.subplots(2, len(fams), figsize=(width, 8.6), squeeze=False)
     for row, form in enumerate(("floor", "naive_batched")):
         for ax, (fam, f) in zip(axes[row], fams.items()):
             rows = f["rows"]
@@ -55,7 +57,7 @@ def plot_plane_v4(results, path):
             ax.set(xscale="log", xlabel=f"compute / {FORM_LABELS[form]} (FLOPs, fit counted)",
                    ylabel="R_pair", title=f"{fam} ({len(f['tasks'])} tasks), vs {form}",
                    ylim=(min(0.0, ax.get_ylim()[0]), 1.05))
-    _legend_and_save(fig, axes, path)
+    _legend_and_save(fig, axes, path, right=1 - LEGEND_INCHES / width)
 
 
 def _point(ax, x, e, colour, marker, label):
