@@ -34,7 +34,8 @@ from .plots import plots
 from .reporting import markdown
 from .multihop import MULTIHOP
 from .tasks import TASKS
-from .train import SCALES, checkpoint_info, ensure_checkpoint, scale_tasks, task_for
+from .train import (SCALES, checkpoint_info, ensure_checkpoint, scale_tasks, task_accuracy,
+                    task_for)
 
 PROTOCOL_VERSION = 4
 PROTOCOL_DOC = "docs/protocol.md"
@@ -100,19 +101,20 @@ def _run_jobs(jobs, *, settings, scale, out_dir, checkpoint_dir, device,
         bar.set_postfix_str(f"{task_name} train {train_seed} split {split_seed}")
         model, info = ensure_checkpoint(task_name, scale, train_seed, checkpoint_dir, device,
                                         progress)
-        if info["held_out_accuracy"] < MIN_ACCURACY:
-            excluded[(task_name, train_seed)] = info["held_out_accuracy"]
+        accuracy = task_accuracy(info, task_name)  # per task on a shared (multitask) model
+        if accuracy < MIN_ACCURACY:
+            excluded[(task_name, train_seed)] = accuracy
             print(f"excluded: {task_name} training seed {train_seed}, held-out accuracy "
-                  f"{info['held_out_accuracy']:.3f} < 0.95", file=sys.stderr)
+                  f"{accuracy:.3f} < 0.95", file=sys.stderr)
             continue
         # timing repeats on each model's first split
         timed = split_seed == split_seeds(task_name, train_seed, settings)[0]
         r = run_one(task_for(task_name, scale), model, settings, split_seed,
                     device, timing_repeats=settings["repeats"] if timed else 0,
                     train_seed=train_seed)
-        r.update(train_seed=train_seed, split_index=split_seeds(
-            task_name, train_seed, settings).index(split_seed), model=dict(model_record(info), weights_sha256=info[
-            "weights_sha256"]))
+        r.update(train_seed=train_seed,
+                 split_index=split_seeds(task_name, train_seed, settings).index(split_seed),
+                 model=dict(model_record(info), weights_sha256=info["weights_sha256"]))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_shard(path, r)
         ran += 1
@@ -241,8 +243,8 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     # their recorded accuracy; their runs are not missing, the protocol leaves them out
     for t, s in {(t, s) for t, s, _ in missing} - set(excluded):
         info = checkpoint_info(t, scale, s, checkpoint_dir)
-        if info is not None and info["held_out_accuracy"] < MIN_ACCURACY:
-            excluded[(t, s)] = info["held_out_accuracy"]
+        if info is not None and task_accuracy(info, t) < MIN_ACCURACY:
+            excluded[(t, s)] = task_accuracy(info, t)
     missing = [m for m in missing if tuple(m[:2]) not in excluded]
     if not runs and report_only:
         raise UsageError(f"--report-only: no finished runs under {out_dir}/runs for these "
@@ -368,9 +370,10 @@ def build_parser():
     p.add_argument("--quick", action="store_true",
                    help="toy scale, one split seed, fewer pairs and bootstrap draws (same "
                         "protocol), about two minutes on CPU")
-    p.add_argument("--scale", choices=("standard", "deep"), default=None,
-                   help="the full run's scale: standard (the 12 tasks, 4 layers; default) or "
-                        "deep (the multi-hop tasks, 6 layers, 48 tokens)")
+    p.add_argument("--scale", choices=("standard", "deep", "multitask"), default=None,
+                   help="the full run's scale: standard (the 12 tasks, 4 layers; default), "
+                        "deep (the multi-hop tasks, 6 layers, 48 tokens) or multitask (one "
+                        "6-layer model per seed on every task, a task token first)")
     p.add_argument("--device", default=None, type=device,
                    help="torch device (default: cuda:LOCAL_RANK if CUDA is available, else cpu)")
     p.add_argument("--out", default="results/attribution", type=output_folder,
@@ -404,7 +407,7 @@ def main(argv=None):
     if wrong:
         p.error(f"--tasks {' '.join(wrong)}: not tasks of the {scale} scale (its tasks: "
                 f"{', '.join(scale_tasks(scale))})")
-    settings = None if scale != "deep" else dict(FULL, scale="deep")
+    settings = None if scale in ("toy", "standard") else dict(FULL, scale=scale)
     D.init_from_env()  # under torchrun: one process group, the work split over its ranks
     _, table = run(args.tasks, quick=args.quick, settings=settings, device=args.device,
                    out_dir=args.out,

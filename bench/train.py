@@ -21,6 +21,7 @@ from steerops.cli_args import Parser, nonnegative_int, output_folder, positive_i
 
 from . import reproducible as R
 from .multihop import MULTIHOP, multihop_task
+from .multitask import Mixture, TaskToken
 from .spread import VOCAB_STANDARD, task_at
 from .tasks import TASKS, VOCAB
 
@@ -63,6 +64,14 @@ DEEP_CONFIG = dict(STANDARD_CONFIG, num_hidden_layers=6, max_position_embeddings
 SCALES["deep"] = dict(config=DEEP_CONFIG, seq_len=48, hops=5, seeds=(0, 1, 2), batch_pairs=64,
                       reproducible=True, max_steps=4000, target=0.98, decay=True,
                       tasks=tuple(MULTIHOP))
+# `multitask` (docs/protocol.md v4): one 6-layer model per training seed on every task at
+# once (the 12 at 47 tokens, the multi-hop ones with h = 5), a task token first: 48 tokens
+MULTITASK_TASKS = tuple(TASKS) + tuple(MULTIHOP)
+TASK_TOKEN0 = VOCAB_STANDARD  # the task tokens follow the standard vocabulary
+MULTITASK_CONFIG = dict(DEEP_CONFIG, vocab_size=VOCAB_STANDARD + len(MULTITASK_TASKS))
+SCALES["multitask"] = dict(config=MULTITASK_CONFIG, seq_len=48, hops=5, seeds=(0, 1, 2),
+                           batch_pairs=128, reproducible=True, max_steps=8000, target=0.98,
+                           decay=True, tasks=MULTITASK_TASKS, shared=True)
 STANDARD_VERSION = "standard-v4"
 # Subnormal floats appear as these models train and slow a CPU step 3x (induction: 2.1
 # steps/s at step 100, 0.7 at step 800); flushing them to zero keeps the step time flat.
@@ -78,11 +87,30 @@ def task_for(name, scale):
     """Task ``name`` laid out as ``scale`` lays it out (its length; its hops for the
     multi-hop tasks)."""
     spec = SCALES[scale]
+    if spec.get("shared"):  # one model, every task behind its task token
+        if name == "multitask":
+            return Mixture([task_for(t, scale) for t in spec["tasks"]])
+        inner = dict(spec, seq_len=spec["seq_len"] - 1, shared=False)
+        return TaskToken(_laid_out(name, inner), TASK_TOKEN0 + list(spec["tasks"]).index(name))
+    return _laid_out(name, spec)
+
+
+def _laid_out(name, spec):
     if name in MULTIHOP:
         if "hops" not in spec:
             raise ValueError(f"{name} is a multi-hop task: it runs at the deep scale")
         return multihop_task(name, spec["hops"], spec["seq_len"])
     return task_at(name, spec["seq_len"])
+
+
+def model_name(task_name, scale):
+    """The checkpoint a task uses: its own, or the scale's shared model."""
+    return "multitask" if SCALES[scale].get("shared") else task_name
+
+
+def task_accuracy(info, task_name):
+    """A task's held-out accuracy: per task on a shared model, else the model's."""
+    return info.get("task_accuracy", {}).get(task_name, info["held_out_accuracy"])
 
 
 def cache_dir():
@@ -258,10 +286,14 @@ def train_scale_task(task_name, scale, seed, *, max_steps=None, progress=True,
     r = recipe(task_name, scale)
     if max_steps:
         r["max_steps"] = max_steps
-    return train_task(task_for(task_name, scale), seed=seed, config=spec["config"],
-                      eval_every=250 if scale == "toy" else 100, progress=progress,
-                      seeded_init=spec.get("reproducible", False), resume_path=resume_path,
-                      **r)
+    model, info = train_task(task_for(task_name, scale), seed=seed, config=spec["config"],
+                             eval_every=250 if scale == "toy" else 100, progress=progress,
+                             seeded_init=spec.get("reproducible", False),
+                             resume_path=resume_path, **r)
+    if spec.get("shared"):  # every task's own held-out accuracy on the shared model
+        info["task_accuracy"] = {t: accuracy(model, task_for(t, scale), 500, TEST_SEED + seed)
+                                 for t in spec["tasks"]}
+    return model, info
 
 
 def train_and_save(task_name, scale, seed, path, *, max_steps=None, progress=True):
@@ -300,14 +332,16 @@ def checkpoint_path(task_name, scale="toy", seed=0, directory=None):
 def checkpoint_info(task_name, scale="toy", seed=0, directory=None):
     """The checkpoint's training record without loading or training it (None when
     it is not there yet)."""
-    path = checkpoint_path(task_name, scale, seed, directory)
+    path = checkpoint_path(model_name(task_name, scale), scale, seed, directory)
     return read_info(path) if os.path.exists(path) else None
 
 
 def ensure_checkpoint(task_name, scale="toy", seed=0, directory=None, device="cpu",
                       progress=True):
     """(model, info): the shipped toy checkpoint, or a `standard` one from the cache,
-    trained (deterministically: fixed seeds, recorded thread count) and cached on first use."""
+    trained (deterministically: fixed seeds, recorded thread count) and cached on first use.
+    On a shared scale (multitask) every task gets the one model of that seed."""
+    task_name = model_name(task_name, scale)
     path = checkpoint_path(task_name, scale, seed, directory)
     directory = os.path.dirname(path)
     if scale == "toy":
@@ -361,7 +395,8 @@ def main(argv=None):
         prog="python -m steerops.bench.train",
         description="Train the attribution-benchmark task models (one small Llama per task). "
                     "Use them with: steerops bench attribution --checkpoints OUT")
-    p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS) + list(MULTIHOP),
+    p.add_argument("--tasks", nargs="+", default=None,
+                   choices=list(TASKS) + list(MULTIHOP) + ["multitask"],
                    metavar="TASK", help=f"tasks to train (default: the scale's: the 12 "
                                         f"{', '.join(TASKS)}; deep: {', '.join(MULTIHOP)})")
     p.add_argument("--out", default=DEFAULT_OUT, type=output_folder,
@@ -383,7 +418,10 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     args.tasks = args.tasks or scale_tasks(args.scale)
-    wrong = [t for t in args.tasks if t not in scale_tasks(args.scale)]
+    if SCALES[args.scale].get("shared"):  # one model for every task of the scale
+        args.tasks = ["multitask"]
+    wrong = [t for t in args.tasks if t not in scale_tasks(args.scale) + ["multitask"]
+             or (t == "multitask") != bool(SCALES[args.scale].get("shared"))]
     if wrong:
         p.error(f"--tasks {' '.join(wrong)}: not tasks of the {args.scale} scale (its tasks: "
                 f"{', '.join(scale_tasks(args.scale))})")

@@ -101,3 +101,33 @@ def test_the_cli_keeps_a_scales_tasks_apart(capsys):
             main(argv)
         assert e.value.code == 2
         assert needle in capsys.readouterr().err
+
+
+def test_the_multitask_scale_puts_every_task_behind_its_token_on_one_model(tmp_path,
+                                                                           monkeypatch):
+    from steerops.bench import train
+    names = train.scale_tasks("multitask")
+    assert len(names) == 15 and set(MH.MULTIHOP) <= set(names)
+    mix = train.task_for("multitask", "multitask")
+    p = mix.sample(600, torch.Generator().manual_seed(4))
+    assert p.clean.shape == (600, 48)
+    tokens = p.clean[:, 0]
+    assert set(tokens.tolist()) == set(range(train.TASK_TOKEN0, train.TASK_TOKEN0 + 15))
+    assert int(p.clean.max()) < train.MULTITASK_CONFIG["vocab_size"]
+    rows = torch.arange(600)
+    assert ((p.clean != p.corrupt).sum(1) == 1).all()
+    assert (p.clean[rows, p.contrast] != p.corrupt[rows, p.contrast]).all()
+    for i in range(0, 600, 13):  # each row follows its own task's rule
+        assert mix.rule(p.clean[i]) == int(p.answer[i])
+        assert mix.rule(p.corrupt[i]) == int(p.wrong[i])
+    one = train.task_for("pointer", "multitask")
+    q = one.sample(5, torch.Generator().manual_seed(5))
+    assert (q.clean[:, 0] == train.TASK_TOKEN0 + names.index("pointer")).all()
+    # every task of a seed gets the one shared model, its accuracy per task recorded
+    monkeypatch.setenv("STEEROPS_CACHE", str(tmp_path))
+    assert train.model_name("ioi", "multitask") == "multitask"
+    model, info = train.train_scale_task("multitask", "multitask", 0, max_steps=1,
+                                         progress=False)
+    assert model.config.vocab_size == train.MULTITASK_CONFIG["vocab_size"]
+    assert set(info["task_accuracy"]) == set(names)
+    assert train.task_accuracy(info, "ioi") == info["task_accuracy"]["ioi"]

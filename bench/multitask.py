@@ -1,0 +1,56 @@
+"""Protocol v4's `multitask` scale (docs/protocol.md): one model per training seed trained
+on every task at once, each prompt led by its task's token, so that every task shares
+one residual stream and a steering vector has to find its task's direction among the
+others.
+
+``TaskToken(task, token)`` is ``task`` (laid out one position shorter) behind its task
+token; ``Mixture(tasks)`` draws every training batch from all tasks alike.
+"""
+import torch
+
+from .tasks import Pairs, Task
+
+
+class TaskToken(Task):
+    """``task`` behind its task token: every position (and p*) one to the right."""
+
+    def __init__(self, task, token):
+        self.task, self.token = task, token
+        self.name, self.binary, self.description = task.name, task.binary, task.description
+        self.family = getattr(task, "family", None)
+        self.seq_len = task.seq_len + 1
+
+    def sample(self, n, gen):
+        p = self.task.sample(n, gen)
+        head = torch.full((n, 1), self.token, dtype=torch.long)
+        return Pairs(torch.cat([head, p.clean], 1), torch.cat([head, p.corrupt], 1), p.answer,
+                     p.wrong, p.contrast + 1)
+
+    def rule(self, prompt):
+        return self.task.rule(prompt[1:])
+
+
+class Mixture(Task):
+    """Every task at once (training): each row's task drawn uniformly."""
+    name, binary, description = "multitask", False, "every task, a task token first"
+
+    def __init__(self, tasks):
+        self.tasks = list(tasks)
+        self.seq_len = self.tasks[0].seq_len
+        if any(t.seq_len != self.seq_len for t in self.tasks):
+            raise ValueError("every task of a mixture needs the same length")
+
+    def sample(self, n, gen):
+        which = torch.randint(0, len(self.tasks), (n,), generator=gen)
+        parts = [self.tasks[k].sample(int((which == k).sum()), gen)
+                 for k in range(len(self.tasks))]
+        order = torch.cat([torch.nonzero(which == k).flatten() for k in range(len(self.tasks))])
+        out = [torch.empty_like(torch.cat([getattr(p, f) for p in parts]))
+               for f in ("clean", "corrupt", "answer", "wrong", "contrast")]
+        for x, f in zip(out, ("clean", "corrupt", "answer", "wrong", "contrast")):
+            x[order] = torch.cat([getattr(p, f) for p in parts])
+        return Pairs(*out)
+
+    def rule(self, prompt):
+        token = int(prompt[0])
+        return next(t for t in self.tasks if t.token == token).rule(prompt)
