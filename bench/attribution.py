@@ -87,7 +87,7 @@ def split_seeds(task_name, train_seed, settings):
     return [C.split_seed(task_name, train_seed, i) for i in range(settings["split_seeds"])]
 
 
-def _run_jobs(jobs, *, settings, scale, out_dir, checkpoint_dir, device,
+def _run_jobs(jobs, *, settings, scale, out_dir, environment, checkpoint_dir, device,
               progress):
     """Runs the jobs whose shard is missing; returns (how many it ran, the models
     excluded for held-out accuracy below 95%, whose jobs are skipped)."""
@@ -114,7 +114,10 @@ def _run_jobs(jobs, *, settings, scale, out_dir, checkpoint_dir, device,
                     train_seed=train_seed)
         r.update(train_seed=train_seed,
                  split_index=split_seeds(task_name, train_seed, settings).index(split_seed),
-                 model=dict(model_record(info), weights_sha256=info["weights_sha256"]))
+                 model=dict(model_record(info), weights_sha256=info["weights_sha256"]),
+                 # each shard says where it came from (docs/protocol.md v4, "Output")
+                 environment=environment, settings=settings, scale=scale,
+                 protocol=PROTOCOL_VERSION)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_shard(path, r)
         ran += 1
@@ -224,7 +227,7 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     ran, excluded = 0, {}
     if not report_only:
         ran, excluded = _run_jobs([j for j in jobs if j[:2] in mine], settings=settings,
-                                  scale=scale, out_dir=out_dir,
+                                  scale=scale, out_dir=out_dir, environment=env,
                                   checkpoint_dir=checkpoint_dir, device=device,
                                   progress=progress)
     if split:

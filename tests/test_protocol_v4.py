@@ -206,6 +206,10 @@ def test_the_benchmark_writes_every_v4_field_and_report_only_rebuilds_it_exactly
     with open(shard, "rb") as f:
         assert f.read(2) == b"\x1f\x8b"
     run = read_shard(shard)
+    # each shard says where it came from: device, versions, commit, settings, seeds, weights
+    assert {"device", "torch", "transformers", "commit"} <= set(run["environment"])
+    assert run["settings"]["n_eval"] == TINY["n_eval"] and run["protocol"] == 4
+    assert run["twin_seed"] and run["split_seed"] and run["model"]["weights_sha256"]
     pp = run["v4"]["per_pair"]
     n, k = pp["pairs"], pp["star_sites"]
     assert len(pp["g"]) == n * k and len(pp["scores"]["S1-lin"]) == n * k
