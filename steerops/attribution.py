@@ -41,7 +41,7 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
     so the same numbers as one process). Text prompts and answers with
     ``tokenizer=`` as in :func:`patching_sweep`; ``result.tokens`` labels positions.
     """
-    from .text import pair_inputs
+    from .metrics import pair_inputs
     positive_int("batch_size", batch_size)
     clean, corrupt, metric, tokens = pair_inputs(model, tokenizer, clean, corrupt, metric,
                                                  model_device(model))

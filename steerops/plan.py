@@ -226,7 +226,7 @@ def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, no
                distributed=None, shard_dir=None, pairs_per_unit=None, tokenizer=None):
     """The plan of ``patching_sweep`` with the same arguments, without running the
     model (see :class:`SweepPlan`); ``plan.calibrate()`` adds an estimated time."""
-    from .text import pair_inputs
+    from .metrics import pair_inputs
     positive_int("batch_size", batch_size)
     positive_int("pairs_per_unit", pairs_per_unit)
     if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) \

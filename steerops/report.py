@@ -14,28 +14,7 @@ import math
 
 import torch
 
-
-def display_token(token):
-    """A token as a label: a leading space shown as a visible one, newlines escaped."""
-    if token is None:
-        return ""
-    text = token.replace("\n", "\\n").replace("\t", "\\t")
-    if text.startswith(" "):
-        text = "\u2423" + text[1:]
-    return text if text.strip() else repr(token)
-
-
-def position_labels(tokens, positions):
-    """One label per requested position: the clean token there when every pair
-    has the same one, else the first pair's token and how many others differ."""
-    if not tokens:
-        return [str(int(p)) for p in positions]
-    labels = []
-    for p in positions:
-        seen = list(dict.fromkeys(row[int(p)] for row in tokens))
-        text = display_token(seen[0])
-        labels.append(text if len(seen) == 1 else f"{text} (+{len(seen) - 1})")
-    return labels
+from .sitemap import display_token, draw_heatmap, position_labels
 
 
 def site_record(result, kind, settings=None, provenance=None):
@@ -103,7 +82,6 @@ def write_png(records, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .sitemap import draw_heatmap
     P = len(records[0]["positions"])
     L = len(records[0]["layers"])
     fig, axes = plt.subplots(1, len(records), squeeze=False,

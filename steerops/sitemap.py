@@ -25,7 +25,6 @@ class SiteMap:
 
     def position_labels(self):
         """The x-axis labels: each position's token (with a tokenizer), else its index."""
-        from .report import position_labels
         return position_labels(getattr(self, "tokens", None), self.positions.tolist())
 
     def plot(self, path=None, title=None, ax=None):
@@ -62,3 +61,26 @@ def draw_heatmap(ax, values, layers, labels, title, value_name):
     ax.set_yticks(range(values.shape[0]), layers)
     ax.set(xlabel="position (token)", ylabel="layer", title=title)
     return ax.figure.colorbar(im, ax=ax, label=value_name)
+
+
+def display_token(token):
+    """A token as a label: a leading space shown as a visible one, newlines escaped."""
+    if token is None:
+        return ""
+    text = token.replace("\n", "\\n").replace("\t", "\\t")
+    if text.startswith(" "):
+        text = "\u2423" + text[1:]
+    return text if text.strip() else repr(token)
+
+
+def position_labels(tokens, positions):
+    """One label per requested position: the clean token there when every pair
+    has the same one, else the first pair's token and how many others differ."""
+    if not tokens:
+        return [str(int(p)) for p in positions]
+    labels = []
+    for p in positions:
+        seen = list(dict.fromkeys(row[int(p)] for row in tokens))
+        text = display_token(seen[0])
+        labels.append(text if len(seen) == 1 else f"{text} (+{len(seen) - 1})")
+    return labels

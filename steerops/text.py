@@ -175,34 +175,6 @@ def answer_ids(tokenizer, answers, name):
                          for i, a in enumerate(answers)], dtype=torch.long)
 
 
-def pair_inputs(model, tokenizer, clean, corrupt, metric, device):
-    """(clean, corrupt, metric, tokens) for the pair-measuring calls: text encoded
-    with ``tokenizer``, a metric with text answers resolved through it (and, on a
-    right-padded batch, its last position read at each pair's last real token);
-    ``tokens`` = (clean tokens, corrupt tokens) per pair, or None without a tokenizer."""
-    from .metrics import bind_metric
-    check_prompt_list(clean, "clean")
-    check_prompt_list(corrupt, "corrupt")
-    if is_text(clean) or is_text(corrupt):
-        if not (is_text(clean) and is_text(corrupt)):
-            raise TypeError("clean and corrupt must both be text or both be token ids")
-        clean, corrupt = encode_pairs(tokenizer, clean, corrupt, device, model)
-    elif tokenizer is not None:
-        require_tokenizer(tokenizer, "clean")
-        clean, corrupt = _labelled(tokenizer, clean), _labelled(tokenizer, corrupt)
-    last = _right_pad_last(clean)
-    if last is not None and getattr(metric, "spec", None) is None:
-        raise ValueError("a custom metric on a right-padded batch would read padding at the end "
-                         "of the shorter prompts: pad on the left (tokenizer.padding_side = "
-                         "'left'), or use logit_diff / prob_diff, whose positions count from "
-                         "each pair's last real token")
-    metric = bind_metric(metric, tokenizer, last)
-    tokens = None
-    if getattr(clean, "tokens", None) is not None:
-        tokens = (clean.tokens, corrupt.tokens)
-    return clean, corrupt, metric, tokens
-
-
 def prompt_inputs(model, tokenizer, inputs, device, name="inputs", side=None):
     """Inputs for the one-prompt-set calls (caching, learning): text encoded, ids
     kept (labelled with token strings when a tokenizer is given)."""
