@@ -29,6 +29,7 @@ def plot_plane_v4(results, path):
     shapes: readings that coincide (S1-proj and S1-proj-abs rank each pair alike) stay
     visible."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
     fams = results["v4"]["families"]
     colours = _colours(READINGS + BASELINES)
     prior_styles = {"prior-answer": ("k", "--"), "prior-path": ("tab:brown", "-."),
@@ -57,6 +58,7 @@ def plot_plane_v4(results, path):
             ax.set(xscale="log", xlabel=f"compute / {FORM_LABELS[form]} (FLOPs, fit counted)",
                    ylabel="R_pair", title=f"{fam} ({len(f['tasks'])} tasks), vs {form}",
                    ylim=(min(0.0, ax.get_ylim()[0]), 1.05))
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks collide
     _legend_and_save(fig, axes, path, right=1 - LEGEND_INCHES / width)
 
 
