@@ -7,15 +7,18 @@ import torch
 from .caching import capture, metric_gradients
 from .inputs import aligned_pairs, batch_shape, positive_int, resolve_positions, select_rows
 from .metrics import as_metric, check_denominator, check_finite_sites, check_metric_pairs
-from .models import eval_mode, model_device, resolve_layers
+from .models import eval_mode, model_device
 from .sitemap import SiteMap
+from .sites import resolve_site_layers, site_kind, split_units
 
 
 @dataclass
 class AttributionResult(SiteMap):
     """AtP: scores[l, p] ~ E[(h_clean - h_corrupt) . dm/dh] / E[m(clean) - m(corrupt)]
-    (comparable to patching effects); raw[i, l, p] per pair, unnormalised.
-    ``top_sites(k)`` and ``plot(path)`` show the map."""
+    (comparable to patching effects); raw[i, l, p] per pair, unnormalised. The axes
+    follow the site kind (``axes()``): (block, head, position) for 'head_out',
+    (block, position, neuron) for 'neuron'. ``top_sites(k)`` and ``plot(path)`` show
+    the map."""
     scores: torch.Tensor
     raw: torch.Tensor
     clean_metric: torch.Tensor
@@ -24,14 +27,20 @@ class AttributionResult(SiteMap):
     positions: torch.Tensor
     tokens: list = field(default=None, repr=False)          # clean token strings per pair
     corrupt_tokens: list = field(default=None, repr=False)  # (pairs, T), with a tokenizer
+    sites: str = "resid"
 
     def _values(self):
         return self.scores
 
 
 def attribution_patching(model, clean, corrupt, metric, layers=None, positions=None, *,
-                         batch_size=None, layers_path=None, distributed=None, tokenizer=None):
-    """Attribution patching (AtP) for every requested residual site.
+                         batch_size=None, layers_path=None, distributed=None, tokenizer=None,
+                         sites="resid"):
+    """Attribution patching (AtP) for every requested site.
+
+    ``sites``: the kind (steerops.sites): 'resid' (default; layers 0..L),
+    'resid_mid', 'attn_out', 'mlp_out' (blocks 0..L-1; scores (L, T)), 'head_out'
+    (scores (L, H, T)) or 'neuron' (scores (L, T, d_mlp)).
 
     Two forwards (clean cache; corrupt with gradients) and one backward per
     micro-batch of pairs: a_s = (h_s(clean) - h_s(corrupt)) . dm/dh_s evaluated
@@ -43,21 +52,22 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
     """
     from .metrics import pair_inputs
     positive_int("batch_size", batch_size)
+    kind = site_kind(sites)
     clean, corrupt, metric, tokens = pair_inputs(model, tokenizer, clean, corrupt, metric,
                                                  model_device(model))
     with eval_mode(model, "attribution_patching"):
         result = _attribution_patching(model, clean, corrupt, metric, layers, positions,
-                                       batch_size, layers_path, distributed)
+                                       batch_size, layers_path, distributed, kind)
     if tokens is not None:
         result.tokens, result.corrupt_tokens = tokens
     return result
 
 
 def _attribution_patching(model, clean, corrupt, metric, layers, positions, batch_size,
-                          layers_path, distributed):
+                          layers_path, distributed, kind):
     from . import distributed as D
     device = model_device(model)
-    layers = resolve_layers(model, layers, layers_path)
+    layers = resolve_site_layers(model, kind, layers, layers_path)
     metric = as_metric(metric)
     clean, corrupt = aligned_pairs(clean, corrupt, device)
     pairs, T = batch_shape(clean)
@@ -71,12 +81,15 @@ def _attribution_patching(model, clean, corrupt, metric, layers, positions, batc
     for u in mine:
         index = torch.arange(*blocks[u], device=device)
         c_in, x_in = select_rows(clean, index), select_rows(corrupt, index)
-        store, out = capture(model, c_in, layers, pos, layers_path, stop_early=False)
+        store, out = capture(model, c_in, layers, pos, layers_path, False, kind)
         m_clean = metric(out, index).float()
         m, h_corrupt, grads = metric_gradients(model, x_in, metric, index, layers, pos,
-                                                layers_path)
-        raw = torch.stack([((store[l] - h).float() * g.float()).sum(-1).to(device)
-                           for l, h, g in zip(layers, h_corrupt, grads)], 1)
+                                                layers_path, kind)
+        units = kind.units(model, h_corrupt[0].shape[-1])
+        # (pairs, P, units): each unit's slice of the activation dotted with its gradient
+        raw = torch.stack([split_units((store[l] - h).float() * g.float(), units).sum(-1)
+                           .to(device) for l, h, g in zip(layers, h_corrupt, grads)], 1)
+        raw = kind.arrange(raw)
         done[u] = (raw, m_clean, m.detach())
     if world > 1:
         merged = {}
@@ -87,4 +100,4 @@ def _attribution_patching(model, clean, corrupt, metric, layers, positions, batc
                                for i in range(3))
     scores = raw.mean(0) / check_denominator(m_clean, m_corrupt)
     check_finite_sites(raw, layers, pos, "the metric's gradient times the activation change")
-    return AttributionResult(scores, raw, m_clean, m_corrupt, layers, pos)
+    return AttributionResult(scores, raw, m_clean, m_corrupt, layers, pos, sites=kind.name)

@@ -76,14 +76,17 @@ def check_inputs(folder, tokenizer, texts, option, allow_unknown=False):
     return config
 
 
-def check_layers(folder, layers, option):
+def check_layers(folder, layers, option, sites="resid"):
     """Site layers against the config's block count, before any weight is loaded."""
     config = read_config(folder)
     L = getattr(config, "num_hidden_layers", None)
     for layer in layers if L is not None else ():
-        if not 0 <= layer <= L:
+        if sites == "resid" and not 0 <= layer <= L:
             raise UsageError(f"{option} {layer}: out of range; this model has sites at layers "
                              f"0..{L} (0 = embeddings, {L} = last block's output)")
+        if sites != "resid" and not 0 <= layer < L:
+            raise UsageError(f"{option} {layer}: out of range; --sites {sites} is numbered by "
+                             f"block, 0..{L - 1}")
     return layers
 
 

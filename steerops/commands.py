@@ -11,8 +11,8 @@ import os
 import sys
 import time
 
-from .cli_args import (FolderLock, Parser, UsageError, device, existing_folder, output_folder,
-                       positive_int)
+from .cli_args import (SITE_KIND_NAMES, FolderLock, Parser, UsageError, device, existing_folder,
+                       output_folder, positive_int)
 from .command_inputs import (check_inputs, check_layers, load_model, load_tokenizer, read_config,
                              read_jsonl)
 
@@ -55,7 +55,12 @@ def _pair_parser(prog, description):
     p.add_argument("--wrong", help="the competing answer: one token")
     p.add_argument("--pairs", metavar="FILE.jsonl",
                    help='many pairs: one {"clean", "corrupt", "answer", "wrong"} per line')
-    p.add_argument("--layers", type=int, nargs="+", help="site layers (default: all)")
+    p.add_argument("--layers", type=int, nargs="+",
+                   help="site layers (default: all): 0..L on the residual stream, blocks "
+                        "0..L-1 for component sites")
+    p.add_argument("--sites", choices=SITE_KIND_NAMES, default="resid",
+                   help="the site kind: resid (residual stream, default), resid_mid, attn_out, "
+                        "mlp_out, head_out (attention heads), neuron (attribute only)")
     p.add_argument("--metric", choices=("logit_diff", "prob_diff"), default="logit_diff")
     p.add_argument("--out", type=output_folder, default="steerops-out",
                    help="results folder (default steerops-out)")
@@ -109,7 +114,11 @@ class PairJob:
         self.args = args
         self.pairs = _pairs(args)
         self.tokenizer = load_tokenizer(args.model)
-        self.layers = check_layers(args.model, args.layers, "--layers") if args.layers else None
+        if getattr(args, "all_positions", False) and args.sites != "head_out":
+            raise UsageError(f"--all-positions patches a head at every position at once: it "
+                             f"needs --sites head_out, got --sites {args.sites}")
+        self.layers = check_layers(args.model, args.layers, "--layers", args.sites) \
+            if args.layers else None
         self.clean = [p["clean"] for p in self.pairs]
         self.corrupt = [p["corrupt"] for p in self.pairs]
         check_inputs(args.model, self.tokenizer, self.clean + self.corrupt,
@@ -120,19 +129,21 @@ class PairJob:
                                    [p["wrong"] for p in self.pairs], tokenizer=self.tokenizer)
         self.model = load_model(args.model, args.device, args.dtype)  # inputs checked first
         self.settings = {"metric": args.metric, "pairs": self.pairs, "layers": args.layers,
-                         "dtype": args.dtype}
+                         "dtype": args.dtype, "sites": args.sites}
         self.provenance = provenance(args, args.model)
 
     def sweep(self):
         import steerops
         return _user_errors(steerops.patching_sweep, self.model, self.clean, self.corrupt,
                             self.metric, self.layers, tokenizer=self.tokenizer,
-                            progress=not self.args.no_progress)
+                            progress=not self.args.no_progress, sites=self.args.sites,
+                            per_position=not getattr(self.args, "all_positions", False))
 
     def attribute(self):
         import steerops
         return _user_errors(steerops.attribution_patching, self.model, self.clean,
-                            self.corrupt, self.metric, self.layers, tokenizer=self.tokenizer)
+                            self.corrupt, self.metric, self.layers, tokenizer=self.tokenizer,
+                            sites=self.args.sites)
 
     def record(self, result, kind, extra=None):
         from .report import site_record
@@ -147,10 +158,14 @@ class PairJob:
 
 
 def print_top(record, k=10):
-    print(f"top sites ({record['value_name']}):")
-    print(f"  {'layer':>5} {'pos':>4}  {'token':<16} value")
+    axes = [a for a in record.get("axes", ["layer", "position"])]
+    names = axes + (["token"] if "position" in axes else [])
+    sites = "" if record.get("sites", "resid") == "resid" else f", {record['sites']} sites"
+    print(f"top sites ({record['value_name']}{sites}):")
+    print("  " + " ".join(f"{a:>8}" if a != "token" else f"{a:<16}" for a in names) + " value")
     for s in record["top_sites"][:k]:
-        print(f"  {s['layer']:>5} {s['position']:>4}  {s['token']:<16} {s['value']:+.4f}")
+        print("  " + " ".join(f"{s[a]:>8}" if a != "token" else f"{s[a]:<16}" for a in names)
+              + f" {s['value']:+.4f}")
 
 
 def write_outputs(out, stem, records, title, prompt, agreement=None):
@@ -167,9 +182,16 @@ def write_outputs(out, stem, records, title, prompt, agreement=None):
 
 
 def patch_main(argv):
-    p = _pair_parser("steerops patch", "Activation patching of every residual site (layer x "
-                     "token), at the sweep's floor, from prompts written as text.")
+    p = _pair_parser("steerops patch", "Activation patching of every site (layer x token on "
+                     "the residual stream, at the sweep's floor; or attention heads, attention "
+                     "and MLP outputs with --sites), from prompts written as text.")
+    p.add_argument("--all-positions", action="store_true",
+                   help="with --sites head_out: patch each head at every position at once "
+                        "(a block x head map)")
     args = p.parse_args(argv)
+    if args.sites == "neuron":
+        raise UsageError("--sites neuron: patching one neuron per forward is not offered; "
+                         "use `steerops attribute --sites neuron` (AtP scores every neuron)")
     with FolderLock(args.out):
         job = PairJob(args)
         result = job.sweep()
@@ -185,6 +207,9 @@ def attribute_main(argv):
     p.add_argument("--compare", action="store_true",
                    help="also run the patching sweep and report the rank agreement")
     args = p.parse_args(argv)
+    if args.compare and args.sites == "neuron":
+        raise UsageError("--compare with --sites neuron: the patching sweep does not patch "
+                         "single neurons; compare at --sites mlp_out, or drop --compare")
     with FolderLock(args.out):
         job = PairJob(args)
         records = [job.record(job.attribute(), "attribution")]

@@ -76,10 +76,11 @@ def check_finite_sites(raw, layers, pos, what="metric"):
     one site would make its effect NaN (and rank it anywhere)."""
     bad = ~torch.isfinite(raw)
     if bool(bad.any()):
-        i, li, j = (int(x) for x in torch.nonzero(bad)[0])
+        i, li, *rest = (int(x) for x in torch.nonzero(bad)[0])
+        where = f"position {int(pos[rest[0]])}" if len(rest) == 1 else f"site index {tuple(rest)}"
         raise ValueError(
             f"{what} is NaN or Inf at {int(bad.sum())} of {raw.numel()} patched (pair, site) "
-            f"rows, first at pair {i}, layer {layers[li]}, position {int(pos[j])}: effects "
+            f"rows, first at pair {i}, layer {layers[li]}, {where}: effects "
             f"would be NaN. Use a metric that stays finite under patching (e.g. a logit "
             f"difference rather than a log-probability margin).")
 

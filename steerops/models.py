@@ -112,9 +112,10 @@ def num_sites_layers(model, layers_path=None):
     return len(find_layers(model, layers_path)) + 1
 
 
-def resolve_layers(model, layers, layers_path=None, name="layers"):
-    """A sorted list of site layers, validated against 0..L; None means all."""
-    n = num_sites_layers(model, layers_path)
+def resolve_layers(model, layers, layers_path=None, name="layers", count=None):
+    """A list of site layers, validated against 0..L (or 0..count-1: blocks, for
+    component sites); None means all."""
+    n = num_sites_layers(model, layers_path) if count is None else count
     if layers is None:
         return list(range(n))
     if isinstance(layers, int) and not isinstance(layers, bool):
@@ -133,8 +134,11 @@ def resolve_layers(model, layers, layers_path=None, name="layers"):
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise TypeError(f"{name} must be ints, got {layer!r}")
         if not 0 <= layer < n:
-            raise ValueError(f"layer {layer} out of range: sites are 0 (embeddings) .. {n - 1} "
-                             f"(output of the last block)")
+            raise ValueError(
+                f"layer {layer} out of range: sites are 0 (embeddings) .. {n - 1} (output of "
+                f"the last block)" if count is None else
+                f"{name}: block {layer} out of range: component sites are numbered by block, "
+                f"0 .. {n - 1}")
         out.append(layer)
     if len(set(out)) != len(out):
         raise ValueError(f"{name} has duplicates: {out}")

@@ -21,17 +21,19 @@ from .inputs import (aligned_pairs, as_inputs, batch_shape, model_output,  # noq
                      positive_int, resolve_positions, select_rows)
 from .metrics import (as_metric, check_denominator, check_finite_sites,  # noqa: F401
                       check_metric_pairs, logit_diff, prob_diff)
-from .models import eval_mode, model_device, model_name, register_site_hook, resolve_layers
+from .models import eval_mode, model_device, model_name
 from .plan import plan_sweep
 from .reuse import last_position_head, reuse_sweep
 from .sitemap import SiteMap
+from .sites import RESID, split_units
 
 
 @dataclass
 class PatchingResult(SiteMap):
     """effects[l, p]: normalised patching effect per site (docs/protocol.md ratio of means);
-    raw[i, l, p]: the metric with that site patched, per pair. ``top_sites(k)``
-    and ``plot(path)`` show the map."""
+    raw[i, l, p]: the metric with that site patched, per pair. The axes follow the
+    site kind (``axes()``): (block, head, position) for 'head_out', (block, head)
+    with ``per_position=False``. ``top_sites(k)`` and ``plot(path)`` show the map."""
     effects: torch.Tensor
     raw: torch.Tensor
     clean_metric: torch.Tensor
@@ -45,6 +47,8 @@ class PatchingResult(SiteMap):
     extra: dict = field(default_factory=dict)
     tokens: list = field(default=None, repr=False)          # clean token strings per pair
     corrupt_tokens: list = field(default=None, repr=False)  # (pairs, T), with a tokenizer
+    sites: str = "resid"       # the site kind (steerops.sites); axes() names the map's axes
+    per_position: bool = True  # head_out with False: a head at every position at once
 
     def _values(self):
         return self.effects
@@ -53,7 +57,7 @@ class PatchingResult(SiteMap):
 def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *,
                    noising=False, reuse="auto", batch_size=None, memory_budget_mb=1024,
                    progress=True, layers_path=None, distributed=None, shard_dir=None,
-                   pairs_per_unit=None, tokenizer=None):
+                   pairs_per_unit=None, tokenizer=None, sites="resid", per_position=True):
     """Activation patching over every requested site and prompt pair.
 
     Denoising (default): run ``corrupt`` with h_s <- h_s(clean), one site at a
@@ -87,6 +91,11 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
             same inputs loads them and runs only the missing units.
         tokenizer: a Hugging Face tokenizer: text inputs and answers, and
             ``result.tokens`` (the token string of each position) for plots.
+        sites: the site kind (steerops.sites): 'resid' (default; layers 0..L),
+            'resid_mid', 'attn_out', 'mlp_out' (blocks 0..L-1; effects (L, T)) or
+            'head_out' (effects (L, H, T); with ``per_position=False`` each head at
+            every requested position at once: (L, H)). Component kinds run the plain
+            form (the reuse forms cover the residual stream).
 
     Returns a :class:`PatchingResult`: effects normalised as in docs/protocol.md,
     g_s = E[m(patched) - m(corrupt)] / E[m(clean) - m(corrupt)] (denoising) or
@@ -99,7 +108,8 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
         plan = plan_sweep(model, clean, corrupt, metric, layers, positions, noising=noising,
                           reuse=reuse, batch_size=batch_size, memory_budget_mb=memory_budget_mb,
                           layers_path=layers_path, distributed=distributed, shard_dir=shard_dir,
-                          pairs_per_unit=pairs_per_unit, tokenizer=tokenizer)
+                          pairs_per_unit=pairs_per_unit, tokenizer=tokenizer, sites=sites,
+                          per_position=per_position)
         result = execute(plan, progress=progress)
     result.extra["plan"] = plan.summary()
     if plan.tokens is not None:
@@ -116,13 +126,16 @@ def execute(plan, progress=True):
     every = torch.arange(plan.pairs, device=pos.device)
     source, target = ((plan.corrupt, plan.clean) if plan.noising
                       else (plan.clean, plan.corrupt))
-    store, source_out = capture(model, source, layers, pos, plan.layers_path, stop_early=False)
+    store, source_out = capture(model, source, layers, pos, plan.layers_path, False, plan.kind)
     source_metric = metric(source_out, every).float()
     if plan.form == "none":
         with torch.no_grad():
             target_metric = metric(model_output(model(**target)), every).float()
         raw, n_batches = _plain_sweep(model, store, target, metric, layers, pos,
-                                      plan.batch_size, progress, plan.layers_path)
+                                      plan.batch_size, progress, plan.layers_path, plan.kind,
+                                      plan.per_position)
+        raw = plan.kind.arrange(raw if plan.per_position else raw.squeeze(2),
+                                plan.per_position)
         report = {"mode": "none", "forwards": 1 + n_batches, "rows": plan.pairs + plan.sites,
                   "lm_head_last_only": last_position_head(model, metric) is not None}
     else:
@@ -135,7 +148,8 @@ def execute(plan, progress=True):
     effects = _normalised(raw, clean_metric, corrupt_metric, plan.noising, layers, pos)
     return PatchingResult(effects, raw, clean_metric, corrupt_metric, layers, pos, plan.noising,
                           forwards=1 + report["forwards"], rows=plan.pairs + report["rows"],
-                          batch_size=plan.batch_size, extra={"reuse": report})
+                          batch_size=plan.batch_size, extra={"reuse": report},
+                          sites=plan.kind.name, per_position=plan.per_position)
 
 
 def _normalised(raw, clean_metric, corrupt_metric, noising, layers, pos):
@@ -161,6 +175,8 @@ def _run_units(plan, progress):
         ids = [x.get("input_ids", x.get("inputs_embeds")) for x in (plan.clean, plan.corrupt)]
         options = dict(noising=plan.noising, reuse=plan.form, batch_size=plan.batch_size,
                        memory_budget_mb=plan.memory_budget_mb)
+        if plan.kind.name != "resid":  # resid keys stay as they were (shards on disk)
+            options.update(sites=plan.kind.name, per_position=plan.per_position)
         key = D.fingerprint(ids[0], ids[1], plan.layers, pos, plan.pairs_per_unit or plan.pairs,
                             model_name(model), options, *D.weights_sample(model))
     done, todo = {}, {}
@@ -199,7 +215,8 @@ def _run_units(plan, progress):
         for part in D.gather(done):
             done.update(part)
     device = model_device(model)
-    raw = torch.empty(plan.pairs, len(plan.layers), pos.numel())
+    site_shape = next(iter(done.values()))["raw"].shape[1:]  # a layer's sites (the kind's)
+    raw = torch.empty(plan.pairs, len(plan.layers), *site_shape)
     clean_metric, corrupt_metric = torch.empty(plan.pairs), torch.empty(plan.pairs)
     for u, (a, b, layer) in enumerate(units):
         raw[a:b, plan.layers.index(layer)] = done[u]["raw"]
@@ -211,7 +228,7 @@ def _run_units(plan, progress):
         effects, raw, clean_metric, corrupt_metric, plan.layers, pos, plan.noising,
         forwards=int(sum(int(d["forwards"]) for d in done.values())),
         rows=int(sum(int(d["rows"]) for d in done.values())),
-        batch_size=plan.batch_size,
+        batch_size=plan.batch_size, sites=plan.kind.name, per_position=plan.per_position,
         extra={"units": {"count": len(units), "pairs_per_unit": plan.pairs_per_unit or plan.pairs,
                          "world": world, "per_rank": [len(m) for m in D.assign(costs, world)],
                          "shards": plan.shard_dir, "key": key}})
@@ -222,20 +239,27 @@ def run_group(plan):
     return execute(plan, progress=False)
 
 
-def _plain_sweep(model, store, target, metric, layers, pos, batch_size, progress, layers_path):
+def _plain_sweep(model, store, target, metric, layers, pos, batch_size, progress, layers_path,
+                 kind=RESID, per_position=True):
     """The plain batched sweep: (pair, site) rows batched, one fused multi-site
     ``patch_`` launch per layer per forward, the LM head at the metric's position
-    only. Returns (raw, forwards run)."""
+    only. A site is (layer, position, unit) of the site kind, units being heads for
+    head_out (one d_head slice each) and 1 otherwise; with ``per_position=False`` a
+    site is (layer, unit) patched at every requested position at once. Returns
+    (raw (pairs, layers, positions or 1, units), forwards run)."""
     from tqdm.auto import tqdm
 
     device = pos.device
     pairs, T = batch_shape(target)
     P = pos.numel()
-    # source cache rows: pair i, position index j -> row i * P + j
-    caches = {l: store[l].reshape(pairs * P, -1) for l in layers}
-    sites = [(li, j) for li in range(len(layers)) for j in range(P)]
+    width = store[layers[0]].shape[-1]
+    U = kind.units(model, width)
+    # source cache rows: pair i, position index j, unit u -> row (i * P + j) * U + u
+    caches = {l: store[l].reshape(pairs * P * U, width // U) for l in layers}
+    columns = range(P) if per_position else [None]
+    sites = [(li, j, u) for li in range(len(layers)) for j in columns for u in range(U)]
     S = len(sites)
-    raw = torch.empty(pairs, len(layers), P, device=device)
+    raw = torch.empty(pairs, len(layers), len(columns), U, device=device)
     pos_list = pos.tolist()
     n_batches = math.ceil(pairs * S / batch_size)
     state = {}
@@ -243,12 +267,16 @@ def _plain_sweep(model, store, target, metric, layers, pos, batch_size, progress
     def make(li, layer):
         def fn(hidden):
             dst, src = state["plan"].get(li, (None, None))
-            if dst is not None:
-                with unchecked():  # indices built here, in range by construction
-                    ops.patch_(hidden, caches[layer], dst, src)
+            if dst is None:
+                return None
+            rows = split_units(hidden, U)
+            written = rows if rows.is_contiguous() else rows.contiguous()
+            with unchecked():  # indices built here, in range by construction
+                ops.patch_(written, caches[layer], dst, src)
+            return None if written is rows else written.flatten(-2)
         return fn
 
-    handles = [register_site_hook(model, l, make(li, l), layers_path)
+    handles = [kind.register(model, l, make(li, l), layers_path)
                for li, l in enumerate(layers)]
     # the LM head only where the metric reads (the last position): a (rows, T, V) fp32
     # logits tensor per batch would be most of the batch's memory
@@ -264,10 +292,11 @@ def _plain_sweep(model, store, target, metric, layers, pos, batch_size, progress
                 pair_ids = [k // S for k in items]
                 plan = {}
                 for row, k in enumerate(items):
-                    li, j = sites[k % S]
+                    li, j, u = sites[k % S]
                     d, s = plan.setdefault(li, ([], []))
-                    d.append(row * T + pos_list[j])
-                    s.append(pair_ids[row] * P + j)
+                    for jj in ([j] if per_position else range(P)):
+                        d.append((row * T + pos_list[jj]) * U + u)
+                        s.append((pair_ids[row] * P + jj) * U + u)
                 # indices on each patched layer's device (device_map: layers differ)
                 state["plan"] = {li: (torch.tensor(d, device=caches[layers[li]].device),
                                       torch.tensor(s, device=caches[layers[li]].device))
@@ -275,8 +304,9 @@ def _plain_sweep(model, store, target, metric, layers, pos, batch_size, progress
                 pair_index = torch.tensor(pair_ids, device=device)
                 logits = model_output(model(**select_rows(target, pair_index), use_cache=False))
                 values = metric(logits, pair_index).float().to(device)
-                site_ids = torch.tensor([k % S for k in items], device=device)
-                raw[pair_index, site_ids // P, site_ids % P] = values
+                li, j, u = (torch.tensor([sites[k % S][x] or 0 for k in items], device=device)
+                            for x in range(3))
+                raw[pair_index, li, j, u] = values
     finally:
         for h in handles:
             h.remove()

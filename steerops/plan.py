@@ -16,8 +16,9 @@ from . import flops as F
 from .inputs import aligned_pairs, batch_shape, model_output, positive_int, resolve_positions
 from .inputs import select_rows
 from .metrics import as_metric, check_metric_pairs
-from .models import find_layers, hidden_size, model_device, resolve_layers
+from .models import find_layers, hidden_size, model_device
 from .reuse import choose_form, group_chunks, last_position_head
+from .sites import PATCHABLE, RESID, resolve_site_layers, site_kind
 
 FORM_TEXT = {
     "full": "KV prefix reused, blocks before the site skipped, LM head at the metric's "
@@ -87,18 +88,29 @@ class SweepPlan:
     estimate: dict = None
     tokens: tuple = field(default=None, repr=False)  # (clean, corrupt) token strings per pair
     cost_model: dict = None  # reuse='auto': both forms' estimated seconds and the rates
+    kind: object = RESID     # the site kind (steerops.sites)
+    per_position: bool = True
+    units_per_position: int = 1  # heads for head_out
 
     # ------------------------------------------------------------------ counts
     @property
     def sites(self):
-        """(pair, site) rows asked for: pairs x layers x positions."""
-        return self.pairs * len(self.layers) * self.positions.numel()
+        """(pair, site) rows asked for: pairs x layers x positions (x heads for
+        head_out; positions count once with ``per_position=False``)."""
+        columns = self.positions.numel() if self.per_position else 1
+        return self.pairs * len(self.layers) * columns * self.units_per_position
 
     @property
     def identical(self):
         """(pair, site) rows whose source and base activations are identical (the
         patch changes nothing): skipped by the reuse forms, run by the plain one."""
-        return self.sites - sum(int(r.numel()) for r in self.differing.values())
+        if not self.per_position:  # a site differs when any of its positions does
+            P = self.positions.numel()
+            differ = sum(int(torch.unique(torch.cat([self.differing[li, j] for j in range(P)]))
+                             .numel()) for li in range(len(self.layers)))
+            return self.sites - differ * self.units_per_position
+        return self.sites - self.units_per_position * sum(int(r.numel())
+                                                          for r in self.differing.values())
 
     @property
     def split(self):
@@ -121,7 +133,8 @@ class SweepPlan:
                           select_rows(self.corrupt, rows), _rows_metric(self.metric, rows),
                           layers, self.positions, noising=self.noising, reuse=self.form,
                           batch_size=self.batch_size, memory_budget_mb=self.memory_budget_mb,
-                          layers_path=self.layers_path, distributed=False)
+                          layers_path=self.layers_path, distributed=False, sites=self.kind,
+                          per_position=self.per_position)
 
     # ------------------------------------------------------------------ time
     def calibrate(self, repeats=2):
@@ -169,7 +182,8 @@ class SweepPlan:
     # ------------------------------------------------------------------ output
     def summary(self):
         """The plan as a plain dict (for results and JSON)."""
-        return {"pairs": self.pairs, "tokens": self.T, "layers": list(self.layers),
+        return {"sites": self.kind.name, "per_position": self.per_position,
+                "pairs": self.pairs, "tokens": self.T, "layers": list(self.layers),
                 "positions": self.positions.numel(), "sites": self.sites,
                 "identical_skipped": self.identical if self.form != "none" else 0,
                 "form": self.form, "why": self.why, "batch_size": self.batch_size,
@@ -182,8 +196,12 @@ class SweepPlan:
         f, m = self.flops, self.memory_mb
         skipped = self.identical if self.form != "none" else 0
         lines = [
-            f"patching sweep plan: {self.pairs} pairs x {len(self.layers)} layers x "
-            f"{self.positions.numel()} positions = {self.sites} (pair, site) rows",
+            f"patching sweep plan ({self.kind.name} sites): {self.pairs} pairs x "
+            f"{len(self.layers)} {self.kind.layer_axis}s x "
+            + (f"{self.positions.numel()} positions" if self.per_position else
+               f"all {self.positions.numel()} positions at once")
+            + (f" x {self.units_per_position} heads" if self.units_per_position > 1 else "")
+            + f" = {self.sites} (pair, site) rows",
             f"  form        {self.form}: {FORM_TEXT[self.form]} ({self.why})",
             f"  identical   {self.identical} rows (the patch changes nothing): "
             + (f"{skipped} skipped" if skipped else "run anyway (plain form)"),
@@ -223,20 +241,33 @@ def _rows_metric(metric, rows):
 
 def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, noising=False,
                reuse="auto", batch_size=None, memory_budget_mb=1024, layers_path=None,
-               distributed=None, shard_dir=None, pairs_per_unit=None, tokenizer=None):
+               distributed=None, shard_dir=None, pairs_per_unit=None, tokenizer=None,
+               sites="resid", per_position=True):
     """The plan of ``patching_sweep`` with the same arguments, without running the
     model (see :class:`SweepPlan`); ``plan.calibrate()`` adds an estimated time."""
     from .metrics import pair_inputs
+    kind = site_kind(sites, allowed=PATCHABLE)
+    if not isinstance(per_position, bool):
+        raise TypeError(f"per_position must be True or False, got {per_position!r}")
+    if not per_position and kind.unit != "head":
+        raise ValueError(f"per_position=False patches a head at every position at once: it "
+                         f"needs sites='head_out', got sites={kind.name!r}")
     positive_int("batch_size", batch_size)
     positive_int("pairs_per_unit", pairs_per_unit)
     if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) \
             or not memory_budget_mb > 0 or not math.isfinite(memory_budget_mb):
         raise ValueError(f"memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
     device = model_device(model)
-    layers = resolve_layers(model, layers, layers_path)
+    layers = resolve_site_layers(model, kind, layers, layers_path)
     clean, corrupt, metric, tokens = pair_inputs(model, tokenizer, clean, corrupt, metric, device)
     metric = as_metric(metric)
     form, why = choose_form(model, reuse)
+    if kind is not RESID and form != "none":
+        if reuse != "auto":
+            raise ValueError(f"reuse={reuse!r}: the reuse forms cover the residual stream; "
+                             f"sites={kind.name!r} runs the plain form (reuse='none' or 'auto')")
+        form, why = "none", (f"sites={kind.name!r}: component sites run the plain batched form "
+                             f"(the reuse forms cover the residual stream)")
     clean, corrupt = aligned_pairs(clean, corrupt, device)
     pairs, T = batch_shape(clean)
     check_metric_pairs(metric, pairs)
@@ -244,14 +275,18 @@ def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, no
     if batch_size is None:
         head = last_position_head(model, metric) is not None
         batch_size = auto_batch_size(model, T, memory_budget_mb, 1 if head else None)
-    differing = _predicted_differing(clean, corrupt, layers, pos)
+    # a component in block b changes like the residual stream after block b
+    differing = _predicted_differing(clean, corrupt, layers if kind.from_embeddings else
+                                     [b + 1 for b in layers], pos)
+    units = 1 if kind.unit is None else kind.units(model, None)
 
     def build(form, why):
         rows = batch_size if form != "none" else \
             max(1, min(batch_size, pairs * len(layers) * pos.numel()))
         plan = SweepPlan(model, clean, corrupt, metric, layers, pos, noising, form, why, rows,
                          memory_budget_mb, layers_path, distributed, shard_dir, pairs_per_unit,
-                         pairs=pairs, T=T, tokens=tokens)
+                         pairs=pairs, T=T, tokens=tokens, kind=kind, per_position=per_position,
+                         units_per_position=units)
         plan.differing = differing
         _count(plan)
         return plan
@@ -334,10 +369,20 @@ def _count(plan):
             head_tokens += n * (1 if head else T - start)
         plan.forwards, plan.rows = 2 + batches, 2 * pairs + rows
         plan_flops = base + token_layers * F.token_layer_flops(cfg, T) + head_tokens * 2 * D * V
-    per_pair_sites = {}
+    # per pair, the (layer, first position) of each differing site: a component site in
+    # block b is priced as blocks b..L-1 from its position on (an upper bound), a head
+    # patched at every position from the first position that differs
+    per_pair_sites, first = {}, {}
     for (li, j), r in plan.differing.items():
         for i in r.tolist():
-            per_pair_sites.setdefault(i, []).append((plan.layers[li], int(plan.positions[j])))
+            p = int(plan.positions[j])
+            if plan.per_position:
+                per_pair_sites.setdefault(i, []).extend(
+                    [(plan.layers[li], p)] * plan.units_per_position)
+            else:
+                first[i, li] = min(first.get((i, li), T), p)
+    for (i, li), p in first.items():
+        per_pair_sites.setdefault(i, []).extend([(plan.layers[li], p)] * plan.units_per_position)
     floor = base + sum(F.site_floor_flops(cfg, T, s) for s in per_pair_sites.values())
     plan.flops = {"plan": float(plan_flops), "floor": float(floor),
                   "naive_batched": float(base + plan.sites * fwd)}

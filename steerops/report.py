@@ -1,4 +1,5 @@
-"""Results a person reads: a JSON record of a (layers x positions) map with the
+"""Results a person reads: a JSON record of a site map (layers x positions, or any site
+kind's map drawn as rows x columns) with the
 token string of every position, a PNG heatmap drawn from that record, and a
 self-contained HTML report (inline SVG, CSS and a few lines of JavaScript: it
 opens with no network, and is small enough to mail).
@@ -18,22 +19,35 @@ from .sitemap import display_token, draw_heatmap, position_labels
 
 
 def site_record(result, kind, settings=None, provenance=None):
-    """The JSON-ready record of a PatchingResult / AttributionResult."""
-    values = result._values().detach().float().cpu()
+    """The JSON-ready record of a PatchingResult / AttributionResult of any site kind:
+    the map as drawn (rows x columns: layers x positions on the residual stream,
+    'block.head' x positions for heads, neurons summed) and its top sites by the
+    kind's own axes."""
+    values, rows, columns, row_axis, column_axis, note = result.heatmap_values()
     positions = [int(p) for p in result.positions.tolist()]
     tokens = getattr(result, "tokens", None)
     corrupt = getattr(result, "corrupt_tokens", None)
     labels = position_labels(tokens, positions)
+    axes = result.axes()
     top = []
-    for layer, pos, value in result.top_sites(min(10, values.numel())):
-        j = positions.index(pos)
-        top.append({"layer": layer, "position": pos, "token": labels[j], "value": value})
+    for *coords, value in result.top_sites(min(10, result._values().numel())):
+        site = dict(zip(axes, (int(c) for c in coords)), value=value)
+        site["layer"] = site.get("layer", site.get("block"))
+        if "position" in site:
+            site["token"] = labels[positions.index(site["position"])]
+        top.append(site)
     return {
         "kind": kind,
+        "sites": getattr(result, "sites", "resid"),
+        "axes": list(axes),
         "value_name": "normalised patching effect" if kind == "patching" else "AtP score",
         "layers": [int(x) for x in result.layers],
+        "row_labels": [str(r) for r in rows],
+        "row_axis": row_axis,
+        "column_axis": column_axis,
+        "note": note,
         "positions": positions,
-        "labels": labels,
+        "labels": [str(c) for c in columns],
         "values": [[_finite(v) for v in row] for row in values.tolist()],
         "tokens": {"clean": tokens, "corrupt": corrupt},
         "top_sites": top,
@@ -42,6 +56,15 @@ def site_record(result, kind, settings=None, provenance=None):
         "settings": settings or {},
         "provenance": provenance or {},
     }
+
+
+def _by_position(rec):
+    """Whether the record's columns are token positions (not heads)."""
+    return rec.get("column_axis", "position (token)").startswith("position")
+
+
+def _rows(rec):
+    return rec.get("row_labels") or [str(x) for x in rec["layers"]]
 
 
 def _finite(v):
@@ -82,16 +105,22 @@ def write_png(records, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    P = len(records[0]["positions"])
-    L = len(records[0]["layers"])
+    P = len(records[0]["labels"])
+    L = len(_rows(records[0]))
+    row_inch = 0.38 if L <= 24 else 0.2  # many rows (heads): a smaller step
     fig, axes = plt.subplots(1, len(records), squeeze=False,
-                             figsize=(len(records) * (2.2 + 0.42 * P), 2.0 + 0.38 * L))
+                             figsize=(len(records) * (2.2 + 0.42 * P), 2.0 + row_inch * L))
     drawn = []
     for ax, rec in zip(axes[0], records):
         values = torch.tensor([[math.nan if v is None else v for v in row]
                                for row in rec["values"]])
-        bar = draw_heatmap(ax, values, rec["layers"], rec["labels"], rec["kind"],
-                           rec["value_name"])
+        title = rec["kind"] + ("" if rec.get("sites", "resid") == "resid" else
+                               f" ({rec['sites']}{', ' + rec['note'] if rec.get('note') else ''})")
+        bar = draw_heatmap(ax, values, _rows(rec), rec["labels"], title, rec["value_name"],
+                           ylabel=rec.get("row_axis", "layer"),
+                           xlabel=rec.get("column_axis", "position (token)"))
+        if L > 24:
+            ax.tick_params(axis="y", labelsize=6)
         drawn.append({"x": [t.get_text() for t in ax.get_xticklabels()],
                       "y": [t.get_text() for t in ax.get_yticklabels()],
                       "colorbar": bar.ax.get_ylabel()})
@@ -117,8 +146,10 @@ def _colour(value, lim):
 def _svg_heatmap(rec, panel):
     """An SVG heatmap: one rect per site, token labels on x, layers on y, a colourbar."""
     cell_w, cell_h, left, top = 34, 22, 46, 12
-    labels, layers, values = rec["labels"], rec["layers"], rec["values"]
+    labels, layers, values = rec["labels"], _rows(rec), rec["values"]
     P, L = len(labels), len(layers)
+    by_position = _by_position(rec)
+    row_axis = rec.get("row_axis", "layer")
     flat = [abs(v) for row in values for v in row if v is not None]
     lim = max(flat) if flat and max(flat) > 0 else 1.0
     label_h = 8 + 6.5 * max((len(s) for s in labels), default=1)
@@ -132,20 +163,24 @@ def _svg_heatmap(rec, panel):
         y = top + (L - 1 - i) * cell_h
         out.append(f'<text class="ylab" x="{left - 6}" y="{y + cell_h / 2 + 4}" '
                    f'text-anchor="end">{layer}</text>')
-        for j, pos in enumerate(rec["positions"]):
+        for j in range(P):
+            pos = rec["positions"][j] if by_position else labels[j]
             value = values[i][j]
-            token = labels[j]
+            token = labels[j] if by_position else f"head {labels[j]}"
             detail = token
-            if clean is not None and corrupt is not None and clean[pos] != corrupt[pos]:
+            if by_position and clean is not None and corrupt is not None and \
+                    clean[pos] != corrupt[pos]:
                 detail = f"{display_token(clean[pos])} \u2192 {display_token(corrupt[pos])}"
             shown = "NaN" if value is None else f"{value:.4g}"
             out.append(
                 f'<rect class="cell" x="{left + j * cell_w}" y="{y}" width="{cell_w - 1}" '
                 f'height="{cell_h - 1}" fill="{_colour(value, lim)}" data-layer="{layer}" '
                 f'data-position="{pos}" data-token="{html.escape(token, quote=True)}" '
-                f'data-detail="{html.escape(detail, quote=True)}" data-value="{shown}">'
-                f'<title>layer {layer}, position {pos} '
-                f'{html.escape(detail)}: {shown}</title></rect>')
+                f'data-detail="{html.escape(detail, quote=True)}" data-value="{shown}" '
+                f'data-row-axis="{html.escape(row_axis)}">'
+                f'<title>{html.escape(row_axis)} {layer}, '
+                + (f'position {pos} ' if by_position else '')
+                + f'{html.escape(detail)}: {shown}</title></rect>')
     base = top + L * cell_h + 6
     for j, label in enumerate(labels):
         x = left + j * cell_w + cell_w / 2 + 4
@@ -153,7 +188,7 @@ def _svg_heatmap(rec, panel):
                    f'transform="rotate(-90 {x} {base})">{html.escape(label)}</text>')
     out.append(f'<text x="{left - 34}" y="{top + L * cell_h / 2}" class="axis" '
                f'transform="rotate(-90 {left - 34} {top + L * cell_h / 2})" '
-               f'text-anchor="middle">layer</text>')
+               f'text-anchor="middle">{html.escape(row_axis)}</text>')
     # the colourbar: -lim (blue) .. 0 (white) .. +lim (red)
     bx, bh = left + P * cell_w + 14, L * cell_h
     out.append(f'<defs><linearGradient id="cb{panel}" x1="0" y1="1" x2="0" y2="0">'
@@ -174,11 +209,14 @@ def _svg_heatmap(rec, panel):
 
 
 def _top_table(rec):
-    rows = "".join(f"<tr><td>{i + 1}</td><td>{s['layer']}</td><td>{s['position']}</td>"
-                   f"<td>{html.escape(s['token'])}</td><td>{s['value']:.4g}</td></tr>"
-                   for i, s in enumerate(rec["top_sites"]))
-    return (f'<table class="top"><thead><tr><th>#</th><th>layer</th><th>position</th>'
-            f'<th>token</th><th>{html.escape(rec["value_name"])}</th></tr></thead>'
+    axes = rec.get("axes", ["layer", "position"])
+    names = axes + (["token"] if "position" in axes else [])
+    rows = "".join("<tr><td>%d</td>%s<td>%.4g</td></tr>" % (
+        i + 1, "".join(f"<td>{html.escape(str(s[a]))}</td>" for a in names), s["value"])
+        for i, s in enumerate(rec["top_sites"]))
+    head = "".join(f"<th>{html.escape(a)}</th>" for a in names)
+    return (f'<table class="top"><thead><tr><th>#</th>{head}'
+            f'<th>{html.escape(rec["value_name"])}</th></tr></thead>'
             f'<tbody>{rows}</tbody></table>')
 
 
@@ -197,7 +235,7 @@ _SCRIPT = """
 const tip=document.getElementById('tip');
 document.querySelectorAll('.cell').forEach(c=>{
  c.addEventListener('mousemove',e=>{const d=c.dataset;
-  tip.textContent='layer '+d.layer+', position '+d.position+' '+d.detail+': '+d.value;
+  tip.textContent=d.rowAxis+' '+d.layer+', '+(d.detail.startsWith('head ')?'':'position '+d.position+' ')+d.detail+': '+d.value;
   tip.style.left=(e.clientX+12)+'px';tip.style.top=(e.clientY+12)+'px';tip.style.display='block';});
  c.addEventListener('mouseleave',()=>{tip.style.display='none';});});
 """
@@ -217,8 +255,9 @@ def write_html(records, path, title, prompt=None, agreement=None):
                      f"{agreement['top_k_overlap']:.0%}.</p>")
     parts.append("<div class='panels'>")
     for i, rec in enumerate(records):
+        sites = "" if rec.get("sites", "resid") == "resid" else f", {rec['sites']} sites"
         parts.append(f"<div class='panel'><h2>{html.escape(rec['value_name'])} "
-                     f"({html.escape(rec['kind'])})</h2>{_svg_heatmap(rec, i)}"
+                     f"({html.escape(rec['kind'] + sites)})</h2>{_svg_heatmap(rec, i)}"
                      f"<h2>top sites</h2>{_top_table(rec)}</div>")
     parts.append("</div>")
     meta = {k: records[0][k] for k in ("settings", "provenance")}

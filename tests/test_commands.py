@@ -326,3 +326,51 @@ def test_negative_alpha_and_a_reused_out_folder(tiny_folder, tmp_path, capsys, m
     assert code == 0, err
     rec = json.loads((tmp_path / "o" / "attribution.json").read_text())
     assert "[UNK]" in json.dumps(rec)
+
+
+def test_patch_and_attribute_heads_and_neurons(tiny_folder, tmp_path):
+    """--sites head_out: a (block.head x token) map in JSON, PNG and the HTML (one cell per
+    block, head and position), top sites by block, head and position; --sites neuron for
+    AtP: top sites by block, position and neuron."""
+    out = str(tmp_path / "heads")
+    run = steerops_cli("patch", "--model", tiny_folder, "--clean", CLEAN, "--corrupt", CORRUPT,
+                       "--answer", "Mary", "--wrong", "John", "--sites", "head_out", "--out",
+                       out, "--no-progress")
+    assert run.returncode == 0, run.stderr
+    rec = json.load(open(os.path.join(out, "patching.json")))
+    L, H = 4, len(rec["row_labels"]) // 4
+    assert rec["sites"] == "head_out" and rec["axes"] == ["block", "head", "position"]
+    assert rec["row_labels"][:2] == ["0.0", "0.1"] and H > 1
+    assert len(rec["values"]) == L * H and len(rec["values"][0]) == len(rec["positions"])
+    top = rec["top_sites"][0]
+    assert rec["values"][top["block"] * H + top["head"]][top["position"]] == \
+        pytest.approx(top["value"])
+    assert re.search(r"\bblock\s+head\s+position\s+token", run.stdout)
+    dom = dump_dom(os.path.join(out, "report.html"))
+    cells = re.findall(r'<rect class="cell"[^>]*data-layer="(\d+)\.(\d+)" '
+                       r'data-position="(\d+)"[^>]*data-row-axis="block.head"', dom)
+    assert len(cells) == L * H * len(rec["positions"])
+    assert "head_out sites" in dom and "<th>head</th>" in dom
+    out = str(tmp_path / "neurons")
+    run = steerops_cli("attribute", "--model", tiny_folder, "--clean", CLEAN, "--corrupt",
+                       CORRUPT, "--answer", "Mary", "--wrong", "John", "--sites", "neuron",
+                       "--layers", "1", "2", "--out", out)
+    assert run.returncode == 0, run.stderr
+    rec = json.load(open(os.path.join(out, "attribution.json")))
+    assert rec["axes"] == ["block", "position", "neuron"] and rec["layers"] == [1, 2]
+    assert {"block", "position", "neuron", "token"} <= set(rec["top_sites"][0])
+    assert rec["note"] == "summed over neurons"
+
+
+def test_site_option_errors(tiny_folder, tmp_path, capsys, monkeypatch):
+    run = _in_process(capsys, tmp_path, monkeypatch)
+    pair = ["--model", tiny_folder, "--clean", CLEAN, "--corrupt", CORRUPT, "--answer", "Mary",
+            "--wrong", "John"]
+    _fails(run("patch", *pair, "--sites", "mlp_out", "--layers", "4"), "--layers 4",
+           "numbered by block, 0..3")
+    _fails(run("patch", *pair, "--sites", "attn_out", "--all-positions"), "--all-positions",
+           "--sites head_out")
+    _fails(run("patch", *pair, "--sites", "neuron"), "--sites neuron", "attribute")
+    _fails(run("attribute", *pair, "--sites", "neuron", "--compare"), "--compare")
+    code, err = run("patch", *pair, "--sites", "heads")
+    assert code == 2 and "--sites" in err and "head_out" in err
