@@ -364,9 +364,11 @@ def models_seen(runs, scale, committed=None):
 def build_parser():
     p = Parser(
         prog="steerops bench attribution",
-        description="The attribution benchmark (protocol v3, docs/protocol.md): activation "
-                    "patching vs steering-vector attributions, faithfulness and compute, over "
-                    "12 tasks, two model scales and several seeds.")
+        description="The attribution benchmark (protocol v4, docs/protocol.md): activation "
+                    "patching vs steering-vector attributions against their controls "
+                    "(random-direction twins, positional priors), faithfulness and compute, "
+                    "per scale (standard: 12 tasks; deep: multi-hop tasks; multitask: one "
+                    "model on every task), several training and split seeds.")
     p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS) + list(MULTIHOP),
                    metavar="TASK", help=f"tasks to run (default: the scale's: the 12 "
                                         f"{', '.join(TASKS)}; deep: {', '.join(MULTIHOP)})")

@@ -3,6 +3,7 @@ side by side in one process, in interleaved rounds.
 
     steerops bench patching                # GPT-2-small at T = 4, 8, 12, 32; Llama-style T=32
     steerops bench patching --quick        # T = 12 only, one round
+    steerops bench patching --sites head_out   # attention heads at GPT-2-small, T = 8 and 16
 
 Forms (denoising, every residual site (l, p), logit difference at the last
 position):
@@ -28,7 +29,6 @@ thread count is set explicitly and recorded.
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -39,6 +39,7 @@ from steerops.models import find_layers
 
 from .compute import analytic_forward_flops, patching_floor_flops, reuse_sweep_flops
 from .provenance import environment, save_results
+from .sweep_timing import _time_once, interleaved, round_ratios  # noqa: F401 (tests use them)
 
 CONFIGS = {
     "gpt2-small T=4": ("gpt2", 4),
@@ -46,7 +47,9 @@ CONFIGS = {
     "gpt2-small T=12": ("gpt2", 12),
     "gpt2-small T=32": ("gpt2", 32),
     "llama-style T=32": ("llama", 32),
+    "gpt2-small T=16": ("gpt2", 16),
 }
+HEAD_CONFIGS = ["gpt2-small T=8", "gpt2-small T=16"]
 
 
 def build_model(kind, device):
@@ -130,39 +133,6 @@ def hook_batched_layer(model, clean, corrupt, metric):
                 logits = _hooked_logits(model, blocks, layer, put, corrupt[i:i + 1].expand(T, T))
                 raw[i, layer] = metric(logits, torch.full((T,), i))
     return raw
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time_once(fn, device):
-    _sync(device)
-    t0 = time.perf_counter()
-    result = fn()
-    _sync(device)
-    return result, time.perf_counter() - t0
-
-
-def interleaved(forms, repeats, device):
-    """Every form once per round, the order rotated each round, so that a change in the
-    machine's load lands on all forms alike. Returns ({form: [seconds per round]},
-    {form: result of its last run})."""
-    names = list(forms)
-    times, results = {f: [] for f in names}, {}
-    for r in range(repeats):
-        for form in names[r % len(names):] + names[:r % len(names)]:
-            results[form], seconds = _time_once(forms[form], device)
-            times[form].append(seconds)
-    return times, results
-
-
-def round_ratios(times, form, base):
-    """Per-round ratios ``form / base`` (same round, same load): median and range."""
-    ratios = [a / b for a, b in zip(times[form], times[base])]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-            "per_round": ratios}
 
 
 def matmul_rate(model, tokens, device, repeats=3):
@@ -326,6 +296,10 @@ def build_parser():
                    help="torch CPU threads, set explicitly and recorded (default: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    type=device, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--sites", choices=("resid", "head_out"), default="resid",
+                   help="resid (default: every residual site, the configs above) or head_out "
+                        "(attention heads by position and at every position against a "
+                        "one-site-per-forward hook loop; GPT-2-small at T = 8 and 16)")
     p.add_argument("--dry-run", action="store_true",
                    help="print each config's sweep plan (sites, forwards, FLOPs, memory, a "
                         "calibrated time estimate) for the reuse and plain forms, run nothing")
@@ -341,6 +315,8 @@ def main(argv=None):
     configs = ["gpt2-small T=12"] if args.quick else args.configs
     repeats = 1 if args.quick else args.repeats
     device = torch.device(args.device)
+    if args.sites == "head_out":
+        return _heads_main(args, repeats, device)
     if args.dry_run:
         for name in configs:
             dry_run(name, *CONFIGS[name], args.pairs, device)
@@ -353,6 +329,25 @@ def main(argv=None):
         result["configs"].append(run_config(name, kind, T, args.pairs, repeats, device))
         save_results(args.out, "patching", result, markdown(result))  # after each config
     print(markdown(result))
+    return 0
+
+
+def _heads_main(args, repeats, device):
+    from .head_patching import head_markdown, run_head_config
+    configs = ["gpt2-small T=8"] if args.quick else (
+        args.configs if args.configs != list(CONFIGS) else HEAD_CONFIGS)
+    result = {"environment": environment(), "threads": torch.get_num_threads(),
+              "repeats": repeats, "sites": "head_out", "configs": []}
+    for name in configs:
+        kind, T = CONFIGS[name]
+        print(f"{name} (head_out) ...", file=sys.stderr, flush=True)
+        model = build_model(kind, device)
+        clean, corrupt, metric = make_pairs(model, args.pairs, T, device)
+        result["configs"].append(run_head_config(name, model, clean, corrupt, metric, repeats,
+                                                 device))
+        del model
+        save_results(args.out, "head_patching", result, head_markdown(result))
+    print(head_markdown(result))
     return 0
 
 

@@ -94,8 +94,9 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
         sites: the site kind (steerops.sites): 'resid' (default; layers 0..L),
             'resid_mid', 'attn_out', 'mlp_out' (blocks 0..L-1; effects (L, T)) or
             'head_out' (effects (L, H, T); with ``per_position=False`` each head at
-            every requested position at once: (L, H)). Component kinds run the plain
-            form (the reuse forms cover the residual stream).
+            every requested position at once: (L, H)). Both forms take every kind: a
+            component in block b at position p reruns block b from it on and the
+            later blocks, at positions >= p (docs/sites.md).
 
     Returns a :class:`PatchingResult`: effects normalised as in docs/protocol.md,
     g_s = E[m(patched) - m(corrupt)] / E[m(clean) - m(corrupt)] (denoising) or
@@ -134,15 +135,17 @@ def execute(plan, progress=True):
         raw, n_batches = _plain_sweep(model, store, target, metric, layers, pos,
                                       plan.batch_size, progress, plan.layers_path, plan.kind,
                                       plan.per_position)
-        raw = plan.kind.arrange(raw if plan.per_position else raw.squeeze(2),
-                                plan.per_position)
         report = {"mode": "none", "forwards": 1 + n_batches, "rows": plan.pairs + plan.sites,
                   "lm_head_last_only": last_position_head(model, metric) is not None}
     else:
         raw, target_metric, report = reuse_sweep(
             model, store, target, metric, layers, pos, mode=plan.form,
             batch_size=plan.batch_size, model_output=model_output,
-            layers_path=plan.layers_path, progress=progress)
+            layers_path=plan.layers_path, progress=progress, kind=plan.kind,
+            per_position=plan.per_position)
+    if raw.dim() == 4:  # (pairs, layers, positions or 1, units): the kind's own axes
+        raw = plan.kind.arrange(raw if plan.per_position else raw.squeeze(2),
+                                plan.per_position)
     clean_metric, corrupt_metric = ((target_metric, source_metric) if plan.noising
                                     else (source_metric, target_metric))
     effects = _normalised(raw, clean_metric, corrupt_metric, plan.noising, layers, pos)

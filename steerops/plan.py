@@ -104,13 +104,7 @@ class SweepPlan:
     def identical(self):
         """(pair, site) rows whose source and base activations are identical (the
         patch changes nothing): skipped by the reuse forms, run by the plain one."""
-        if not self.per_position:  # a site differs when any of its positions does
-            P = self.positions.numel()
-            differ = sum(int(torch.unique(torch.cat([self.differing[li, j] for j in range(P)]))
-                             .numel()) for li in range(len(self.layers)))
-            return self.sites - differ * self.units_per_position
-        return self.sites - self.units_per_position * sum(int(r.numel())
-                                                          for r in self.differing.values())
+        return self.sites - sum(int(r.numel()) for r in self.differing.values())
 
     @property
     def split(self):
@@ -262,12 +256,6 @@ def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, no
     clean, corrupt, metric, tokens = pair_inputs(model, tokenizer, clean, corrupt, metric, device)
     metric = as_metric(metric)
     form, why = choose_form(model, reuse)
-    if kind is not RESID and form != "none":
-        if reuse != "auto":
-            raise ValueError(f"reuse={reuse!r}: the reuse forms cover the residual stream; "
-                             f"sites={kind.name!r} runs the plain form (reuse='none' or 'auto')")
-        form, why = "none", (f"sites={kind.name!r}: component sites run the plain batched form "
-                             f"(the reuse forms cover the residual stream)")
     clean, corrupt = aligned_pairs(clean, corrupt, device)
     pairs, T = batch_shape(clean)
     check_metric_pairs(metric, pairs)
@@ -275,10 +263,8 @@ def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, no
     if batch_size is None:
         head = last_position_head(model, metric) is not None
         batch_size = auto_batch_size(model, T, memory_budget_mb, 1 if head else None)
-    # a component in block b changes like the residual stream after block b
-    differing = _predicted_differing(clean, corrupt, layers if kind.from_embeddings else
-                                     [b + 1 for b in layers], pos)
     units = 1 if kind.unit is None else kind.units(model, None)
+    differing = _predicted_differing(clean, corrupt, layers, pos, kind, units, per_position)
 
     def build(form, why):
         rows = batch_size if form != "none" else \
@@ -320,21 +306,35 @@ def _cheaper(reuse_plan, plain_plan):
     return chosen
 
 
-def _predicted_differing(clean, corrupt, layers, pos):
-    """Pair rows whose site differs between the two runs, from the inputs: at the
-    embeddings (layer 0) where the tokens differ; at later layers of a causal LM from
-    the first differing token on. (The reuse sweep compares the activations
-    themselves; for a causal LM the two agree.)"""
+def _predicted_differing(clean, corrupt, layers, pos, kind=RESID, units=1, per_position=True):
+    """Rows (pair * units + unit) whose site differs between the two runs, from the
+    inputs: on the residual stream at the embeddings (layer 0) where the tokens differ;
+    at later layers, and at every component, of a causal LM from the first differing
+    token on (with ``per_position=False`` a site sits at the first requested position
+    from there). (The reuse sweep compares the activations themselves; for a causal LM
+    the two agree.)"""
     a, b = _tokens(clean), _tokens(corrupt)
     token_differs = (a != b) if a.dim() == 2 else (a != b).any(-1)
     T = token_differs.shape[1]
     first = torch.where(token_differs.any(1), token_differs.float().argmax(1),
                         torch.full_like(token_differs[:, 0], T, dtype=torch.long))
+    first = first.to(pos.device)
+    cols = pos.tolist()
+    # per pair, the index of the earliest requested column at or after `first`
+    earliest = [min((k for k, c in enumerate(cols) if c >= f), key=lambda k: cols[k],
+                    default=-1) for f in first.tolist()]
     out = {}
     for li, l in enumerate(layers):
-        for j, c in enumerate(pos.tolist()):
-            differs = token_differs[:, c] if l == 0 else first.to(pos.device) <= c
-            out[li, j] = differs.nonzero().flatten().to(pos.device)
+        for j, c in enumerate(cols):
+            if not per_position:
+                differs = torch.tensor([k == j for k in earliest], device=pos.device)
+            elif kind.from_embeddings and l == 0:
+                differs = token_differs[:, c].to(pos.device)
+            else:
+                differs = first <= c
+            rows = differs.nonzero().flatten().to(pos.device)
+            out[li, j] = (rows[:, None] * units + torch.arange(units, device=pos.device)
+                          ).flatten()
     return out
 
 
@@ -369,20 +369,14 @@ def _count(plan):
             head_tokens += n * (1 if head else T - start)
         plan.forwards, plan.rows = 2 + batches, 2 * pairs + rows
         plan_flops = base + token_layers * F.token_layer_flops(cfg, T) + head_tokens * 2 * D * V
-    # per pair, the (layer, first position) of each differing site: a component site in
-    # block b is priced as blocks b..L-1 from its position on (an upper bound), a head
-    # patched at every position from the first position that differs
-    per_pair_sites, first = {}, {}
+    # per pair, the (layer, position) of each differing site (rows are pair * units +
+    # unit); a component site in block b is priced as blocks b..L-1 from its position
+    # on (an upper bound), a head at every position from the first that differs
+    per_pair_sites = {}
     for (li, j), r in plan.differing.items():
-        for i in r.tolist():
-            p = int(plan.positions[j])
-            if plan.per_position:
-                per_pair_sites.setdefault(i, []).extend(
-                    [(plan.layers[li], p)] * plan.units_per_position)
-            else:
-                first[i, li] = min(first.get((i, li), T), p)
-    for (i, li), p in first.items():
-        per_pair_sites.setdefault(i, []).extend([(plan.layers[li], p)] * plan.units_per_position)
+        for v in r.tolist():
+            per_pair_sites.setdefault(v // plan.units_per_position, []).append(
+                (plan.layers[li], int(plan.positions[j])))
     floor = base + sum(F.site_floor_flops(cfg, T, s) for s in per_pair_sites.values())
     plan.flops = {"plan": float(plan_flops), "floor": float(floor),
                   "naive_batched": float(base + plan.sites * fwd)}

@@ -22,15 +22,20 @@ Padding: with a left-padded batch, transformers unmasks attention at the padding
 positions themselves, so their logits see later tokens; under reuse the logits
 at padding positions before p are the base run's. Metrics read real tokens.
 
+Component sites (steerops.sites: heads, attention and MLP outputs, resid_mid) in
+block b at position p: blocks 0..b-1 are stood in for with the base run's residual
+stream entering block b, and a hook on the component writes it; the rest as above.
+One patched forward is :mod:`steerops.reuse_forward`.
+
 ``reuse="none"`` (the plain batched sweep) stays the reference and the path for
 encoders and non-causal models.
 """
-import copy
-import inspect
-
 import torch
 
 from .models import find_layers, register_site_hook
+from .reuse_forward import (BaseRun, cache_keyword, crop_cache, patched_component_metric,
+                            patched_metric)
+from .sites import RESID, split_units
 
 REUSE_MODES = ("auto", "none", "prefix", "full")
 
@@ -64,77 +69,6 @@ def choose_form(model, reuse):
     return reuse, "asked for"
 
 
-class _SkippedBlock(torch.nn.Module):
-    """Stands in for a block for one forward: returns ``output`` (or, when None,
-    its input unchanged) without computing; other attributes read through to the
-    real block (models read e.g. ``attention_type`` off their layers)."""
-
-    def __init__(self, inner, output, as_tuple):
-        super().__init__()
-        self.__dict__["_inner"] = inner
-        self.__dict__["_output"] = output
-        self.__dict__["_as_tuple"] = as_tuple
-
-    def forward(self, *args, **kwargs):
-        out = self.__dict__["_output"]
-        if out is None:
-            out = args[0] if args else kwargs["hidden_states"]
-        return (out,) if self.__dict__["_as_tuple"] else out
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_inner"], name)
-
-
-def _cache_keyword(model):
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _crop(cache, length):
-    """A copy of ``cache`` holding the first ``length`` positions, or None when
-    this cache type cannot be cropped (then the prefix is recomputed)."""
-    if isinstance(cache, (tuple, list)):  # legacy ((k, v), ...) with k (B, H, T, d)
-        return tuple(tuple(t[..., :length, :] for t in layer) for layer in cache)
-    if not hasattr(cache, "crop") or not hasattr(cache, "batch_select_indices"):
-        return None
-    out = copy.deepcopy(cache)
-    drop = int(out.get_seq_length()) - length
-    try:
-        if drop > 0:
-            # a negative argument removes that many tokens in every release (a
-            # positive one keeps that many in 4.x and is refused in 5.x)
-            out.crop(-drop)
-    except Exception:  # e.g. static / hybrid caches that do not crop
-        return None
-    return out if int(out.get_seq_length()) == length else None
-
-
-def _select(cache, rows):
-    if isinstance(cache, tuple):
-        return tuple(tuple(t[rows] for t in layer) for layer in cache)
-    out = copy.deepcopy(cache)
-    out.batch_select_indices(rows)
-    return out
-
-
-def _slice_inputs(inputs, rows, start, T):
-    """Rows of the inputs from column ``start`` on; the attention mask stays whole
-    (it covers the cached prefix too)."""
-    out = {}
-    for key, value in inputs.items():
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            out[key] = value
-            continue
-        value = value[rows]
-        if key != "attention_mask" and value.dim() >= 2 and value.shape[1] == T:
-            value = value[:, start:]
-        out[key] = value
-    return out
-
-
 def last_position_head(model, metric):
     """The LM head, when the metric reads only the last position's logits."""
     if getattr(metric, "positions", None) != (-1,):
@@ -144,25 +78,36 @@ def last_position_head(model, metric):
 
 
 def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch_size,
-                model_output, layers_path=None, progress=True):
+                model_output, layers_path=None, progress=True, kind=RESID, per_position=True):
     """Raw metric values (pairs, len(layers), P) of the denoising/noising sweep
     (the caller decides which run is the source; ``source_store[l]`` is (pairs, P,
     D)), computing only what differs from the ``target`` base run. Returns (raw,
-    the base run's metric (pairs,), report of what was reused)."""
+    the base run's metric (pairs,), report of what was reused).
+
+    A component ``kind`` (steerops.sites) in block b at position p changes block b
+    only from that component on and only at positions >= p: blocks 0..b-1 are the
+    base run's (stood in for, as for the residual stream at layer b), positions
+    before p come from the KV cache, and a hook writes the component in block b.
+    Then raw is (pairs, len(layers), P or 1, units): a site is (block, position,
+    unit), or with ``per_position=False`` (block, unit) written at every position
+    from the first that differs (before it the source is the base run's)."""
     from tqdm.auto import tqdm
 
     tokens = target.get("input_ids", target.get("inputs_embeds"))
     pairs, T = tokens.shape[:2]
     device = pos.device
     blocks = find_layers(model, layers_path)
-    # the base run again, keeping its cache and every requested layer's hidden states
-    hidden, formats = {}, []
+    # the base run again, keeping its cache, the residual stream entering every
+    # requested layer (a component's block input: resid layer b) and the component
+    hidden, own, formats = {}, {}, []
 
-    def keep(layer):
+    def keep(store, layer):
         def fn(h):
-            hidden[layer] = h.detach()
+            store[layer] = h.detach()
         return fn
-    handles = [register_site_hook(model, l, keep(l), layers_path) for l in layers]
+    handles = [register_site_hook(model, l, keep(hidden, l), layers_path) for l in layers]
+    if kind is not RESID:
+        handles += [kind.register(model, l, keep(own, l), layers_path) for l in layers]
     # a block whose output is its hidden state alone (a tensor, or a 1-tuple in
     # transformers 4.x) can be stood in for; one that also returns its cache cannot
     handles.append(blocks[0].register_forward_hook(lambda m, a, out: formats.append(
@@ -173,7 +118,7 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
     if head is not None:
         handles.append(head.register_forward_pre_hook(
             lambda m, args: head_input.append(args[0])))
-    kw = _cache_keyword(model)
+    kw = cache_keyword(model)
     try:
         with torch.no_grad():
             out = model(**target, use_cache=True)
@@ -193,10 +138,15 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
             torch.equal(head(head_input[0]), base_logits)
     every = torch.arange(pairs, device=device)
     base_metric = metric(base_logits, every).float()
-    raw = base_metric[:, None, None].expand(pairs, len(layers), pos.numel()).clone()
+    base = BaseRun(model, blocks, metric, target, kw, as_tuple, skip_layers, head, deferred,
+                    base_logits, model_output, T, layers_path)
+    width = source_store[layers[0]].shape[-1]
+    U = kind.units(model, width)
+    columns = pos.numel() if per_position else 1
+    raw = base_metric[:, None, None, None].expand(pairs, len(layers), columns, U).clone()
     report = {"mode": mode, "layers_skipped": skip_layers, "lm_head_last_only": head is not None,
               "lm_head_batched": deferred,
-              "prefix_from_cache": True, "sites": pairs * len(layers) * pos.numel(),
+              "prefix_from_cache": True, "sites": pairs * len(layers) * columns * U,
               "identical_sites_skipped": 0, "forwards": 1, "rows": pairs,
               "token_layers_run": 0, "token_layers_plain": 0, "head_tokens": 0}
     L = len(blocks)
@@ -207,46 +157,52 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
         in order of their start column), so memory stays at one extra cache."""
         if start > 0 and start not in prefix_cache:
             prefix_cache.clear()
-            prefix_cache[start] = _crop(cache, start) if cache is not None else None
+            prefix_cache[start] = crop_cache(cache, start) if cache is not None else None
             if prefix_cache[start] is None:
                 report["prefix_from_cache"] = False
         return prefix_cache.get(start)
 
-    chunks = sorted(_chunks(source_store, hidden, layers, pos, T, report), key=lambda ch: ch[2])
-    # deferred head, per layer: (pair rows, position indices, last hidden). A head batch
-    # never mixes layers, so a layer's values do not depend on which other layers the
-    # sweep covers (distributed units of one pair block run together; see patching.py)
+    # chunk rows are (pair, unit) rows: pair * U + unit
+    differing = _differing(source_store, own if kind is not RESID else hidden, layers, pos,
+                           U, per_position, report)
+    chunks = sorted(group_chunks(differing, layers, pos, T), key=lambda ch: ch[2])
+    # deferred head, per layer: (where in raw, last hidden). A head batch never mixes
+    # layers, so a layer's values do not depend on which other layers the sweep covers
+    # (distributed units of one pair block run together; see patching.py)
     pending = {li: [] for li in range(len(layers))}
 
     def flush(li):
         if not pending[li]:
             return
-        r = torch.cat([p[0] for p in pending[li]])
-        logits = head(torch.cat([p[2] for p in pending[li]])[:, None])
-        values = metric(logits, r).float()
-        offset = 0
-        for rows, jr, _ in pending[li]:
-            raw[rows, li, jr] = values[offset:offset + rows.numel()]
-            offset += rows.numel()
+        where = [torch.cat(parts) for parts in zip(*(p[0] for p in pending[li]))]
+        logits = head(torch.cat([p[1] for p in pending[li]])[:, None])
+        raw[where[0], li, where[1], where[2]] = metric(logits, where[0]).float()
         pending[li].clear()
 
     with torch.no_grad():
-        for li, l, start, pair_rows, js, cols in tqdm(chunks, disable=not progress,
+        for li, l, start, site_rows, js, cols in tqdm(chunks, disable=not progress,
                                                        desc="patching sweep", unit="chunk"):
             cached = prefix(start)
             first = start if (start == 0 or cached is not None) else 0
-            for b in range(0, pair_rows.numel(), batch_size):
-                r, jr, cr = (t[b:b + batch_size] for t in (pair_rows, js, cols))
-                value = _patched_metric(
-                    model, blocks, metric, target, r, cr, first, l, source_store[l][r, jr],
-                    hidden[l], cached if first > 0 else None, kw, as_tuple, skip_layers,
-                    head, deferred, base_logits, model_output, T, layers_path)
+            for b in range(0, site_rows.numel(), batch_size):
+                v, jr, cr = (t[b:b + batch_size] for t in (site_rows, js, cols))
+                r, units = v // U, v % U
+                prefix_rows = cached if first > 0 else None
+                if kind is RESID:
+                    value = patched_metric(base, r, cr, first, l, source_store[l][r, jr],
+                                            hidden[l], prefix_rows)
+                else:
+                    value = patched_component_metric(
+                        base, r, units, jr, cr, first, l, kind,
+                        split_units(source_store[l][r], U), pos, per_position, hidden[l],
+                        prefix_rows)
+                where = (r, jr if per_position else torch.zeros_like(jr), units)
                 if deferred:
-                    pending[li].append((r, jr, value))
-                    if sum(p[0].numel() for p in pending[li]) >= batch_size:
+                    pending[li].append((where, value))
+                    if sum(p[0][0].numel() for p in pending[li]) >= batch_size:
                         flush(li)
                 else:
-                    raw[r, li, jr] = value
+                    raw[where[0], li, where[1], where[2]] = value
                 report["forwards"] += 1
                 report["rows"] += r.numel()
                 report["token_layers_run"] += r.numel() * (T - first) * (
@@ -254,10 +210,11 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
                 report["head_tokens"] += r.numel() * (1 if head is not None else T - first)
         for li in pending:
             flush(li)
-    report["token_layers_plain"] = pairs * len(layers) * pos.numel() * T * L
+    report["token_layers_plain"] = pairs * len(layers) * columns * U * T * L
     report["token_layers_floor"] = int(sum(
-        pairs * (L - l) * (T - c) for l in layers for c in pos.tolist()))
-    return raw, base_metric, report
+        pairs * U * (L - l) * (T - c) for l in layers
+        for c in (pos.tolist() if per_position else pos.tolist()[:1])))
+    return (raw[..., 0] if kind is RESID else raw), base_metric, report
 
 
 # a row of a chunk starting at column a but patched at column c computes c - a
@@ -265,17 +222,30 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
 CHUNK_WASTE = 0.15
 
 
-def _chunks(source_store, hidden, layers, pos, T, report):
-    """Forward groups of the sites whose source and base activations differ (the
-    identical ones are dropped, counted in the report): see :func:`group_chunks`."""
-    pairs = next(iter(hidden.values())).shape[0]
+def _differing(source_store, base, layers, pos, U, per_position, report):
+    """The (pair, unit) rows whose source and base activations differ, per (layer,
+    position index), as rows pair * U + unit (the identical ones are dropped, counted
+    in the report; with ``per_position=False`` a (layer, unit) site sits at the first
+    position where it differs). ``base[l]`` is the base run's (pairs, T, W)."""
     differing = {}
+    cols = pos.tolist()
     for li, l in enumerate(layers):
-        for j, c in enumerate(pos.tolist()):
-            rows = (source_store[l][:, j] != hidden[l][:, c]).any(-1).nonzero().flatten()
-            report["identical_sites_skipped"] += pairs - rows.numel()
-            differing[li, j] = rows
-    return group_chunks(differing, layers, pos, T)
+        src = split_units(source_store[l], U)                 # (pairs, P, U, W / U)
+        dst = split_units(base[l][:, cols], U)
+        differs = (src != dst).any(-1)                       # (pairs, P, U)
+        if per_position:
+            for j in range(len(cols)):
+                differing[li, j] = differs[:, j].flatten().nonzero().flatten()
+            report["identical_sites_skipped"] += int((~differs).sum())
+            continue
+        anywhere = differs.any(1)                            # (pairs, U)
+        # the index of the earliest differing column (positions may come in any order)
+        columns = torch.as_tensor(cols, device=differs.device)[None, :, None]
+        first = torch.where(differs, columns, torch.iinfo(torch.long).max).argmin(1)
+        report["identical_sites_skipped"] += int((~anywhere).sum())
+        for j in range(len(cols)):
+            differing[li, j] = (anywhere & (first == j)).flatten().nonzero().flatten()
+    return differing
 
 
 def group_chunks(differing, layers, pos, T):
@@ -284,7 +254,8 @@ def group_chunks(differing, layers, pos, T):
     pairs, per-forward weight reads dominate), each row computing at most
     CHUNK_WASTE of its own floor in extra tokens. ``differing[li, j]``: the pair
     rows whose site (layers[li], pos[j]) must be computed (the sweep measures
-    them; :func:`steerops.plan_sweep` predicts them from the inputs).
+    them; :func:`steerops.plan_sweep` predicts them from the inputs); for heads, rows
+    pair * H + head.
     Returns [(layer index, layer, start column, pair rows, position indices, columns)]."""
     out = []
     for li, l in enumerate(layers):
@@ -304,54 +275,3 @@ def group_chunks(differing, layers, pos, T):
             cols = torch.cat([torch.full_like(m[2], m[0]) for m in members])
             out.append((li, l, start, rows, js, cols))
     return out
-
-
-def _patched_metric(model, blocks, metric, target, rows, cols, start, l, source_rows,
-                    base_hidden, prefix, kw, as_tuple, skip_layers, head, deferred,
-                    base_logits, model_output, T, layers_path):
-    """Metric of a forward from column ``start`` on, row i patched at layer l,
-    column ``cols[i]`` (with ``prefix``: the base run's cache up to ``start``).
-    With ``deferred``, the head is not run: returns the rows' last hidden state
-    (the head's input), for one batched head call over many forwards."""
-    inputs = _slice_inputs(target, rows, start, T)
-    local = cols - start  # the patched column of each row among the new tokens
-    index = torch.arange(rows.numel(), device=rows.device)
-    if prefix is not None:
-        inputs[kw] = _select(prefix, rows)
-        inputs["use_cache"] = True
-    else:
-        inputs["use_cache"] = False
-    handles, swapped = [], []
-    if skip_layers and l >= 1:
-        patched = base_hidden[rows, start:].clone()
-        patched[index, local] = source_rows.to(patched.dtype)
-        for b in range(l):
-            swapped.append((b, blocks[b]))
-            blocks[b] = _SkippedBlock(blocks[b], patched if b == l - 1 else None, as_tuple)
-    else:
-        def patch_columns(h):
-            h = h.clone()
-            h[index, local] = source_rows.to(h.dtype)
-            return h
-        handles.append(register_site_hook(model, l, patch_columns, layers_path))
-    last = []
-    if deferred:
-        def keep_last(m, args):  # the head sees zero positions here; it runs batched later
-            last.append(args[0][:, -1])
-            return (args[0][:, :0],) + tuple(args[1:])
-        handles.append(head.register_forward_pre_hook(keep_last))
-    elif head is not None:
-        handles.append(head.register_forward_pre_hook(
-            lambda m, args: (args[0][:, -1:],) + tuple(args[1:])))
-    try:
-        logits = model_output(model(**inputs))
-    finally:
-        for h in handles:
-            h.remove()
-        for b, block in swapped:
-            blocks[b] = block
-    if deferred:
-        return last[0]
-    if head is None and start > 0:
-        logits = torch.cat([base_logits[rows, :start].to(logits.dtype), logits], 1)
-    return metric(logits, rows).float()
