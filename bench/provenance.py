@@ -33,13 +33,26 @@ def git_commit():
     return commit + ("+dirty" if dirty else "")
 
 
+def cpu_model():
+    """The CPU's model name (trained weights depend on it: docs/protocol.md,
+    "Reproducible models"); platform.processor() says only "x86_64" on Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment():
     import transformers
     import triton
 
     import steerops
     dev = ("cuda: " + torch.cuda.get_device_name()) if torch.cuda.is_available() else \
-        f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        f"cpu: {cpu_model()}, {os.cpu_count()} cores"
     return {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "commit": git_commit(), "steerops": steerops.__version__}

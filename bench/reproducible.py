@@ -30,7 +30,8 @@ _UNIFORM_BITS = 24
 
 def math_paths():
     """The CPU math paths in force in this process (recorded with each model)."""
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    from .provenance import cpu_model
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
             **{k: os.environ.get(k) for k in PINNED_ENV}}
 
