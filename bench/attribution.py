@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from steerops import distributed as D
+from steerops import distributed as dist
 from steerops.cli_args import (FolderLock, Parser, UsageError, device, existing_folder,
                                nonnegative_int, output_folder, positive_int)
 
@@ -153,8 +153,8 @@ def _lock_output(out_dir, distributed, report_only):
     """One run at a time per output folder (timings taken under another run's load
     would be wrong, and both would recompute the same shards): rank 0 takes the
     folder's lock and every rank learns whether it got it. A report reads only."""
-    split = D.active(distributed)
-    lock = FolderLock(out_dir) if not report_only and (not split or D.is_main()) else None
+    split = dist.active(distributed)
+    lock = FolderLock(out_dir) if not report_only and (not split or dist.is_main()) else None
     refused = None
     try:
         if lock is not None:
@@ -162,7 +162,7 @@ def _lock_output(out_dir, distributed, report_only):
     except UsageError as e:
         refused, lock = str(e), None
     if split:
-        refused = D.gather(refused)[0]
+        refused = dist.gather(refused)[0]
     if refused:
         if lock is not None:
             lock.__exit__(None, None, None)
@@ -189,10 +189,10 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     settings = dict(settings or (QUICK if quick else FULL))
     env = environment()  # at the start: the commit the run's code came from
     env["torch_threads"] = torch.get_num_threads()
-    split = D.active(distributed)
-    rank, world = D.rank_world() if split else (0, 1)
+    split = dist.active(distributed)
+    rank, world = dist.rank_world() if split else (0, 1)
     main = rank == 0
-    device = torch.device(device) if device is not None else D.local_device()
+    device = torch.device(device) if device is not None else dist.local_device()
     progress = progress and main
     if not report_only:
         os.makedirs(out_dir, exist_ok=True)
@@ -222,8 +222,8 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     left = [sum(not os.path.exists(shard_path(out_dir, settings, t, s, sp))
                 for sp in split_seeds(t, s, settings)) for t, s in models]
     if split:
-        left = D.gather(left)[0]
-    mine = {models[u] for u in D.assign(left, world)[rank]}
+        left = dist.gather(left)[0]
+    mine = {models[u] for u in dist.assign(left, world)[rank]}
     ran, excluded = 0, {}
     if not report_only:
         ran, excluded = _run_jobs([j for j in jobs if j[:2] in mine], settings=settings,
@@ -231,10 +231,10 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
                                   checkpoint_dir=checkpoint_dir, device=device,
                                   progress=progress)
     if split:
-        parts = D.gather((ran, excluded))
+        parts = dist.gather((ran, excluded))
         ran = sum(p[0] for p in parts)
         excluded = {k: v for p in parts for k, v in p[1].items()}
-        D.barrier()
+        dist.barrier()
     runs, missing = [], []
     for task_name, train_seed, split_seed in jobs:  # fresh and resumed runs alike
         path = shard_path(out_dir, settings, task_name, train_seed, split_seed)
@@ -413,13 +413,13 @@ def main(argv=None):
         p.error(f"--tasks {' '.join(wrong)}: not tasks of the {scale} scale (its tasks: "
                 f"{', '.join(scale_tasks(scale))})")
     settings = None if scale in ("toy", "standard") else dict(FULL, scale=scale)
-    D.init_from_env()  # under torchrun: one process group, the work split over its ranks
+    dist.init_from_env()  # under torchrun: one process group, the work split over its ranks
     _, table = run(args.tasks, quick=args.quick, settings=settings, device=args.device,
                    out_dir=args.out,
                    progress=not args.no_progress, checkpoint_dir=args.checkpoints,
                    with_realistic=not args.no_realistic, threads=args.threads,
                    train_seeds=args.train_seeds, report_only=args.report_only)
-    if not D.is_main():
+    if not dist.is_main():
         return 0
     print(table)
     print(f"\nwrote {args.out}/results.json, results.md, plane.png, answer_column_share.png, "

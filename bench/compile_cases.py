@@ -11,7 +11,10 @@ gradient. ``compile_check`` compiles what this finds.
 import contextlib
 import itertools
 
-MODES = ("add", "norm_scaled", "ablate", "clamp")
+from steerops import modes
+
+# the modes the steering kernel computes (the others run on the reference path)
+MODES = tuple(m.name for m in modes.REGISTRY.values() if m.kernel_code is not None)
 N_ROWS = 64  # rows per recorded launch: enough for every launch choice, small to record
 
 
@@ -105,14 +108,16 @@ def _steer_launch(kind, flags, t):
         if flags["patch"] == "weighted":
             kw["patch_weight"] = t["patch_weight"]
     if flags["steer"]:
-        kw.update(vector=t["vector4" if flags["vidx"] else "vector1"], mode=flags["mode"])
+        kw.update(vector=t["vector4" if flags["vidx"] else "vector1"],
+                  mode_code=modes.get(flags["mode"]).kernel_code)
         for name in ("vector_index", "alpha", "mask"):
             if flags[{"vector_index": "vidx"}.get(name, name)]:
                 kw[name] = t[name]
+    inputs = K.RowInputs(**kw)
     if kind == "fwd":
-        return K.steer_fwd(t["x"], **kw)
-    return K.steer_bwd(t["g"], t["x"], need_dsource=flags["dsource"],
-                       need_dvector=flags.get("dvector", False), need_dalpha=True, **kw)
+        return K.steer_fwd(t["x"], inputs)
+    return K.steer_bwd(t["g"], t["x"], inputs, need_dsource=flags["dsource"],
+                       need_dvector=flags.get("dvector", False))
 
 
 def _cases(D, dtype, modes, variants):

@@ -5,7 +5,6 @@ many tokens went forward / backward, whether the LM head ran) with the FLOPs
 FlopCounterMode counted for it and its wall time.
 """
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,12 +12,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from steerops.costs import timed
+
 from .memory import profiled_peak_mb
 
 # the analytic FLOP model lives with the library (steerops.plan_sweep prices a sweep
 # before it runs); the benchmark reads the same functions
-from steerops.flops import (analytic_forward_flops, patching_floor_flops,  # noqa: F401
-                            reuse_sweep_flops)
+from steerops.flops import analytic_forward_flops
 
 
 @dataclass
@@ -67,13 +67,8 @@ class Ledger:
             # profiler reads S2's optimisation at 550 MB where the stage alone peaks at
             # 87 MB (the caches, the gradient pass and patching read the same either way)
             peak = profiled_peak_mb(fn)[1]
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+        on = torch.device(device) if device is not None else torch.device("cpu")
+        times = [timed(fn, on)[1] for _ in range(repeats)]
         q1, q3 = (float(np.percentile(times, 25)), float(np.percentile(times, 75))) if times \
             else (float("nan"), float("nan"))
         self.stages.append(Stage(
@@ -101,11 +96,6 @@ class Ledger:
 
     def as_dicts(self):
         return [dict(vars(s), analytic_flops=self.analytic(s)) for s in self.stages]
-
-
-def _sync(device):
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def meta_forward_flops(model_factory, tokens):

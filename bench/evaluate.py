@@ -8,13 +8,13 @@ import numpy as np
 import torch
 
 import steerops
-from steerops.flops import token_layer_flops
+from steerops.flops import analytic_forward_flops, reuse_sweep_flops, token_layer_flops
 
 from . import controls as C
 from . import faithfulness as F
 from . import methods as M
 from . import pricing as P
-from .compute import Ledger, analytic_forward_flops, reuse_sweep_flops
+from .compute import Ledger
 
 
 # ----------------------------------------------------------------------------- data

@@ -20,6 +20,7 @@ import sys
 import torch
 
 import steerops
+from steerops import modes as steering_modes
 from steerops import reference as R
 from steerops.cli_args import Parser, output_folder, positive_int
 
@@ -173,7 +174,7 @@ def run_predict(out_dir, quick):
     return result, table
 
 
-def _steer_case(N, D, dtype, mode, K):
+def _steer_case(N, D, dtype, K):
     h = torch.randn(N, D, device=DEVICE, dtype=dtype)
     v = torch.randn(K, D, device=DEVICE, dtype=torch.float32)
     vi = torch.randint(0, K, (N,), device=DEVICE) if K > 1 else None
@@ -191,7 +192,7 @@ def _compiled(fn, autotune):
 
 def steer_cases(N, D, dtype, mode, K, which, autotune=False):
     """{provider: fn} for one steering case and the bytes it must move."""
-    h, v, vi, alpha = _steer_case(N, D, dtype, mode, K)
+    h, v, vi, alpha = _steer_case(N, D, dtype, K)
     s = h.element_size()
     eager = lambda h, v, a: R.intervene_forward(h, vector=v, alpha=a, mode=mode,  # noqa: E731
                                                 vector_index=vi)
@@ -342,7 +343,7 @@ def build_parser():
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
                    help="dtypes (default: all)")
     p.add_argument("--steer-modes", nargs="+", default=["norm_scaled", "add"],
-                   choices=["add", "norm_scaled", "ablate", "clamp"],
+                   choices=steering_modes.names(),
                    help="steering modes (default: norm_scaled add)")
     p.add_argument("--K", nargs="+", type=positive_int, default=[1, 8],
                    help="numbers of per-row vectors (default: 1 8)")

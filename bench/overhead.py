@@ -13,6 +13,7 @@ import time
 import torch
 
 from steerops.cli_args import Parser, device, output_folder, positive_int
+from steerops.costs import timed
 
 
 def _llama(hidden, layers, device, dtype):
@@ -25,18 +26,10 @@ def _llama(hidden, layers, device, dtype):
 
 
 def _time(fn, repeats, device):
+    """Median of ``repeats`` timed runs after 3 warm-up runs."""
     for _ in range(3):
         fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    return statistics.median(timed(fn, device)[1] for _ in range(repeats))
 
 
 def measure(hidden=256, layers=4, batch=4, seq=64, mode="norm_scaled", repeats=30, device="cpu",
@@ -91,13 +84,13 @@ def _wrap_hooks(model, seconds):
     for m in model.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
             for key, fn in list(hooks.items()):
-                def timed(*args, _fn=fn, **kwargs):
+                def timed_hook(*args, _fn=fn, **kwargs):
                     t0 = _time.perf_counter()
                     try:
                         return _fn(*args, **kwargs)
                     finally:
                         seconds[0] += _time.perf_counter() - t0
-                hooks[key] = timed
+                hooks[key] = timed_hook
 
 
 def _python_calls(fn, name):

@@ -35,11 +35,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import steerops
 from steerops.cli_args import Parser, device, output_folder, positive_int
+from steerops.costs import timed
 from steerops.models import find_layers
 
-from .compute import analytic_forward_flops, patching_floor_flops, reuse_sweep_flops
+from steerops.flops import analytic_forward_flops, patching_floor_flops, reuse_sweep_flops
 from .provenance import environment, save_results
-from .sweep_timing import _time_once, interleaved, round_ratios  # noqa: F401 (tests use them)
+from .sweep_timing import interleaved, round_ratios
 
 CONFIGS = {
     "gpt2-small T=4": ("gpt2", 4),
@@ -152,7 +153,7 @@ def matmul_rate(model, tokens, device, repeats=3):
         x = torch.randn(tokens, k, dtype=dtype, device=device)
         w = torch.randn(k, n, dtype=dtype, device=device)
         x @ w
-        best = min(_time_once(lambda: x @ w, device)[1] for _ in range(repeats))
+        best = min(timed(lambda: x @ w, device)[1] for _ in range(repeats))
         total_flops += 2 * tokens * k * n
         total_s += best
     return total_flops / total_s, {"tokens": tokens, "shapes": shapes}

@@ -1,22 +1,8 @@
 """Timing forms of a sweep side by side: interleaved rounds with the order rotated,
 and per-round ratios (shared by the patching benchmarks)."""
 import statistics
-import time
 
-import torch
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time_once(fn, device):
-    _sync(device)
-    t0 = time.perf_counter()
-    result = fn()
-    _sync(device)
-    return result, time.perf_counter() - t0
+from steerops.costs import timed
 
 
 def interleaved(forms, repeats, device):
@@ -27,7 +13,7 @@ def interleaved(forms, repeats, device):
     times, results = {f: [] for f in names}, {}
     for r in range(repeats):
         for form in names[r % len(names):] + names[:r % len(names)]:
-            results[form], seconds = _time_once(forms[form], device)
+            results[form], seconds = timed(forms[form], device)
             times[form].append(seconds)
     return times, results
 

@@ -1,12 +1,14 @@
 """Dense row kernels: residual add -> optional patch -> steering, in one pass.
 
 Per row (h = hidden + residual, then patched h = (1 - w) h + w s when the row
-has a patch source), steering adds ``coef * v`` where v is the raw vector row:
+has a patch source), steering adds ``coef * v`` where v is the raw vector row.
+The coefficient table, by ``mode_code`` (``steerops.modes`` maps mode names to
+these codes; a mode without a code runs on the reference path):
 
-    add          coef = a                      (h + a v)
-    norm_scaled  coef = a ||h|| / ||v||        (h + a ||h|| u)
-    ablate       coef = -a (h.v) / ||v||^2     (h - a (h.u) u)
-    clamp        coef = (a - h.v/||v||) / ||v|| (h + (a - h.u) u)
+    0  add          coef = a                      (h + a v)
+    1  norm_scaled  coef = a ||h|| / ||v||        (h + a ||h|| u)
+    2  ablate       coef = -a (h.v) / ||v||^2     (h - a (h.u) u)
+    3  clamp        coef = (a - h.v/||v||) / ||v|| (h + (a - h.u) u)
 
 Working in terms of v (not u = v/||v||) lets the kernel normalise on the fly:
 no separate launch to normalise the vector, and the same reductions serve all
@@ -22,13 +24,16 @@ Backward (g = dL/dout, selected rows; unselected rows pass g through):
 The shared-vector gradient is reduced deterministically: each program owns a
 slice of rows and an fp32 partial (P, K, D); the host sums the partials.
 """
+from dataclasses import dataclass, replace
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from . import config
 
-MODES = {"add": 0, "norm_scaled": 1, "ablate": 2, "clamp": 3}
+KERNEL_MODE_CODES = (0, 1, 2, 3)  # the rows of the coefficient table above
 
 
 @triton.jit
@@ -329,59 +334,95 @@ def _check_2d(name, t):
                          f"got shape {tuple(t.shape)} strides {t.stride()}")
 
 
-def _alpha_args(alpha, N):
+@dataclass(frozen=True)
+class RowInputs:
+    """The optional inputs of the row kernels, grouped as one launch record.
+
+    All 2-D tensors need a contiguous last dim (row strides are free); 1-D
+    index/weight/mask tensors are (N,); ``alpha`` is (N,) or (1,) or None (then
+    ``alpha_scalar`` is used); ``mask`` is uint8; ``mode_code`` is a row of the
+    coefficient table. Inputs are assumed validated (``steerops`` validates).
+    """
+    residual: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+    patch_src: Optional[torch.Tensor] = None
+    patch_weight: Optional[torch.Tensor] = None
+    vector: Optional[torch.Tensor] = None
+    vector_index: Optional[torch.Tensor] = None
+    alpha: Optional[torch.Tensor] = None
+    alpha_scalar: float = 1.0
+    mask: Optional[torch.Tensor] = None
+    mode_code: int = 0
+
+    def effective(self):
+        """Without a vector nothing steers: the steering inputs are moot (one
+        specialization)."""
+        if self.vector is None:
+            return replace(self, vector_index=None, alpha=None, mask=None, mode_code=0)
+        if self.mode_code not in KERNEL_MODE_CODES:
+            raise ValueError(f"steerops.kernels: mode_code must be one of {KERNEL_MODE_CODES}, "
+                             f"got {self.mode_code!r}")
+        return self
+
+    def check(self, *named):
+        for name, t in named + (("residual", self.residual), ("source", self.source),
+                                ("vector", self.vector)):
+            _check_2d(name, t)
+
+    def row_strides(self, x):
+        """(residual, source, vector, alpha) row strides; 0 for an absent input."""
+        def stride(t):
+            return 0 if t is None else t.stride(0)
+        return stride(self.residual), stride(self.source), stride(self.vector), \
+            _alpha_stride(self.alpha, x.shape[0])
+
+    def pointers(self, x):
+        """The optional tensors in kernel order, x standing in for an absent one."""
+        return (_ptr_or(self.residual, x), _ptr_or(self.source, x), _ptr_or(self.patch_src, x),
+                _ptr_or(self.patch_weight, x), _ptr_or(self.vector, x),
+                _ptr_or(self.vector_index, x), _ptr_or(self.alpha, x), float(self.alpha_scalar),
+                _ptr_or(self.mask, x))
+
+    def flags(self, x):
+        """The constexpr flags that select the kernel's specialization."""
+        return dict(MODE=self.mode_code, ACC=config.accumulator_dtype(x.dtype),
+                    HAS_RES=self.residual is not None, HAS_PATCH=self.patch_src is not None,
+                    HAS_PATCH_W=self.patch_weight is not None, HAS_STEER=self.vector is not None,
+                    HAS_VIDX=self.vector_index is not None, HAS_ALPHA=self.alpha is not None,
+                    HAS_MASK=self.mask is not None)
+
+
+def _alpha_stride(alpha, N):
     if alpha is None:
-        return 0, False
+        return 0
     if alpha.dim() != 1 or alpha.shape[0] not in (1, N):
         raise ValueError(f"steerops.kernels: alpha must have shape (1,) or ({N},)")
-    return (0 if alpha.shape[0] == 1 else alpha.stride(0)), True
+    return 0 if alpha.shape[0] == 1 else alpha.stride(0)
 
 
-def steer_fwd(x, *, residual=None, source=None, patch_src=None, patch_weight=None,
-              vector=None, vector_index=None, alpha=None, alpha_scalar=1.0, mask=None,
-              mode="add", out=None):
-    """Launches the fused forward; returns ``out`` ((N, D), may be ``x`` for in place).
-
-    All 2-D tensors need a contiguous last dim (row strides are free). 1-D
-    index/weight/mask tensors are (N,); ``alpha`` is (N,) or (1,) or None (then
-    ``alpha_scalar`` is used); ``mask`` is uint8/bool. Inputs are assumed
-    validated (``steerops`` validates before calling).
-    """
+def steer_fwd(x, inputs=RowInputs(), out=None):
+    """Launches the fused forward; returns ``out`` ((N, D), may be ``x`` for in place)."""
     N, D = x.shape
-    for name, t in (("x", x), ("residual", residual), ("source", source), ("vector", vector),
-                    ("out", out)):
-        _check_2d(name, t)
+    inputs = inputs.effective()
+    inputs.check(("x", x), ("out", out))
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if N == 0 or D == 0:
         return out
-    if vector is None:  # nothing steers: the steering flags are moot, one specialization
-        vector_index = alpha = mask = None
-        mode = "add"
-    stride_alpha, has_alpha = _alpha_args(alpha, N)
+    s_res, s_src, s_vec, s_alpha = inputs.row_strides(x)
+    res, src, psrc, pw, vec, vidx, alpha, alpha_scalar, mask = inputs.pointers(x)
     block, single = config.row_block(D)
     warps = config.row_warps(block)
     cap = {"maxnreg": config.MAXNREG_FWD_16_WARPS} if warps == 16 else {}
     _steer_fwd_kernel[(N,)](
-        x, _ptr_or(residual, x), out, _ptr_or(source, x),
-        _ptr_or(patch_src, x), _ptr_or(patch_weight, x),
-        _ptr_or(vector, x), _ptr_or(vector_index, x), _ptr_or(alpha, x), float(alpha_scalar),
-        _ptr_or(mask, x),
-        D, x.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
-        0 if source is None else source.stride(0), 0 if vector is None else vector.stride(0),
-        stride_alpha,
-        MODE=MODES[mode], ACC=config.accumulator_dtype(x.dtype),
-        HAS_RES=residual is not None, HAS_PATCH=patch_src is not None,
-        HAS_PATCH_W=patch_weight is not None, HAS_STEER=vector is not None,
-        HAS_VIDX=vector_index is not None, HAS_ALPHA=has_alpha, HAS_MASK=mask is not None,
-        BLOCK_D=block, SINGLE_PASS=single, num_warps=warps, **cap,
+        x, res, out, src, psrc, pw, vec, vidx, alpha, alpha_scalar, mask,
+        D, x.stride(0), s_res, out.stride(0), s_src, s_vec, s_alpha,
+        **inputs.flags(x), BLOCK_D=block, SINGLE_PASS=single, num_warps=warps, **cap,
     )
     return out
 
 
-def steer_bwd(g, x, *, residual=None, source=None, patch_src=None, patch_weight=None,
-              vector=None, vector_index=None, alpha=None, alpha_scalar=1.0, mask=None,
-              mode="add", need_dsource=False, need_dvector=False, need_dalpha=False):
+def steer_bwd(g, x, inputs=RowInputs(), need_dsource=False, need_dvector=False):
     """Backward of :func:`steer_fwd`.
 
     Returns ``(dx, dsource_rows, dvector_partials, dalpha_rows)``:
@@ -389,29 +430,22 @@ def steer_bwd(g, x, *, residual=None, source=None, patch_src=None, patch_weight=
     ``dsource_rows`` (N, D) accumulator dtype, row i holds ``w dL/dh_i`` for
     patched rows (reduce by patch_src with :func:`segment_sum_rows`);
     ``dvector_partials`` (P, K, D) accumulator dtype, dL/du (dL/dv for add)
-    partial sums per program; ``dalpha_rows`` (N,) accumulator dtype, computed
-    whenever alpha is a tensor (``need_dalpha`` is accepted for symmetry: the
-    gradient costs N values beside the rows' traffic).
-    Other entries not requested are None.
+    partial sums per program; ``dalpha_rows`` (N,) accumulator dtype, written
+    whenever alpha is a tensor (N values beside the rows' traffic of 3-4 N x D:
+    one specialization fewer per flag combination). Entries not requested are None.
     """
     N, D = x.shape
-    for name, t in (("g", g), ("x", x), ("residual", residual), ("source", source),
-                    ("vector", vector)):
-        _check_2d(name, t)
-    if vector is None:  # as in the forward: no steering, no steering flags
-        vector_index = alpha = mask = None
-        mode = "add"
+    inputs = inputs.effective()
+    inputs.check(("g", g), ("x", x))
     acc_torch = config.torch_accumulator_dtype(x.dtype)
     dev = x.device
     dx = torch.empty((N, D), dtype=g.dtype, device=dev)
-    need_dvector = need_dvector and vector is not None
-    # a per-row alpha's gradient is always written (N values beside the row traffic
-    # of 3-4 N x D): one specialization fewer per flag combination, unchanged results
-    need_dalpha = alpha is not None and vector is not None
-    need_dsource = need_dsource and patch_src is not None
-    K = 1 if vector is None else vector.shape[0]
+    need_dvector = need_dvector and inputs.vector is not None
+    need_dalpha = inputs.alpha is not None
+    need_dsource = need_dsource and inputs.patch_src is not None
+    K = 1 if inputs.vector is None else inputs.vector.shape[0]
     block, single, warps = config.backward_row_launch(D, x.device)
-    acc_in_regs = single and vector_index is None
+    acc_in_regs = single and inputs.vector_index is None
     P = config.reduction_programs(N, dev, K * D * 4 if need_dvector else 0)
     dsrc = torch.empty((N, D), dtype=acc_torch, device=dev) if need_dsource else None
     if need_dvector:
@@ -424,22 +458,16 @@ def steer_bwd(g, x, *, residual=None, source=None, patch_src=None, patch_weight=
         if part is not None:
             part.zero_()
         return dx, dsrc, part, dalpha
-    stride_alpha, has_alpha = _alpha_args(alpha, N)
-    rows_per_prog = triton.cdiv(N, P)
+    s_res, s_src, s_vec, s_alpha = inputs.row_strides(x)
+    res, src, psrc, pw, vec, vidx, alpha, alpha_scalar, mask = inputs.pointers(x)
     _steer_bwd_kernel[(P,)](
-        g, x, _ptr_or(residual, x), _ptr_or(source, x), _ptr_or(patch_src, x),
-        _ptr_or(patch_weight, x), _ptr_or(vector, x), _ptr_or(vector_index, x),
-        _ptr_or(alpha, x), float(alpha_scalar), _ptr_or(mask, x),
+        g, x, res, src, psrc, pw, vec, vidx, alpha, alpha_scalar, mask,
         dx, _ptr_or(dsrc, dx), _ptr_or(part, dx), _ptr_or(dalpha, dx),
-        N, D, rows_per_prog,
-        g.stride(0), x.stride(0), 0 if residual is None else residual.stride(0),
-        0 if source is None else source.stride(0), 0 if vector is None else vector.stride(0),
-        stride_alpha, dx.stride(0), 0 if dsrc is None else dsrc.stride(0),
+        N, D, triton.cdiv(N, P),
+        g.stride(0), x.stride(0), s_res, s_src, s_vec, s_alpha, dx.stride(0),
+        0 if dsrc is None else dsrc.stride(0),
         0 if part is None else part.stride(0), 0 if part is None else part.stride(1),
-        MODE=MODES[mode], ACC=config.accumulator_dtype(x.dtype),
-        HAS_RES=residual is not None, HAS_PATCH=patch_src is not None,
-        HAS_PATCH_W=patch_weight is not None, HAS_STEER=vector is not None,
-        HAS_VIDX=vector_index is not None, HAS_ALPHA=has_alpha, HAS_MASK=mask is not None,
+        **inputs.flags(x),
         NEED_DSRC=need_dsource, NEED_DVEC=need_dvector, NEED_DALPHA=need_dalpha,
         ACC_IN_REGS=acc_in_regs and need_dvector,
         BLOCK_D=block, SINGLE_PASS=single, num_warps=warps, maxnreg=config.MAXNREG_BWD,

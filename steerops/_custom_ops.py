@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backend, reference
+from . import backend, modes, reference
 from .kernels import config as kconfig
 from .kernels import patch as kpatch
 from .kernels import segment_sum as kseg
@@ -43,13 +43,25 @@ def _not_aliasing(result, t):
 # --------------------------------------------------------------------------- intervene
 
 
+def _kernel_inputs(x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar,
+                   mask, vector_index, mode):
+    """The kernels' launch record, or None when the reference computes: off the
+    Triton backend, or for a mode that has no row in the kernel's coefficient table."""
+    code = modes.get(mode).kernel_code
+    if not backend.use_triton(x) or (vector is not None and code is None):
+        return None
+    return ksteer.RowInputs(residual=residual, source=source, patch_src=patch_src,
+                            patch_weight=patch_weight, vector=vector, vector_index=vector_index,
+                            alpha=alpha, alpha_scalar=alpha_scalar, mask=_mask_u8(mask),
+                            mode_code=code or 0)
+
+
 def intervene_impl(x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar,
                    mask, vector_index, mode, out):
-    if backend.use_triton(x):
-        return ksteer.steer_fwd(
-            x, residual=residual, source=source, patch_src=patch_src, patch_weight=patch_weight,
-            vector=vector, vector_index=vector_index, alpha=alpha, alpha_scalar=alpha_scalar,
-            mask=_mask_u8(mask), mode=mode, out=out)
+    inputs = _kernel_inputs(x, residual, source, patch_src, patch_weight, vector, alpha,
+                            alpha_scalar, mask, vector_index, mode)
+    if inputs is not None:
+        return ksteer.steer_fwd(x, inputs, out=out)
     res = reference.intervene_forward(x, residual, source, patch_src, patch_weight, vector, alpha,
                                       alpha_scalar, mask, vector_index, mode)
     if out is None:
@@ -97,25 +109,18 @@ def intervene_backward_op(
         need_dalpha: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dsource, dvector, dalpha_rows); an entry not needed is an empty tensor."""
     g = g.contiguous()
-    if backend.use_triton(x):
+    inputs = _kernel_inputs(x, residual, source, patch_src, patch_weight, vector, alpha,
+                            alpha_scalar, mask, vector_index, steer_mode)
+    if inputs is not None:
         dx, dsrc_rows, part, dalpha = ksteer.steer_bwd(
-            g, x, residual=residual, source=source, patch_src=patch_src,
-            patch_weight=patch_weight, vector=vector, vector_index=vector_index, alpha=alpha,
-            alpha_scalar=alpha_scalar, mask=_mask_u8(mask), mode=steer_mode,
-            need_dsource=need_dsource, need_dvector=need_dvector, need_dalpha=need_dalpha)
+            g, x, inputs, need_dsource=need_dsource, need_dvector=need_dvector)
         dsource = dvector = None
         if dsrc_rows is not None:
             dsource = dsrc_rows.new_zeros(source.shape)
             kseg.segment_sum_rows(dsrc_rows, patch_src, dsource)
         if part is not None:
             G = part.sum(0)  # second stage of the deterministic reduction
-            if steer_mode == "add":
-                dvector = G
-            else:
-                v = vector.to(G.dtype)
-                vnorm = v.norm(dim=-1, keepdim=True)
-                u = v / vnorm
-                dvector = (G - (G * u).sum(-1, keepdim=True) * u) / vnorm
+            dvector = modes.get(steer_mode).vector_gradient(G, vector.to(G.dtype))
     else:
         dx, dsource, dvector, dalpha = reference.intervene_backward(
             g, x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar, mask,

@@ -65,7 +65,7 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
 
 def _attribution_patching(model, clean, corrupt, metric, layers, positions, batch_size,
                           layers_path, distributed, kind):
-    from . import distributed as D
+    from . import distributed as dist
     device = model_device(model)
     layers = resolve_site_layers(model, kind, layers, layers_path)
     metric = as_metric(metric)
@@ -75,8 +75,8 @@ def _attribution_patching(model, clean, corrupt, metric, layers, positions, batc
     pos = resolve_positions(positions, T, device)
     batch_size = pairs if batch_size is None else batch_size
     blocks = [(a, min(a + batch_size, pairs)) for a in range(0, pairs, batch_size)]
-    rank, world = D.rank_world() if D.active(distributed) else (0, 1)
-    mine = D.assign([b - a for a, b in blocks], world)[rank]
+    rank, world = dist.rank_world() if dist.active(distributed) else (0, 1)
+    mine = dist.assign([b - a for a, b in blocks], world)[rank]
     done = {}
     for u in mine:
         index = torch.arange(*blocks[u], device=device)
@@ -93,7 +93,7 @@ def _attribution_patching(model, clean, corrupt, metric, layers, positions, batc
         done[u] = (raw, m_clean, m.detach())
     if world > 1:
         merged = {}
-        for part in D.gather({u: tuple(x.cpu() for x in v) for u, v in done.items()}):
+        for part in dist.gather({u: tuple(x.cpu() for x in v) for u, v in done.items()}):
             merged.update(part)
         done = {u: tuple(x.to(device) for x in v) for u, v in merged.items()}
     raw, m_clean, m_corrupt = (torch.cat([done[u][i] for u in range(len(blocks))])

@@ -245,7 +245,7 @@ def _alphas(text):
 
 
 def steer_main(argv):
-    from .reference import MODES
+    from . import modes
     p = Parser(prog="steerops steer", description="Generate from a prompt unsteered and "
                "steered (several strengths in one batch), side by side.")
     p.add_argument("--model", required=True, type=existing_folder,
@@ -260,7 +260,7 @@ def steer_main(argv):
     p.add_argument("--layer", type=int, help="the site layer (required with --learn-from)")
     p.add_argument("--alpha", type=_alphas, default=[4.0],
                    help="strength(s), comma-separated: 2,4,8 (default 4)")
-    p.add_argument("--mode", choices=MODES, default="add")
+    p.add_argument("--mode", choices=modes.names(), default="add")
     p.add_argument("--max-new-tokens", type=positive_int, default=20)
     p.add_argument("--out", type=output_folder, help="also write steer.json here")
     p.add_argument("--device", type=device, default="cpu")

@@ -1,4 +1,6 @@
-"""A cost model of patching sweeps on this machine, for ``reuse='auto'``: the reuse
+"""The cost model and timing of patching sweeps on this machine: the one place that
+times things (``timed``, ``best_seconds``), the plan's calibration (``calibrate``),
+and the choice of ``reuse='auto'`` (``cheaper_plan``). The reuse
 form runs many small forwards (few FLOPs, many block calls), the plain form a few
 large ones (more FLOPs, few calls). Which is cheaper depends on the prompt length,
 the model and the device, so it is measured, once per model, device and thread
@@ -10,9 +12,10 @@ count, on the model itself:
 - per FLOP: a forward of 4 rows x 16 tokens less that one-token forward, over its
   FLOPs (matmuls, attention and the elementwise work, at a batch where the weights
   are read once);
-- per reuse forward: the difference of two real reuse sweeps of one 2-token pair,
-  with one patched forward and with one per layer, less the blocks they run (cache
-  selection, stand-in blocks, hooks: the Python work of every reuse forward).
+- per reuse forward: one patched forward of the reuse form, timed directly over the
+  base run of one 2-token pair at the last layer, where every block is stood in for
+  (less the blocks it runs when blocks cannot be stood in for): cache selection,
+  stand-in blocks, hooks, the head's input: the Python work of every reuse forward.
 
 A plan's time is then ``block_calls x per_call + FLOPs x per_flop (+ forwards x
 per_reuse_forward for the reuse forms)``. The calibration costs a few forwards
@@ -23,22 +26,31 @@ import time
 import torch
 
 from . import flops as F
+from .inputs import model_output, select_rows
 from .models import find_layers, model_device
+from .reuse import prepare_base_run
+from .reuse_forward import crop_cache, patched_metric
 
 _MEASURED = {}
 
 
-def _seconds(fn, device, repeats=3):
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """(fn's result, its wall seconds), the device synchronised before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - t0
+
+
+def best_seconds(fn, device, repeats=3):
+    """The fastest of ``repeats`` timed runs of ``fn``."""
+    return min(timed(fn, device)[1] for _ in range(repeats))
 
 
 def machine_costs(model, layers_path=None):
@@ -73,8 +85,8 @@ def _measure(model, layers_path, device):
     mid = torch.zeros(4, 16, dtype=torch.long, device=device)
     with torch.no_grad():
         model(one, use_cache=False)  # first call: lazy initialisation, not overhead
-        t1 = _seconds(lambda: model(one, use_cache=False), device)
-        t_mid = _seconds(lambda: model(mid, use_cache=False), device, repeats=2)
+        t1 = best_seconds(lambda: model(one, use_cache=False), device)
+        t_mid = best_seconds(lambda: model(mid, use_cache=False), device, repeats=2)
     flops = 4 * F.analytic_forward_flops(cfg, 16)
     s_per_flop = max(t_mid - t1, 1e-9) / flops
     per_call = t1 / L
@@ -88,26 +100,29 @@ def _measure(model, layers_path, device):
 
 def _reuse_forward_seconds(model, layers_path, L, per_call, device):
     """What one reuse forward costs beyond its blocks (cache selection, stand-in
-    blocks, hooks, the head's batching), from two real reuse sweeps of one 2-token
-    pair: one patched forward and L (one per layer); their difference is L - 1
-    forwards and the blocks they run."""
-    from .patching import patching_sweep
-    clean = torch.tensor([[1, 2]], device=device)
-    corrupt = torch.tensor([[3, 2]], device=device)
+    blocks, hooks, the head's input), timed directly: the base run of one 2-token pair,
+    then its patched forward at the last layer, from column 1 over the cached prefix,
+    where every block is stood in for (less the blocks it runs when they cannot be)."""
+    target = {"input_ids": torch.tensor([[3, 2]], device=device)}
 
     def metric(logits, pair_index):
         return logits[:, -1, 0] - logits[:, -1, 1]
     metric.positions = (-1,)
+    with torch.no_grad():
+        base, hidden, _, cache, _ = prepare_base_run(
+            model, target, metric, [L], mode="full", model_output=model_output,
+            layers_path=layers_path)
+        prefix = crop_cache(cache, 1) if cache is not None else None
+        start = 1 if prefix is not None else 0
+        rows, cols = torch.tensor([0], device=device), torch.tensor([1], device=device)
+        source = hidden[L][rows, cols]
 
-    def sweep(layers):
-        return lambda: patching_sweep(model, clean, corrupt, metric, layers, [1],
-                                      reuse="full", progress=False, layers_path=layers_path,
-                                      distributed=False)  # this process alone
-    few = _seconds(sweep([L]), device, repeats=2)  # the patched forward runs no block
-    every = list(range(1, L + 1))
-    many = _seconds(sweep(every), device, repeats=2)
-    blocks = sum(L - l for l in every)
-    return max(0.0, (many - few - blocks * per_call) / max(len(every) - 1, 1))
+        def forward():
+            return patched_metric(base, rows, cols, start, L, source, hidden[L], prefix)
+        forward()  # first call: lazy initialisation
+        seconds = best_seconds(forward, device)
+    blocks_run = 0 if base.skip_layers else L
+    return max(0.0, seconds - blocks_run * per_call)
 
 
 # Estimates against runs (GPT-2-small, 2 pairs, 1 CPU thread): reuse 0.81 s vs 0.99 s
@@ -125,3 +140,55 @@ def plan_seconds(plan, costs):
     if plan.form != "none":
         seconds += plan.forwards * costs["s_per_reuse_forward"]
     return seconds
+
+
+def cheaper_plan(reuse_plan, plain_plan):
+    """The cheaper of the reuse and plain plans by this machine's cost model, with the
+    reason (``reuse='auto'``)."""
+    costs = machine_costs(reuse_plan.model, reuse_plan.layers_path)
+    full, plain = plan_seconds(reuse_plan, costs), plan_seconds(plain_plan, costs)
+    chosen = reuse_plan if full <= REUSE_MARGIN * plain else plain_plan
+    chosen.why = (f"auto: the cost model (steerops.costs) takes {chosen.form} on this model "
+                  f"at T={reuse_plan.T} (full only when its estimate is below "
+                  f"{REUSE_MARGIN:g} x plain's): full ~{full:.3g} s "
+                  f"({reuse_plan.block_calls} block calls, {reuse_plan.flops['plan']:.3g} FLOPs) "
+                  f"vs none ~{plain:.3g} s ({plain_plan.block_calls} block calls, "
+                  f"{plain_plan.flops['plan']:.3g} FLOPs) at {costs['gflops']:.3g} GFLOP/s and "
+                  f"{costs['s_per_block_call'] * 1e3:.3g} ms per block call")
+    chosen.cost_model = {"full_s": full, "none_s": plain, **costs}
+    return chosen
+
+
+def calibrate(plan, repeats=2):
+    """Estimated seconds for ``plan``'s sweep on its device, from a short calibration:
+    forwards of 1 row and of a full batch of the real inputs (the fastest of the
+    ``repeats`` timings after the first), fitted as a fixed cost per block call
+    (Python and launch overhead: a forward that skips blocks pays for the ones it
+    runs) plus a rate per FLOP, applied to the plan's block calls and FLOPs. Returns
+    (seconds, the estimate record)."""
+    model, cfg = plan.model, plan.model.config
+    device = model_device(model)
+    target = plan.clean if plan.noising else plan.corrupt
+    # 1 row, and the plan's own batch (at most 64 rows): a rate per FLOP read off
+    # small batches would miss what large ones cost (cache misses, memory traffic)
+    widest = max((min(plan.batch_size, r.numel()) for _, _, _, r, _, _ in plan.chunks),
+                 default=min(plan.batch_size, plan.sites))
+    sizes = sorted({1, max(1, min(widest, 64))})
+    seconds = {}
+    with torch.no_grad():
+        for b in sizes:
+            batch = select_rows(target, torch.arange(b, device=device) % plan.pairs)
+            runs = [timed(lambda: model_output(model(**batch)), device)[1]
+                    for _ in range(repeats)]
+            seconds[b] = min(runs[1:] or runs)
+    fwd = F.analytic_forward_flops(cfg, plan.T)
+    if len(sizes) > 1 and seconds[sizes[1]] > seconds[1]:
+        per_flop = (seconds[sizes[1]] - seconds[1]) / ((sizes[1] - 1) * fwd)
+        overhead = max(0.0, seconds[1] - per_flop * fwd)
+    else:  # one size only: all of it is rate
+        per_flop, overhead = seconds[1] / fwd, 0.0
+    L = len(find_layers(model, plan.layers_path))
+    total = plan.block_calls * overhead / L + plan.flops["plan"] * per_flop
+    return total, {"seconds": total, "per_block_call_s": overhead / L,
+                   "s_per_gflop": per_flop * 1e9, "calibration_forwards": len(sizes) * repeats,
+                   "device": str(device), "threads": torch.get_num_threads()}

@@ -191,11 +191,6 @@ def register_site_hook(model, layer, fn, layers_path=None):
     return blocks[layer - 1].register_forward_hook(hook)
 
 
-# KV-cache offsets of a forward (decode steps): steerops.decode, re-exported here
-from .decode import (CACHE_KEYWORDS, DecodeOffsetError, ForwardInfo,  # noqa: E402,F401
-                     decode_offset)
-
-
 # --------------------------------------------------------------------------- torch.compile
 
 _compile_caches_cleared = False

@@ -2,22 +2,19 @@
 import torch
 
 from . import _custom_ops as cops
-from . import validation as V
+from . import modes
+from . import validation
 
 _STEER_DOC_MATH = """
     Per selected row, with h = hidden + residual (the add is fused),
-    u = v / ||v|| and a = alpha for that row:
+    u = v / ||v|| and a = alpha for that row (modes: ``steerops.modes``):
 
         mode          out
-        add           h + a v                 (v not normalised)
-        norm_scaled   h + a ||h|| u           (strength relative to the token's norm)
-        ablate        h - a (h.u) u           (a = 1 removes the direction)
-        clamp         h + (a - h.u) u         (sets the component along u to a)
-
+{table}
     Rows outside ``mask`` get h unchanged. Computed in fp32 (fp64 for fp64
     inputs), stored in hidden's dtype. Differentiable in hidden, residual,
     vector and alpha (deterministic reductions for vector and alpha).
-"""
+""".format(table="".join(f"        {m.name:<13} {m.math}\n" for m in modes.REGISTRY.values()))
 
 
 def _dispatch_directly(*tensors):
@@ -31,15 +28,15 @@ def _dispatch_directly(*tensors):
 
 
 def _steer_call(hidden, vector, alpha, mode, residual, mask, vector_index):
-    V.check_hidden(hidden)
-    V.check_residual(residual, hidden)
-    checks = V.ValueChecks()
-    vec, alpha_rows, alpha_scalar, mask, vidx = V.steer_args(
+    validation.check_hidden(hidden)
+    validation.check_residual(residual, hidden)
+    checks = validation.ValueChecks()
+    vec, alpha_rows, alpha_scalar, mask, vidx = validation.steer_args(
         hidden, vector, alpha, mode, mask, vector_index, checks)
     checks.run()
     D = hidden.shape[-1]
-    x = V.rows_2d("hidden", hidden, D)
-    res = None if residual is None else V.rows_2d("residual", residual, D)
+    x = validation.rows_2d("hidden", hidden, D)
+    res = None if residual is None else validation.rows_2d("residual", residual, D)
     return x, (res, None, None, None, vec, alpha_rows, alpha_scalar, mask, vidx, mode)
 
 
@@ -51,7 +48,7 @@ def steer(hidden, vector, alpha=1.0, *, mode="add", residual=None, mask=None, ve
         vector: (D,) or (K, D) steering vector(s).
         alpha: float, 0-d tensor, or a tensor of shape hidden.shape[:-1] / (N,)
             (per-row strength, e.g. an alpha sweep in one batch). May require grad.
-        mode: 'add', 'norm_scaled', 'ablate' or 'clamp'.
+        mode: a name in ``steerops.modes``: 'add', 'norm_scaled', 'ablate', 'clamp'.
         residual: optional tensor like hidden, added first (fused).
         mask: optional bool tensor over rows (hidden.shape[:-1] or (N,)).
         vector_index: (N,) integer, row -> vector row; required when K > 1.
@@ -121,13 +118,13 @@ _PATCH_DOC_MATH = """
 
 
 def _patch_call(hidden, source, dst_index, src_index, weight, direction, residual):
-    checks = V.ValueChecks()
-    src_rows, dst, src, w, u = V.patch_args(hidden, source, dst_index, src_index, weight,
+    checks = validation.ValueChecks()
+    src_rows, dst, src, w, u = validation.patch_args(hidden, source, dst_index, src_index, weight,
                                             direction, residual, checks)
     checks.run()
     D = hidden.shape[-1]
-    x = V.rows_2d("hidden", hidden, D)
-    res = None if residual is None else V.rows_2d("residual", residual, D)
+    x = validation.rows_2d("hidden", hidden, D)
+    res = None if residual is None else validation.rows_2d("residual", residual, D)
     return x, src_rows, dst, src, w, u, res
 
 
@@ -199,38 +196,38 @@ def intervene(hidden, *, residual=None, source=None, patch_src=None, patch_weigh
     then the steering of :func:`steer` on h. Differentiable in hidden,
     residual, source, vector and alpha.
     """
-    V.check_hidden(hidden)
-    V.check_residual(residual, hidden)
+    validation.check_hidden(hidden)
+    validation.check_residual(residual, hidden)
     D = hidden.shape[-1]
     N = hidden.numel() // D if D else 0
-    checks = V.ValueChecks()
+    checks = validation.ValueChecks()
     src_rows = psrc = pw = None
     if (source is None) != (patch_src is None):
         raise ValueError("source and patch_src go together: give both to patch, or neither")
     if patch_weight is not None and patch_src is None:
         raise ValueError("patch_weight needs patch_src and source")
     if patch_src is not None:
-        src_rows = V.check_source(source, hidden, D)
-        V.require_tensor("patch_src", patch_src, integer=True)
-        V.require_device("patch_src", patch_src, hidden.device)
-        psrc = V.widened(V.per_row("patch_src", patch_src, hidden, N))
-        V.check_range(checks, "patch_src", psrc, -1, src_rows.shape[0],
+        src_rows = validation.check_source(source, hidden, D)
+        validation.require_tensor("patch_src", patch_src, integer=True)
+        validation.require_device("patch_src", patch_src, hidden.device)
+        psrc = validation.widened(validation.per_row("patch_src", patch_src, hidden, N))
+        validation.check_range(checks, "patch_src", psrc, -1, src_rows.shape[0],
                       f"-1 or a row of source, which has {src_rows.shape[0]} rows")
         if patch_weight is not None:
-            V.require_tensor("patch_weight", patch_weight, floating=True)
-            V.require_device("patch_weight", patch_weight, hidden.device)
-            pw = V.per_row("patch_weight", patch_weight.detach(), hidden, N)
-            V.check_unit_range(checks, "patch_weight", pw)
+            validation.require_tensor("patch_weight", patch_weight, floating=True)
+            validation.require_device("patch_weight", patch_weight, hidden.device)
+            pw = validation.per_row("patch_weight", patch_weight.detach(), hidden, N)
+            validation.check_unit_range(checks, "patch_weight", pw)
     if vector is None:
         if mask is not None or vector_index is not None:
             raise ValueError("mask and vector_index select steering rows; they need vector")
-        V.check_mode(mode)
+        validation.check_mode(mode)
         steer_args = (None, None, 1.0, None, None)
     else:
-        steer_args = V.steer_args(hidden, vector, alpha, mode, mask, vector_index, checks)
+        steer_args = validation.steer_args(hidden, vector, alpha, mode, mask, vector_index, checks)
     checks.run()
-    x = V.rows_2d("hidden", hidden, D)
-    res = None if residual is None else V.rows_2d("residual", residual, D)
+    x = validation.rows_2d("hidden", hidden, D)
+    res = None if residual is None else validation.rows_2d("residual", residual, D)
     vec, alpha_rows, alpha_scalar, m, vidx = steer_args
     args = (res, src_rows, psrc, pw, vec, alpha_rows, alpha_scalar, m, vidx, mode)
     if _dispatch_directly(hidden, residual, source, vector, alpha):

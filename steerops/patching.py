@@ -4,7 +4,7 @@ pair, patched one at a time, many sites per batched forward.
 Sites are residual-stream (layer, position) pairs, layers numbered as in
 ``output_hidden_states`` (0 = embeddings .. L = output of the last block).
 Metrics: :mod:`steerops.metrics`; inputs: :mod:`steerops.inputs`; caching and AtP:
-:mod:`steerops.caching`, :mod:`steerops.attribution` (re-exported here).
+:mod:`steerops.caching`, :mod:`steerops.attribution`.
 """
 import math
 import os
@@ -13,14 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
-from .attribution import AttributionResult, attribution_patching  # noqa: F401 (re-exported)
 from .backend import unchecked
-from .caching import (ActivationCache, GradientCache, cache_activations,  # noqa: F401
-                      cache_gradients, capture)
-from .inputs import (aligned_pairs, as_inputs, batch_shape, model_output,  # noqa: F401
-                     positive_int, resolve_positions, select_rows)
-from .metrics import (as_metric, check_denominator, check_finite_sites,  # noqa: F401
-                      check_metric_pairs, logit_diff, prob_diff)
+from .caching import capture
+from .inputs import batch_shape, model_output, select_rows
+from .metrics import check_denominator, check_finite_sites
 from .models import eval_mode, model_device, model_name
 from .plan import plan_sweep
 from .reuse import last_position_head, reuse_sweep
@@ -168,11 +164,11 @@ def _run_units(plan, progress):
     gathered, or run here with shards on disk (steerops.distributed)."""
     from tqdm.auto import tqdm
 
-    from . import distributed as D
+    from . import distributed as dist
     model, pos = plan.model, plan.positions
     units, costs = plan.units()
-    rank, world = D.rank_world() if D.active(plan.distributed) else (0, 1)
-    mine = D.assign(costs, world)[rank] if world > 1 else list(range(len(units)))
+    rank, world = dist.rank_world() if dist.active(plan.distributed) else (0, 1)
+    mine = dist.assign(costs, world)[rank] if world > 1 else list(range(len(units)))
     key = None
     if plan.shard_dir is not None:
         ids = [x.get("input_ids", x.get("inputs_embeds")) for x in (plan.clean, plan.corrupt)]
@@ -180,13 +176,14 @@ def _run_units(plan, progress):
                        memory_budget_mb=plan.memory_budget_mb)
         if plan.kind.name != "resid":  # resid keys stay as they were (shards on disk)
             options.update(sites=plan.kind.name, per_position=plan.per_position)
-        key = D.fingerprint(ids[0], ids[1], plan.layers, pos, plan.pairs_per_unit or plan.pairs,
-                            model_name(model), options, *D.weights_sample(model))
+        key = dist.fingerprint(ids[0], ids[1], plan.layers, pos,
+                               plan.pairs_per_unit or plan.pairs, model_name(model), options,
+                               *dist.weights_sample(model))
     done, todo = {}, {}
     for u in mine:
         path = None if key is None else os.path.join(plan.shard_dir,
                                                       f"sweep-{key}-unit{u}.safetensors")
-        shard = D.load_shard(path) if path is not None and os.path.exists(path) else None
+        shard = dist.load_shard(path) if path is not None and os.path.exists(path) else None
         if shard is not None:
             done[u] = shard
         else:
@@ -198,7 +195,7 @@ def _run_units(plan, progress):
     # unit runs alone (its base runs are 2 of its P + 2 rows per pair).
     groups = [g for block in todo.values()
               for g in ([block] if plan.form != "none" else [[x] for x in block])]
-    bar = tqdm(total=sum(len(g) for g in groups), disable=not (progress and D.is_main()),
+    bar = tqdm(total=sum(len(g) for g in groups), disable=not (progress and dist.is_main()),
                desc="patching units")
     for group in groups:
         a, b, _ = units[group[0][0]]
@@ -211,11 +208,11 @@ def _run_units(plan, progress):
                        "forwards": torch.tensor(r.forwards if k == 0 else 0),
                        "rows": torch.tensor(r.rows if k == 0 else 0)}
             if path is not None:
-                D.save_shard(path, done[u], {"unit": units[u]})
+                dist.save_shard(path, done[u], {"unit": units[u]})
         bar.update(len(group))
     bar.close()
     if world > 1:
-        for part in D.gather(done):
+        for part in dist.gather(done):
             done.update(part)
     device = model_device(model)
     site_shape = next(iter(done.values()))["raw"].shape[1:]  # a layer's sites (the kind's)
@@ -233,7 +230,7 @@ def _run_units(plan, progress):
         rows=int(sum(int(d["rows"]) for d in done.values())),
         batch_size=plan.batch_size, sites=plan.kind.name, per_position=plan.per_position,
         extra={"units": {"count": len(units), "pairs_per_unit": plan.pairs_per_unit or plan.pairs,
-                         "world": world, "per_rank": [len(m) for m in D.assign(costs, world)],
+                         "world": world, "per_rank": [len(m) for m in dist.assign(costs, world)],
                          "shards": plan.shard_dir, "key": key}})
 
 

@@ -7,13 +7,13 @@ patching and the floor, memory, and (after a short calibration) an estimated tim
 ``steerops.patching.execute(plan)``; ``plan.describe()`` prints the plan.
 """
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 
+from . import costs
 from . import flops as F
-from .inputs import aligned_pairs, batch_shape, model_output, positive_int, resolve_positions
+from .inputs import aligned_pairs, batch_shape, positive_int, resolve_positions
 from .inputs import select_rows
 from .metrics import as_metric, check_metric_pairs
 from .models import find_layers, hidden_size, model_device
@@ -132,51 +132,15 @@ class SweepPlan:
 
     # ------------------------------------------------------------------ time
     def calibrate(self, repeats=2):
-        """Estimated seconds for the sweep on this device, from a short calibration:
-        forwards of 1 row and of a full batch of the real inputs (the second of
-        ``repeats`` timings each), fitted as a fixed cost per block call (Python and
-        launch overhead: a forward that skips blocks pays for the ones it runs) plus a
-        rate per FLOP, applied to the plan's block calls and FLOPs. Sets
-        ``plan.estimate``."""
-        model, cfg = self.model, self.model.config
-        device = model_device(model)
-        target = self.clean if self.noising else self.corrupt
-        # 1 row, and the plan's own batch (at most 64 rows): a rate per FLOP read off
-        # small batches would miss what large ones cost (cache misses, memory traffic)
-        widest = max((min(self.batch_size, r.numel()) for _, _, _, r, _, _ in self.chunks),
-                     default=min(self.batch_size, self.sites))
-        sizes = sorted({1, max(1, min(widest, 64))})
-        seconds = {}
-        with torch.no_grad():
-            for b in sizes:
-                rows = torch.arange(b, device=device) % self.pairs
-                batch = select_rows(target, rows)
-                runs = []
-                for _ in range(repeats):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    model_output(model(**batch))
-                    _sync(device)
-                    runs.append(time.perf_counter() - t0)
-                seconds[b] = min(runs[1:] or runs)
-        fwd = F.analytic_forward_flops(cfg, self.T)
-        if len(sizes) > 1 and seconds[sizes[1]] > seconds[1]:
-            per_flop = (seconds[sizes[1]] - seconds[1]) / ((sizes[1] - 1) * fwd)
-            overhead = max(0.0, seconds[1] - per_flop * fwd)
-        else:  # one size only: all of it is rate
-            per_flop, overhead = seconds[1] / fwd, 0.0
-        L = len(find_layers(model, self.layers_path))
-        total = self.block_calls * overhead / L + self.flops["plan"] * per_flop
-        self.estimate = {"seconds": total, "per_block_call_s": overhead / L,
-                         "s_per_gflop": per_flop * 1e9,
-                         "calibration_forwards": len(sizes) * repeats,
-                         "device": str(device), "threads": torch.get_num_threads()}
+        """Estimated seconds for the sweep on this device (``steerops.costs.calibrate``:
+        a short calibration on the real inputs). Sets ``plan.estimate``."""
+        total, self.estimate = costs.calibrate(self, repeats)
         return total
 
     # ------------------------------------------------------------------ output
     def summary(self):
         """The plan as a plain dict (for results and JSON)."""
-        return {"sites": self.kind.name, "per_position": self.per_position,
+        return {"site_kind": self.kind.name, "per_position": self.per_position,
                 "pairs": self.pairs, "tokens": self.T, "layers": list(self.layers),
                 "positions": self.positions.numel(), "sites": self.sites,
                 "identical_skipped": self.identical if self.form != "none" else 0,
@@ -217,11 +181,6 @@ class SweepPlan:
         text = "\n".join(lines)
         print(text)
         return text
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rows_metric(metric, rows):
@@ -284,26 +243,8 @@ def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, no
             plan.why = ("auto: a causal LM on one device; the sweep is split over ranks / "
                         "shards, where every process must choose alike: the reuse form")
         else:
-            plan = _cheaper(plan, build("none", ""))
+            plan = costs.cheaper_plan(plan, build("none", ""))
     return plan
-
-
-def _cheaper(reuse_plan, plain_plan):
-    """The cheaper of the reuse and plain plans by the machine's cost model
-    (steerops.costs), with the reason."""
-    from .costs import REUSE_MARGIN, machine_costs, plan_seconds
-    costs = machine_costs(reuse_plan.model, reuse_plan.layers_path)
-    full, plain = plan_seconds(reuse_plan, costs), plan_seconds(plain_plan, costs)
-    chosen = reuse_plan if full <= REUSE_MARGIN * plain else plain_plan
-    chosen.why = (f"auto: the cost model (steerops.costs) takes {chosen.form} on this model "
-                  f"at T={reuse_plan.T} (full only when its estimate is below "
-                  f"{REUSE_MARGIN:g} x plain's): full ~{full:.3g} s "
-                  f"({reuse_plan.block_calls} block calls, {reuse_plan.flops['plan']:.3g} FLOPs) "
-                  f"vs none ~{plain:.3g} s ({plain_plan.block_calls} block calls, "
-                  f"{plain_plan.flops['plan']:.3g} FLOPs) at {costs['gflops']:.3g} GFLOP/s and "
-                  f"{costs['s_per_block_call'] * 1e3:.3g} ms per block call")
-    chosen.cost_model = {"full_s": full, "none_s": plain, **costs}
-    return chosen
 
 
 def _predicted_differing(clean, corrupt, layers, pos, kind=RESID, units=1, per_position=True):

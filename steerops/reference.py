@@ -11,7 +11,8 @@ for float64 inputs), returning the input dtype; see docs/ops.md for the math.
 """
 import torch
 
-MODES = ("add", "norm_scaled", "ablate", "clamp")
+from . import modes
+
 
 
 def compute_dtype(dtype):
@@ -48,29 +49,17 @@ def _patched_input(x, residual, source, patch_src, patch_weight, cd):
     return torch.where(sel, (1 - w) * h + w * s, h)
 
 
-def _safe_norm(h):
-    """||h|| per row; torch's norm has gradient 0 (not NaN) at h = 0."""
-    return torch.linalg.vector_norm(h, dim=-1)
-
-
 def steering_delta(h, vector, vector_index, a, mode):
     """The steering term added to each row of h (before masking).
 
-    vector (K, D) in the compute dtype; a: (N,) tensor or a python float.
-    Normalises the K vectors once, then selects rows.
+    vector (K, D) in the compute dtype; a: (N,) tensor or a python float; mode: a
+    name in ``steerops.modes``. Normalises the K vectors once, then selects rows.
     """
+    spec = modes.get(mode)
     a = a.unsqueeze(-1) if isinstance(a, torch.Tensor) else a
-    if mode == "add":
-        return a * _rows_of(vector, vector_index)
-    u = _rows_of(vector / vector.norm(dim=-1, keepdim=True), vector_index)
-    if mode == "norm_scaled":
-        return a * _safe_norm(h).unsqueeze(-1) * u
-    hu = (h * u).sum(-1, keepdim=True)
-    if mode == "ablate":
-        return -a * hu * u
-    if mode == "clamp":
-        return (a - hu) * u
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if spec.unit:
+        vector = vector / vector.norm(dim=-1, keepdim=True)
+    return spec.delta(h, _rows_of(vector, vector_index), a)
 
 
 def intervene_forward(x, residual=None, source=None, patch_src=None, patch_weight=None,
@@ -107,41 +96,18 @@ def intervene_backward(g, x, residual=None, source=None, patch_src=None, patch_w
         v_rows = _vector_rows(vector, vector_index, N, cd)
         sel = torch.ones(N, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
         selc = sel.to(cd).unsqueeze(-1)
-        if mode == "add":
-            dh = g
-            dvec_rows = a.unsqueeze(-1) * g * selc
-            dalpha = (g * v_rows).sum(-1)
-        else:
-            vnorm = v_rows.norm(dim=-1, keepdim=True)
-            u = v_rows / vnorm
-            gu = (g * u).sum(-1, keepdim=True)
-            hu = (h * u).sum(-1, keepdim=True)
-            a1 = a.unsqueeze(-1)
-            if mode == "norm_scaled":
-                hn = _safe_norm(h).unsqueeze(-1)
-                inv_hn = torch.where(hn > 0, 1 / torch.where(hn > 0, hn, torch.ones_like(hn)),
-                                     torch.zeros_like(hn))
-                dh = g + selc * a1 * gu * h * inv_hn
-                du_rows = a1 * hn * g
-                dalpha = (hn * gu).squeeze(-1)
-            elif mode == "ablate":
-                dh = g - selc * a1 * gu * u
-                du_rows = -a1 * (hu * g + gu * h)
-                dalpha = (-hu * gu).squeeze(-1)
-            elif mode == "clamp":
-                dh = g - selc * gu * u
-                du_rows = (a1 - hu) * g - gu * h
-                dalpha = gu.squeeze(-1)
-            else:
-                raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-            du_rows = du_rows * selc
-            # dL/dv = (G - (G.u) u) / ||v||, applied per row then summed (linear in G)
-            dvec_rows = (du_rows - (du_rows * u).sum(-1, keepdim=True) * u) / vnorm
+        spec = modes.get(mode)
+        direction = v_rows / v_rows.norm(dim=-1, keepdim=True) if spec.unit else v_rows
+        dh_extra, d_rows, dalpha = spec.backward(g, h, direction, a.unsqueeze(-1))
+        if dh_extra is not None:
+            dh = g + selc * dh_extra
+        # dL/dv per row, then summed per vector (the projection is linear in the gradient)
+        d_rows = spec.vector_gradient(d_rows * selc, v_rows)
         dalpha = torch.where(sel, dalpha, torch.zeros_like(dalpha))
         K = vector.shape[0]
         index = (torch.zeros(N, dtype=torch.long, device=x.device) if vector_index is None
                  else vector_index.long())
-        dvector = torch.zeros((K, D), dtype=cd, device=x.device).index_add_(0, index, dvec_rows)
+        dvector = torch.zeros((K, D), dtype=cd, device=x.device).index_add_(0, index, d_rows)
     dx = dh
     dsource = None
     if patch_src is not None:

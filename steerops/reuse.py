@@ -77,25 +77,15 @@ def last_position_head(model, metric):
     return get() if callable(get) else None
 
 
-def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch_size,
-                model_output, layers_path=None, progress=True, kind=RESID, per_position=True):
-    """Raw metric values (pairs, len(layers), P) of the denoising/noising sweep
-    (the caller decides which run is the source; ``source_store[l]`` is (pairs, P,
-    D)), computing only what differs from the ``target`` base run. Returns (raw,
-    the base run's metric (pairs,), report of what was reused).
-
-    A component ``kind`` (steerops.sites) in block b at position p changes block b
-    only from that component on and only at positions >= p: blocks 0..b-1 are the
-    base run's (stood in for, as for the residual stream at layer b), positions
-    before p come from the KV cache, and a hook writes the component in block b.
-    Then raw is (pairs, len(layers), P or 1, units): a site is (block, position,
-    unit), or with ``per_position=False`` (block, unit) written at every position
-    from the first that differs (before it the source is the base run's)."""
-    from tqdm.auto import tqdm
-
+def prepare_base_run(model, target, metric, layers, *, mode, model_output, layers_path=None,
+                     kind=RESID):
+    """The base run of a reuse sweep, once: its forward with the cache kept, the
+    residual stream entering every requested layer (``hidden``) and, for a component
+    kind, the component (``own``). Returns (BaseRun, hidden, own, cache, the base
+    run's metric (pairs,)); every patched forward then runs over it."""
     tokens = target.get("input_ids", target.get("inputs_embeds"))
     pairs, T = tokens.shape[:2]
-    device = pos.device
+    device = tokens.device
     blocks = find_layers(model, layers_path)
     # the base run again, keeping its cache, the residual stream entering every
     # requested layer (a component's block input: resid layer b) and the component
@@ -139,7 +129,32 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
     every = torch.arange(pairs, device=device)
     base_metric = metric(base_logits, every).float()
     base = BaseRun(model, blocks, metric, target, kw, as_tuple, skip_layers, head, deferred,
-                    base_logits, model_output, T, layers_path)
+                   base_logits, model_output, T, layers_path)
+    return base, hidden, own, cache, base_metric
+
+
+def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch_size,
+                model_output, layers_path=None, progress=True, kind=RESID, per_position=True):
+    """Raw metric values (pairs, len(layers), P) of the denoising/noising sweep
+    (the caller decides which run is the source; ``source_store[l]`` is (pairs, P,
+    D)), computing only what differs from the ``target`` base run. Returns (raw,
+    the base run's metric (pairs,), report of what was reused).
+
+    A component ``kind`` (steerops.sites) in block b at position p changes block b
+    only from that component on and only at positions >= p: blocks 0..b-1 are the
+    base run's (stood in for, as for the residual stream at layer b), positions
+    before p come from the KV cache, and a hook writes the component in block b.
+    Then raw is (pairs, len(layers), P or 1, units): a site is (block, position,
+    unit), or with ``per_position=False`` (block, unit) written at every position
+    from the first that differs (before it the source is the base run's)."""
+    from tqdm.auto import tqdm
+
+    tokens = target.get("input_ids", target.get("inputs_embeds"))
+    pairs, T = tokens.shape[:2]
+    base, hidden, own, cache, base_metric = prepare_base_run(
+        model, target, metric, layers, mode=mode, model_output=model_output,
+        layers_path=layers_path, kind=kind)
+    blocks, skip_layers, head, deferred = base.blocks, base.skip_layers, base.head, base.deferred
     width = source_store[layers[0]].shape[-1]
     U = kind.units(model, width)
     columns = pos.numel() if per_position else 1

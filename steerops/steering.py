@@ -4,12 +4,12 @@ import numbers
 
 import torch
 
-from . import ops
+from . import ops, validation
 from .backend import unchecked
-from .models import (ForwardInfo, hidden_size, layer_device, make_hooks_visible_to_compile,
+from .decode import ForwardInfo
+from .models import (hidden_size, layer_device, make_hooks_visible_to_compile,
                      model_device, register_site_hook, resolve_layers)
-from .positions import POSITION_MODES, SteeredPositions  # noqa: F401 (re-exported)
-from .reference import MODES
+from .positions import SteeredPositions
 
 
 class Steering:
@@ -45,8 +45,7 @@ class Steering:
 
     def __init__(self, model, layer, vector, alpha=1.0, *, mode="add", positions="all",
                  vector_index=None, layers_path=None):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        validation.check_mode(mode)
         self.model = model
         self.mode = mode
         self.layers_path = layers_path
@@ -81,19 +80,14 @@ class Steering:
 
     # ------------------------------------------------------------------ validation (once)
     def _check_vector(self, v, D, device):
+        """The ops' own vector checks, run once here rather than on every forward."""
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
             raise TypeError(f"vector must be a floating tensor, got {type(v).__name__}")
-        if v.device.type == "meta":
-            raise ValueError("vector is on the meta device (shape only, no values); "
-                             "materialise it first")
-        if v.dim() not in (1, 2) or v.shape[-1] != D:
-            raise ValueError(f"vector must have shape ({D},) or (K, {D}) for this model "
-                             f"(hidden size {D}), got {tuple(v.shape)}")
-        if not bool(torch.isfinite(v.detach()).all()):
-            raise ValueError("vector has NaN or Inf entries")
-        if self.mode != "add" and bool((v.detach().float().norm(dim=-1) == 0).any()):
-            raise ValueError(f"vector has a zero-norm row, which mode {self.mode!r} cannot "
-                             f"normalise")
+        checks = validation.ValueChecks()
+        checks.enabled = True  # once per Steering, also under steerops.unchecked()
+        validation.vector_arg(v, D, None, self.mode, checks,
+                     model_note=f" for this model (hidden size {D})")
+        checks.run()
         return v.to(device)
 
     @staticmethod

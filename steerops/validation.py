@@ -10,7 +10,8 @@ import numbers
 import torch
 
 from . import backend
-from .reference import MODES, compute_dtype
+from . import modes
+from .reference import compute_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -130,8 +131,28 @@ def check_nonzero_rows(checks, name, v, why):
 
 
 def check_mode(mode):
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    """The registered steering mode called ``mode`` (a one-line error otherwise)."""
+    return modes.get(mode)
+
+
+def vector_arg(vector, D, device, mode, checks, model_note=""):
+    """Validates steering vector(s) for ``mode``; returns them as (K, D) rows.
+    ``model_note`` says where D comes from (a model's hidden size)."""
+    spec = check_mode(mode)
+    require_tensor("vector", vector, floating=True)
+    if device is not None:
+        require_device("vector", vector, device)
+    if vector.device.type == "meta":
+        raise ValueError("vector is on the meta device (shape only, no values); "
+                         "materialise it first")
+    if vector.dim() not in (1, 2) or vector.shape[-1] != D or vector.numel() == 0:
+        raise ValueError(f"vector must have shape ({D},) or (K, {D}){model_note}, "
+                         f"got {tuple(vector.shape)}")
+    vec = vector.reshape(-1, D).contiguous()
+    check_finite(checks, "vector", vec)
+    if spec.unit:
+        check_nonzero_rows(checks, "vector", vec, f"mode {mode!r} cannot normalise")
+    return vec
 
 
 def alpha_arg(alpha, hidden, N, compute_dtype, checks):
@@ -170,16 +191,10 @@ def alpha_arg(alpha, hidden, N, compute_dtype, checks):
 def steer_args(hidden, vector, alpha, mode, mask, vector_index, checks):
     """Validates steering arguments; returns (vector (K,D), alpha_rows, alpha_scalar,
     mask (N,) bool or None, vector_index (N,) or None)."""
-    check_mode(mode)
     D = hidden.shape[-1]
     N = hidden.numel() // D if D else 0
-    require_tensor("vector", vector, floating=True)
-    require_device("vector", vector, hidden.device)
-    if vector.dim() not in (1, 2) or vector.shape[-1] != D or vector.numel() == 0:
-        raise ValueError(f"vector must have shape ({D},) or (K, {D}), got {tuple(vector.shape)}")
-    vec = vector.reshape(-1, D).contiguous()
+    vec = vector_arg(vector, D, hidden.device, mode, checks)
     K = vec.shape[0]
-    check_finite(checks, "vector", vec)
     alpha_rows, alpha_scalar = alpha_arg(alpha, hidden, N, compute_dtype(hidden.dtype), checks)
     if mask is not None:
         require_tensor("mask", mask)
@@ -195,8 +210,6 @@ def steer_args(hidden, vector, alpha, mode, mask, vector_index, checks):
     elif K > 1:
         raise ValueError(f"vector has {K} rows, so vector_index (one vector row per hidden "
                          f"row, shape ({N},)) is required")
-    if mode != "add":
-        check_nonzero_rows(checks, "vector", vec, f"mode {mode!r} cannot normalise")
     return vec, alpha_rows, alpha_scalar, mask, vector_index
 
 

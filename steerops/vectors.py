@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .models import eval_mode, hidden_size, model_device, model_name, resolve_layers
-from .patching import as_inputs, as_metric, cache_activations, model_output
+from .caching import cache_activations
+from .inputs import as_inputs, model_output
+from .metrics import as_metric
 from .steering import Steering
 
 METHODS = ("mean_diff", "pca", "optimize")

@@ -115,7 +115,7 @@ def test_patching_benchmark_forms_agree_and_count(monkeypatch, tmp_path):
 
 
 def test_benchmark_rounds_interleave_and_rotate():
-    from steerops.bench.patching import interleaved, round_ratios
+    from steerops.bench.sweep_timing import interleaved, round_ratios
     calls = []
     forms = {f: (lambda f=f: calls.append(f) or f) for f in ("a", "b", "c")}
     times, results = interleaved(forms, 3, torch.device("cpu"))

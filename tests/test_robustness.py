@@ -11,7 +11,7 @@ import torch
 
 import steerops
 from hf_models import V, causal_lm, prompts
-from steerops.models import DecodeOffsetError, decode_offset
+from steerops.decode import DecodeOffsetError, decode_offset
 
 
 # ----------------------------------------------------------------------------- decode offset
