@@ -14,11 +14,14 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["steerops", "steerops.kernels", "steerops.bench"],
+    # the layers (steerops/README: ops <- model <- sweeps <- app), and the two folders at
+    # the root mapped into the package, in regular and editable installs alike
+    packages=["steerops", "steerops.ops", "steerops.model", "steerops.sweeps", "steerops.app",
+              "steerops.kernels", "steerops.bench"],
     package_dir={"steerops": "steerops", "steerops.kernels": "kernels", "steerops.bench": "bench"},
     install_requires=["torch>=2.5", "triton>=3.2", "numpy"],
     package_data={"steerops.bench": ["checkpoints/*.safetensors"]},
-    entry_points={"console_scripts": ["steerops=steerops.cli:main"]},
+    entry_points={"console_scripts": ["steerops=steerops.app.cli:main"]},
     extras_require={
         "hf": [TRANSFORMERS, "safetensors", "tqdm", "matplotlib"],
         "bench": [TRANSFORMERS, "safetensors", "tqdm", "matplotlib"],

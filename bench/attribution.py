@@ -13,22 +13,22 @@ against patching on the informative sites S* and priced on both sides
 soon as it finishes, so a killed run continues where it stopped.
 """
 import contextlib
-import hashlib
-import json
 import os
 import sys
 import time
 
 import torch
 
-from steerops import distributed as dist
-from steerops.cli_args import (FolderLock, Parser, UsageError, device, existing_folder,
+from steerops.sweeps import distributed as dist
+from steerops.app.cli_args import (FolderLock, Parser, UsageError, device, existing_folder,
                                nonnegative_int, output_folder, positive_int)
 
 from . import controls as C
 from .aggregate import summarize
 from .evaluate import run_one
 from .provenance import environment, read_shard, save_results, write_json, write_shard
+from .run_store import (PROTOCOL_VERSION, committed_hashes, compact, models_seen, read_record,
+                        record_path, set_aside_unreadable, shard_path)
 from .realistic import break_even_curves, compute_curves, realistic
 from .plots import plots
 from .reporting import markdown
@@ -37,7 +37,6 @@ from .tasks import TASKS
 from .train import (SCALES, checkpoint_info, ensure_checkpoint, scale_tasks, task_accuracy,
                     task_for)
 
-PROTOCOL_VERSION = 4
 PROTOCOL_DOC = "docs/protocol.md"
 # pairs per split, within-run bootstrap draws, hierarchical bootstrap draws, S2
 # optimisation steps, timing repeats (on each model's first split seed), split seeds,
@@ -54,31 +53,14 @@ SEED = 1234
 MIN_ACCURACY = 0.95  # docs/protocol.md: a task model below this held-out accuracy is left out
 
 
-def _settings_key(settings):
-    """Shards are reused only by a run with the same settings (and protocol version)."""
-    keep = {k: settings[k] for k in ("scale", "n_fit", "n_val", "n_eval", "s2_steps",
-                                     "n_boot")}
-    text = json.dumps(dict(keep, protocol=PROTOCOL_VERSION), sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-def shard_path(out_dir, settings, task, train_seed, split_seed):
-    return os.path.join(out_dir, "runs", f"{settings['scale']}-{_settings_key(settings)}",
-                        f"{task}-train{train_seed}-split{split_seed}.json.gz")
-
-
-def record_path(out_dir, settings):
-    """The run's own record beside its shards (environment, timings, the realistic stage):
-    what --report-only needs to rebuild results.json exactly."""
-    return os.path.join(os.path.dirname(shard_path(out_dir, settings, "x", 0, 0)),
-                        "record.json")
-
-
 def model_record(info):
     """What a run records of its task model (from the checkpoint's metadata)."""
     return {"held_out_accuracy": info["held_out_accuracy"], "train_steps": info["steps"],
             "seed": info["seed"], "config": info["config"], "threads": info.get("threads"),
-            "train_seconds": info.get("train_seconds")}
+            "train_seconds": info.get("train_seconds"),
+            # the CPU and math paths the weights were trained on (they depend on the CPU:
+            # docs/protocol.md, "Reproducible models"); None for older checkpoints
+            "math_paths": info.get("math_paths")}
 
 
 def split_seeds(task_name, train_seed, settings):
@@ -170,20 +152,6 @@ def _lock_output(out_dir, distributed, report_only):
     return lock or contextlib.nullcontext()  # ranks other than 0, and reports
 
 
-def set_aside_unreadable(paths):
-    """A shard cut short (a run killed mid-write, a full disk) is renamed to
-    ``NAME.unreadable`` with a line naming it, so that the run recomputes it."""
-    for path in paths:
-        if not os.path.exists(path):
-            continue
-        try:
-            read_shard(path)
-        except (ValueError, OSError, EOFError) as e:
-            os.replace(path, path + ".unreadable")
-            print(f"set aside {path} (not readable JSON: {e}); it will be recomputed",
-                  file=sys.stderr)
-
-
 def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realistic, settings,
          train_seeds, distributed, report_only):
     settings = dict(settings or (QUICK if quick else FULL))
@@ -263,7 +231,7 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
                                     for (t, s), a in sorted(excluded.items())])
     # --report-only over a finished run: the run's own record (environment, timings, the
     # measured realistic stage), so results.json comes out as the run wrote it
-    record = _read_record(out_dir, settings, len(runs)) if report_only else None
+    record = read_record(out_dir, settings, len(runs)) if report_only else None
     if record:
         results.update({k: record[k] for k in ("environment", "runs_resumed", "run_seconds")})
     results["stages_done"].append("runs")
@@ -300,65 +268,6 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     save_results(out_dir, "results", compact(results), table)
     plots(results, out_dir)
     return results, table
-
-
-def _read_record(out_dir, settings, runs_done):
-    """The finished run's record, when it describes these runs (None otherwise)."""
-    try:
-        with open(record_path(out_dir, settings)) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if record.get("runs_done") == runs_done else None
-
-
-def compact(results):
-    """results.json without the per-run records and bootstrap draws (those stay in the
-    run shards under OUT/runs): every aggregate, model and compute number."""
-    out = {k: v for k, v in results.items() if k != "runs"}
-    out["tasks"] = {name: {k: v for k, v in t.items() if k != "draws"}
-                    for name, t in results.get("tasks", {}).items()}
-    out["run_index"] = [{"task": r["task"], "train_seed": r.get("train_seed", 0),
-                         "split_seed": r["split_seed"], "informative_sites": r[
-                             "informative_sites"], "even_share": r["even_share"]}
-                        for r in results.get("runs", [])]
-    return out
-
-
-# the committed full run: a rerun compares its task models' weights with these
-COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                         "attribution_v4", "results.json")
-
-
-def committed_hashes(scale, path=None):
-    """{(task, training seed): sha256} of the committed results at ``scale`` ({} if none)."""
-    path = COMMITTED if path is None else path
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    if data.get("settings", {}).get("scale") != scale:
-        return {}
-    return {(m["task"], m["train_seed"]): m["weights_sha256"] for m in data.get("models", [])}
-
-
-def models_seen(runs, scale, committed=None):
-    """One record per task model the runs used: training record, |S*| over its runs,
-    weight hash, and whether that hash is the committed results' one (None: no
-    committed record of that model)."""
-    committed = committed_hashes(scale) if committed is None else committed
-    out = {}
-    for r in runs:
-        key = (r["task"], r.get("train_seed", 0))
-        m = out.setdefault(key, dict(r["model"], task=key[0], train_seed=key[1],
-                                     informative_sites=[]))
-        m["informative_sites"].append(r["informative_sites"])
-        m.pop("config", None)
-    for key, m in out.items():
-        known = committed.get(key)
-        m["matches"] = None if known is None else known == m.get("weights_sha256")
-    return [out[k] for k in sorted(out)]
 
 
 def build_parser():

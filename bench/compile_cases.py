@@ -11,7 +11,7 @@ gradient. ``compile_check`` compiles what this finds.
 import contextlib
 import itertools
 
-from steerops import modes
+from steerops.ops import modes
 
 # the modes the steering kernel computes (the others run on the reference path)
 MODES = tuple(m.name for m in modes.REGISTRY.values() if m.kernel_code is not None)

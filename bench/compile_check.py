@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from steerops.cli_args import Parser, output_folder, positive_int
+from steerops.app.cli_args import Parser, output_folder, positive_int
 
 from .compile_cases import enumerate_specializations
 

@@ -12,13 +12,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from steerops.costs import timed
+from steerops.sweeps.costs import timed
 
 from .memory import profiled_peak_mb
 
 # the analytic FLOP model lives with the library (steerops.plan_sweep prices a sweep
 # before it runs); the benchmark reads the same functions
-from steerops.flops import analytic_forward_flops
+from steerops.sweeps.flops import analytic_forward_flops
 
 
 @dataclass

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import steerops
-from steerops.flops import analytic_forward_flops, reuse_sweep_flops, token_layer_flops
+from steerops.sweeps.flops import analytic_forward_flops, reuse_sweep_flops, token_layer_flops
 
 from . import controls as C
 from . import faithfulness as F
@@ -174,7 +174,7 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=
                      + work.get("token_layers_run", 0) * token_layer_flops(cfg, T)
                      + work.get("head_tokens", 0) * P.head_flops(cfg))
 
-    # --- patching, in its cheapest correct form (steerops.reuse 'full'; named, not 'auto':
+    # --- patching, in its cheapest correct form (steerops.sweeps.reuse 'full'; named, not 'auto':
     # auto's choice is timed, and the ledger must not depend on the machine)
     metric = steerops.logit_diff(ev.answer.to(device), ev.wrong.to(device))
     sweep = stage("patching", lambda: steerops.patching_sweep(

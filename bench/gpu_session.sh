@@ -24,11 +24,11 @@ case "${1:-tests}" in
         | tee "$OUT/tests_on_cuda.log"
     ;;
   bench)
-    timeout 300 python3 -m steerops.cli bench kernels --quick --out "$OUT/kernels" 2>&1 \
+    timeout 300 python3 -m steerops bench kernels --quick --out "$OUT/kernels" 2>&1 \
         | tee "$OUT/kernels.log"
-    timeout 180 python3 -m steerops.cli bench attribution --quick --device cuda --no-progress \
+    timeout 180 python3 -m steerops bench attribution --quick --device cuda --no-progress \
         --out "$OUT/attribution" 2>&1 | tail -40 | tee "$OUT/attribution.log"
-    timeout 60 python3 -m steerops.cli bench overhead --device cuda --hidden 2048 --layers 8 \
+    timeout 60 python3 -m steerops bench overhead --device cuda --hidden 2048 --layers 8 \
         >"$OUT/overhead.json" 2>&1
     ;;
 esac

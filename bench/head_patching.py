@@ -16,7 +16,7 @@ import statistics
 import torch
 
 import steerops
-from steerops.models import find_layers
+from steerops.model.blocks import find_layers
 
 from .sweep_timing import interleaved, round_ratios
 

@@ -20,9 +20,9 @@ import sys
 import torch
 
 import steerops
-from steerops import modes as steering_modes
-from steerops import reference as R
-from steerops.cli_args import Parser, output_folder, positive_int
+from steerops.ops import modes as steering_modes
+from steerops.ops import reference as R
+from steerops.app.cli_args import Parser, output_folder, positive_int
 
 from .provenance import git_commit, repo_relative, save_results
 

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 import steerops
-from steerops.inputs import model_output
-from steerops.reuse import reuse_sweep
+from steerops.model.inputs import model_output
+from steerops.model.vectors import optimize_vector
+from steerops.sweeps.reuse import reuse_sweep
 
 from . import faithfulness as F
 
@@ -183,14 +184,14 @@ def optimise_s2(model, fit, layer, alpha, init, steps, device):
     if steps <= 0:
         return init.clone(), []
     metric = steerops.logit_diff(fit.answer.to(device), fit.wrong.to(device))
-    v, history = steerops.vectors.optimize_vector(
+    v, history = optimize_vector(
         model, fit.corrupt.to(device), layer, init.to(device), metric, alpha=alpha,
         steps=steps, lr=0.05, positions=contrast_mask(fit).to(device))
     return v.detach().cpu(), history
 
 
 # ----------------------------------------------------------------------------- cheapest form
-# v3: every steered forward runs in patching's cheapest form (steerops.reuse 'full': the
+# v3: every steered forward runs in patching's cheapest form (steerops.sweeps.reuse 'full': the
 # corrupt run's KV prefix reused, the blocks before the site skipped, the LM head at the
 # answer only). Steering at a site is a patch whose source is h_s(corrupt) + alpha v_l.
 

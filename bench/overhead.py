@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from steerops.cli_args import Parser, device, output_folder, positive_int
-from steerops.costs import timed
+from steerops.app.cli_args import Parser, device, output_folder, positive_int
+from steerops.sweeps.costs import timed
 
 
 def _llama(hidden, layers, device, dtype):
@@ -35,7 +35,7 @@ def _time(fn, repeats, device):
 def measure(hidden=256, layers=4, batch=4, seq=64, mode="norm_scaled", repeats=30, device="cpu",
             dtype=torch.float32):
     import steerops
-    from steerops.models import find_layers
+    from steerops.model.blocks import find_layers
     device = torch.device(device)
     model = _llama(hidden, layers, device, dtype)
     ids = torch.randint(0, 1024, (batch, seq), device=device)
@@ -115,7 +115,7 @@ def decode_hook_cost(hidden=256, layers=4, batch=1, new_tokens=32, repeats=3, co
     how many times the steering hook's Python code ran (0: it is in the graph), with
     the compiled steered tokens checked equal to the eager steered ones."""
     import steerops
-    from steerops.models import find_layers
+    from steerops.model.blocks import find_layers
     model = _llama(hidden, layers, torch.device("cpu"), torch.float32)
     ids = torch.randint(0, 1024, (batch, 16))
     v = torch.randn(hidden)

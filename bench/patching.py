@@ -8,8 +8,8 @@ side by side in one process, in interleaved rounds.
 Forms (denoising, every residual site (l, p), logit difference at the last
 position):
 - ``auto``: ``steerops.patching_sweep`` as called by default (reuse='auto': the cost
-  model of steerops.costs picks full or none; the table says which);
-- ``reuse``: ``patching_sweep(reuse='full')`` (see steerops.reuse);
+  model of steerops.sweeps.costs picks full or none; the table says which);
+- ``reuse``: ``patching_sweep(reuse='full')`` (see steerops.sweeps.reuse);
 - ``plain``: ``patching_sweep(reuse='none')``, batched (pair, site) rows;
 - ``hook_one_site``: a hand-written loop, one forward per (pair, site), a forward
   hook that overwrites the site;
@@ -34,11 +34,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import steerops
-from steerops.cli_args import Parser, device, output_folder, positive_int
-from steerops.costs import timed
-from steerops.models import find_layers
+from steerops.app.cli_args import Parser, device, output_folder, positive_int
+from steerops.sweeps.costs import timed
+from steerops.model.blocks import find_layers
 
-from steerops.flops import analytic_forward_flops, patching_floor_flops, reuse_sweep_flops
+from steerops.sweeps.flops import analytic_forward_flops, patching_floor_flops, reuse_sweep_flops
 from .provenance import environment, save_results
 from .sweep_timing import interleaved, round_ratios
 
@@ -196,7 +196,7 @@ def run_config(name, kind, T, pairs, repeats, device, memory_budget_mb=1024):
     measure_memory = device.type == "cpu" and can_measure()
     # the cost model calibrates on first use: here, not under FlopCounterMode below
     # (which slows every op down and would skew the rates auto chooses by)
-    from steerops.costs import machine_costs
+    from steerops.sweeps.costs import machine_costs
     out["cost_model"] = machine_costs(model)
     for form in ("auto", "reuse", "plain"):
         entry = out["forms"][form] = {}

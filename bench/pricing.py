@@ -14,7 +14,7 @@
 The same functions price a benchmark run (``bench.evaluate``) and the realistic
 configs (``bench.realistic``), so a ratio means the same thing at every scale.
 """
-from steerops.flops import _dims, analytic_forward_flops, token_layer_flops
+from steerops.sweeps.flops import _dims, analytic_forward_flops, token_layer_flops
 
 from .controls import N_TWINS
 

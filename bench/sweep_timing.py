@@ -2,7 +2,7 @@
 and per-round ratios (shared by the patching benchmarks)."""
 import statistics
 
-from steerops.costs import timed
+from steerops.sweeps.costs import timed
 
 
 def interleaved(forms, repeats, device):

@@ -10,26 +10,22 @@ accuracy reaches the target (checked on prompts from a separate generator
 stream) or the step budget runs out. The checkpoint is a safetensors file
 with the config, seed, steps and measured held-out accuracy in its metadata.
 """
-import json
 import os
 import sys
 import time
 
 import torch
 
-from steerops.cli_args import Parser, nonnegative_int, output_folder, positive_int
+from steerops.app.cli_args import Parser, nonnegative_int, output_folder, positive_int
 
 from . import reproducible as R
+from .model_store import (CHECKPOINT_DIR, MODEL_CONFIG, build_model, checkpoint_name,
+                          checkpoint_path, load_checkpoint, read_info, save_checkpoint)
 from .multihop import MULTIHOP, multihop_task
 from .multitask import Mixture, TaskToken
 from .spread import VOCAB_STANDARD, task_at
-from .tasks import TASKS, VOCAB
+from .tasks import TASKS
 
-CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
-MODEL_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
-                    max_position_embeddings=16, tie_word_embeddings=False, bos_token_id=1,
-                    eos_token_id=1, pad_token_id=0)
 TRAIN_SEED, EVAL_SEED, TEST_SEED = 0, 10_000, 20_000
 
 # The two model scales of docs/protocol.md. `toy` ships with the package (bench/checkpoints);
@@ -72,7 +68,6 @@ MULTITASK_CONFIG = dict(DEEP_CONFIG, vocab_size=VOCAB_STANDARD + len(MULTITASK_T
 SCALES["multitask"] = dict(config=MULTITASK_CONFIG, seq_len=48, hops=5, seeds=(0, 1, 2),
                            batch_pairs=128, reproducible=True, max_steps=8000, target=0.98,
                            decay=True, tasks=MULTITASK_TASKS, shared=True)
-STANDARD_VERSION = "standard-v4"
 # Subnormal floats appear as these models train and slow a CPU step 3x (induction: 2.1
 # steps/s at step 100, 0.7 at step 800); flushing them to zero keeps the step time flat.
 FLUSH_DENORMAL = True  # bump when the config, tasks or training recipe change
@@ -111,23 +106,6 @@ def model_name(task_name, scale):
 def task_accuracy(info, task_name):
     """A task's held-out accuracy: per task on a shared model, else the model's."""
     return info.get("task_accuracy", {}).get(task_name, info["held_out_accuracy"])
-
-
-def cache_dir():
-    """Where on-demand checkpoints live: $STEEROPS_CACHE, else ~/.cache/steerops."""
-    root = os.environ.get("STEEROPS_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "steerops")
-    return os.path.join(root, "checkpoints", STANDARD_VERSION)
-
-
-def checkpoint_name(task_name, scale="toy", seed=0):
-    return f"{task_name}.safetensors" if scale == "toy" else f"{task_name}-seed{seed}.safetensors"
-
-
-def build_model(config=None):
-    import transformers as T
-    cfg = T.LlamaConfig(**(config or MODEL_CONFIG))
-    return T.LlamaForCausalLM(cfg)
 
 
 def _examples(task, n_pairs, gen):
@@ -211,48 +189,6 @@ def _train(task, seed, max_steps, batch_pairs, lr, target, eval_every, progress,
                           "train_seconds": round(time.time() - t0, 1)}
 
 
-def save_checkpoint(model, info, path):
-    from safetensors.torch import save_file
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    meta = dict(info, torch=torch.__version__)
-    meta.setdefault("config", MODEL_CONFIG)
-    tmp = path + ".tmp"
-    save_file(state, tmp, metadata={"steerops": json.dumps(meta)})
-    os.replace(tmp, path)  # a killed run never leaves a half-written checkpoint
-
-
-def weights_sha256(path):
-    """sha256 of a checkpoint file: which weights a result came from."""
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_info(path):
-    """A checkpoint's metadata (config, seed, recipe, steps, held-out accuracy)."""
-    from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        return json.loads(f.metadata()["steerops"])
-
-
-def load_checkpoint(task_name, directory=CHECKPOINT_DIR, device="cpu", scale="toy", seed=0):
-    """(model, info) for a shipped (or freshly trained) task checkpoint."""
-    from safetensors.torch import load_file
-    path = checkpoint_path(task_name, scale, seed, directory)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint for task {task_name!r} at {path}; train it with "
-                                f"python -m steerops.bench.train --tasks {task_name}"
-                                + ("" if scale == "toy" else f" --scale {scale} --seeds {seed}"))
-    info = read_info(path)
-    info["weights_sha256"] = weights_sha256(path)
-    model = build_model(info["config"])
-    model.load_state_dict(load_file(path))
-    return model.to(device).eval(), info
-
-
 def recipe(task_name, scale):
     """The training recipe SCALES fixes for ``task_name``: lr, batch_pairs, max_steps."""
     spec = SCALES[scale]
@@ -321,12 +257,6 @@ def _train_pinned(task_name, scale, seed, path, max_steps, progress):
         raise RuntimeError(f"training {task_name} seed {seed} ({scale}) on the pinned math "
                            f"paths failed (exit {done.returncode}); run it alone to see why: "
                            + " ".join(argv[1:]))
-
-
-def checkpoint_path(task_name, scale="toy", seed=0, directory=None):
-    """Where the checkpoint lives: the shipped folder (toy) or the cache (standard)."""
-    directory = directory or (CHECKPOINT_DIR if scale == "toy" else cache_dir())
-    return os.path.join(directory, checkpoint_name(task_name, scale, seed))
 
 
 def checkpoint_info(task_name, scale="toy", seed=0, directory=None):

@@ -15,7 +15,7 @@ import time
 import torch
 
 import steerops
-from steerops import distributed as D
+from steerops.sweeps import distributed as D
 
 
 def main(argv=None):

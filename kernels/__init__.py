@@ -12,6 +12,7 @@ One kernel family per module, host launchers beside the kernels, no autograd:
 """
 from .patch import patch_bwd, patch_fwd
 from .segment_sum import segment_sum_rows
-from .steer import RowInputs, steer_bwd, steer_fwd
+from .row_inputs import RowInputs
+from .steer import steer_bwd, steer_fwd
 
 __all__ = ["RowInputs", "steer_fwd", "steer_bwd", "patch_fwd", "patch_bwd", "segment_sum_rows"]

@@ -2,7 +2,7 @@
 
 Per row (h = hidden + residual, then patched h = (1 - w) h + w s when the row
 has a patch source), steering adds ``coef * v`` where v is the raw vector row.
-The coefficient table, by ``mode_code`` (``steerops.modes`` maps mode names to
+The coefficient table, by ``mode_code`` (``steerops.ops.modes`` maps mode names to
 these codes; a mode without a code runs on the reference path):
 
     0  add          coef = a                      (h + a v)
@@ -24,16 +24,12 @@ Backward (g = dL/dout, selected rows; unselected rows pass g through):
 The shared-vector gradient is reduced deterministically: each program owns a
 slice of rows and an fp32 partial (P, K, D); the host sums the partials.
 """
-from dataclasses import dataclass, replace
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
 from . import config
-
-KERNEL_MODE_CODES = (0, 1, 2, 3)  # the rows of the coefficient table above
+from .row_inputs import RowInputs, ptr_or
 
 
 @triton.jit
@@ -324,82 +320,6 @@ def _steer_bwd_kernel(
         tl.store(part_base + cols, acc_dv, mask=cols < D)
 
 
-def _ptr_or(t, fallback):
-    return fallback if t is None else t
-
-
-def _check_2d(name, t):
-    if t is not None and (t.dim() != 2 or t.stride(-1) != 1):
-        raise ValueError(f"steerops.kernels: {name} must be 2-D with a contiguous last dim, "
-                         f"got shape {tuple(t.shape)} strides {t.stride()}")
-
-
-@dataclass(frozen=True)
-class RowInputs:
-    """The optional inputs of the row kernels, grouped as one launch record.
-
-    All 2-D tensors need a contiguous last dim (row strides are free); 1-D
-    index/weight/mask tensors are (N,); ``alpha`` is (N,) or (1,) or None (then
-    ``alpha_scalar`` is used); ``mask`` is uint8; ``mode_code`` is a row of the
-    coefficient table. Inputs are assumed validated (``steerops`` validates).
-    """
-    residual: Optional[torch.Tensor] = None
-    source: Optional[torch.Tensor] = None
-    patch_src: Optional[torch.Tensor] = None
-    patch_weight: Optional[torch.Tensor] = None
-    vector: Optional[torch.Tensor] = None
-    vector_index: Optional[torch.Tensor] = None
-    alpha: Optional[torch.Tensor] = None
-    alpha_scalar: float = 1.0
-    mask: Optional[torch.Tensor] = None
-    mode_code: int = 0
-
-    def effective(self):
-        """Without a vector nothing steers: the steering inputs are moot (one
-        specialization)."""
-        if self.vector is None:
-            return replace(self, vector_index=None, alpha=None, mask=None, mode_code=0)
-        if self.mode_code not in KERNEL_MODE_CODES:
-            raise ValueError(f"steerops.kernels: mode_code must be one of {KERNEL_MODE_CODES}, "
-                             f"got {self.mode_code!r}")
-        return self
-
-    def check(self, *named):
-        for name, t in named + (("residual", self.residual), ("source", self.source),
-                                ("vector", self.vector)):
-            _check_2d(name, t)
-
-    def row_strides(self, x):
-        """(residual, source, vector, alpha) row strides; 0 for an absent input."""
-        def stride(t):
-            return 0 if t is None else t.stride(0)
-        return stride(self.residual), stride(self.source), stride(self.vector), \
-            _alpha_stride(self.alpha, x.shape[0])
-
-    def pointers(self, x):
-        """The optional tensors in kernel order, x standing in for an absent one."""
-        return (_ptr_or(self.residual, x), _ptr_or(self.source, x), _ptr_or(self.patch_src, x),
-                _ptr_or(self.patch_weight, x), _ptr_or(self.vector, x),
-                _ptr_or(self.vector_index, x), _ptr_or(self.alpha, x), float(self.alpha_scalar),
-                _ptr_or(self.mask, x))
-
-    def flags(self, x):
-        """The constexpr flags that select the kernel's specialization."""
-        return dict(MODE=self.mode_code, ACC=config.accumulator_dtype(x.dtype),
-                    HAS_RES=self.residual is not None, HAS_PATCH=self.patch_src is not None,
-                    HAS_PATCH_W=self.patch_weight is not None, HAS_STEER=self.vector is not None,
-                    HAS_VIDX=self.vector_index is not None, HAS_ALPHA=self.alpha is not None,
-                    HAS_MASK=self.mask is not None)
-
-
-def _alpha_stride(alpha, N):
-    if alpha is None:
-        return 0
-    if alpha.dim() != 1 or alpha.shape[0] not in (1, N):
-        raise ValueError(f"steerops.kernels: alpha must have shape (1,) or ({N},)")
-    return 0 if alpha.shape[0] == 1 else alpha.stride(0)
-
-
 def steer_fwd(x, inputs=RowInputs(), out=None):
     """Launches the fused forward; returns ``out`` ((N, D), may be ``x`` for in place)."""
     N, D = x.shape
@@ -462,7 +382,7 @@ def steer_bwd(g, x, inputs=RowInputs(), need_dsource=False, need_dvector=False):
     res, src, psrc, pw, vec, vidx, alpha, alpha_scalar, mask = inputs.pointers(x)
     _steer_bwd_kernel[(P,)](
         g, x, res, src, psrc, pw, vec, vidx, alpha, alpha_scalar, mask,
-        dx, _ptr_or(dsrc, dx), _ptr_or(part, dx), _ptr_or(dalpha, dx),
+        dx, ptr_or(dsrc, dx), ptr_or(part, dx), ptr_or(dalpha, dx),
         N, D, triton.cdiv(N, P),
         g.stride(0), x.stride(0), s_res, s_src, s_vec, s_alpha, dx.stride(0),
         0 if dsrc is None else dsrc.stride(0),

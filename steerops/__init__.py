@@ -7,29 +7,19 @@ Public ops (see docs/ops.md): :func:`steer`, :func:`steer_`, :func:`patch`,
 :func:`use_backend`; :func:`unchecked` skips value checks for pre-validated,
 graph-captured plans.
 """
-import os as _os
-
-# The kernels and benchmarks live at the repo root (kernels/, bench/) and are
-# installed as steerops.kernels / steerops.bench. Running from a source tree
-# without installing (PYTHONPATH=repo), resolve them from the repo root too.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_root, "setup.py")) and _os.path.isfile(
-        _os.path.join(_root, "kernels", "__init__.py")):
-    __path__.append(_root)  # noqa: F821  (package __path__)
-
 # Public names load on first use (PEP 562), so `import steerops` (and the `steerops`
 # command's --help) does not pay for importing torch and transformers up front.
 _PUBLIC = {
-    "backend": ("get_backend", "set_backend", "unchecked", "use_backend"),
+    "ops.backend": ("get_backend", "set_backend", "unchecked", "use_backend"),
     "ops": ("intervene", "patch", "patch_", "steer", "steer_"),
-    "models": ("find_layers",),
-    "patching": ("PatchingResult", "patching_sweep"),
-    "attribution": ("AttributionResult", "attribution_patching"),
-    "caching": ("ActivationCache", "GradientCache", "cache_activations", "cache_gradients"),
-    "metrics": ("logit_diff", "prob_diff"),
-    "steering": ("Steering",),
-    "plan": ("SweepPlan", "plan_sweep"),
-    "vectors": ("SteeringVector", "learn_steering_vector"),
+    "model.blocks": ("find_layers",),
+    "model.caching": ("ActivationCache", "GradientCache", "cache_activations", "cache_gradients"),
+    "model.metrics": ("logit_diff", "prob_diff"),
+    "model.steering": ("Steering",),
+    "model.vectors": ("SteeringVector", "learn_steering_vector"),
+    "sweeps.patching": ("PatchingResult", "patching_sweep"),
+    "sweeps.attribution": ("AttributionResult", "attribution_patching"),
+    "sweeps.plan": ("SweepPlan", "plan_sweep"),
 }
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}
 
@@ -42,15 +32,15 @@ __all__ = ["steer", "steer_", "patch", "patch_", "intervene", "set_backend", "ge
            "PatchingResult", "AttributionResult", "plan_sweep", "SweepPlan"]
 
 
-_SUBMODULES = ("backend", "ops", "models", "patching", "steering", "vectors", "reuse",
-               "validation", "reference", "distributed", "kernels", "bench", "plan", "inputs",
-               "metrics", "caching", "attribution", "sitemap", "flops", "positions", "text",
-               "report", "commands", "tiny")
+# the layers, each a subpackage (imports run one way: app -> sweeps -> model -> ops ->
+# kernels); steerops.kernels and steerops.bench are mapped from the repository root by
+# setup.py (regular and editable installs)
+_SUBMODULES = ("ops", "model", "sweeps", "app", "kernels", "bench")
 
 
 def __getattr__(name):
     import importlib
-    if name in _SUBMODULES:  # steerops.vectors etc. without an import of their own
+    if name in _SUBMODULES:  # steerops.sweeps etc. without an import of their own
         return importlib.import_module(f".{name}", __name__)
     module = _HOME.get(name)
     if module is None:

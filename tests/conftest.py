@@ -52,9 +52,9 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
-    """The tiny local model (steerops.tiny: word-level tokenizer, 4-block Llama trained
+    """The tiny local model (steerops.app.tiny: word-level tokenizer, 4-block Llama trained
     on a toy IOI task) saved once per session, as `steerops tiny-model DIR` saves it."""
-    from steerops.tiny import make_tiny_model
+    from steerops.app.tiny import make_tiny_model
     folder = str(tmp_path_factory.mktemp("tiny-model"))
     accuracy = make_tiny_model(folder)
     assert accuracy > 0.9, f"the tiny model did not learn its task ({accuracy:.0%})"

@@ -35,10 +35,10 @@ def toy_steering_case(task_name="ioi", pairs=3, seed=0):
     empty (layer, position) site mask to fill: the set-up of the steered-forward tests."""
     import numpy as np
 
-    from steerops.bench import train
+    from steerops.bench import model_store
     from steerops.bench.tasks import TASKS
 
-    model, _ = train.load_checkpoint(task_name)
+    model, _ = model_store.load_checkpoint(task_name)
     task = TASKS[task_name]
     sampled = task.sample(pairs, torch.Generator().manual_seed(seed))
     vectors = torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size)

@@ -298,7 +298,7 @@ def test_steering_vector_load_refuses_bad_files(model, tmp_path):
 
 def test_empty_or_non_text_prompt_lists_are_named(tiny):
     import steerops
-    from steerops.tiny import TEMPLATE
+    from steerops.app.tiny import TEMPLATE
     model, tok = tiny
     c = TEMPLATE.format(a="Mary", b="John", place="store", obj="drink")
     x = TEMPLATE.format(a="Sarah", b="John", place="store", obj="drink")

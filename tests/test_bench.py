@@ -12,7 +12,8 @@ from steerops.bench import attribution as A
 from steerops.bench import faithfulness as F
 from steerops.bench.methods import METHODS
 from steerops.bench.tasks import TASKS
-from steerops.bench.train import accuracy, load_checkpoint, train_task
+from steerops.bench.model_store import load_checkpoint
+from steerops.bench.train import accuracy, train_task
 
 BINARY = {"greater_than", "brackets", "pronoun", "agreement"}
 

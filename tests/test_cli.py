@@ -10,8 +10,8 @@ import time
 import pytest
 
 from steerops.bench.provenance import read_shard
-from steerops.cli import main
-from steerops.cli_args import FolderLock, UsageError
+from steerops.app.cli import main
+from steerops.app.cli_args import FolderLock, UsageError
 
 
 def _run(argv, capsys):
@@ -127,7 +127,7 @@ def test_help_names_no_file_a_user_lacks(capsys):
 
 
 def test_help_is_fast_and_imports_no_torch():
-    code = ("import sys, time; t = time.perf_counter(); from steerops.cli import main\n"
+    code = ("import sys, time; t = time.perf_counter(); from steerops.app.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n"
             "print(time.perf_counter() - t, file=sys.stderr)")
@@ -163,7 +163,7 @@ def test_folder_lock_refuses_a_second_holder(tmp_path):
 def test_a_second_run_on_one_folder_is_refused(tmp_path, capsys):
     """A run holding --out (here: another process) makes a second one exit 2 at once."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from steerops.cli_args import FolderLock\n"
+        [sys.executable, "-c", "import sys, time; from steerops.app.cli_args import FolderLock\n"
                                "with FolderLock(sys.argv[1]):\n    print('held', flush=True)\n"
                                "    time.sleep(60)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True)

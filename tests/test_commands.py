@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from browser import dump_dom, screenshot
-from steerops.tiny import TEMPLATE
+from steerops.app.tiny import TEMPLATE
 
 CLEAN = TEMPLATE.format(a="Mary", b="John", place="store", obj="drink")
 CORRUPT = TEMPLATE.format(a="Sarah", b="John", place="store", obj="drink")
@@ -19,7 +19,7 @@ CORRUPT = TEMPLATE.format(a="Sarah", b="John", place="store", obj="drink")
 
 def steerops_cli(*args, cwd=None):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    return subprocess.run([sys.executable, "-m", "steerops.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "steerops", *args], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=600)
 
 
@@ -55,7 +55,7 @@ def test_patch_outputs(patch_run, tiny):
 
 def test_png_labels_come_from_the_json(patch_run, tmp_path):
     """The PNG's tick labels are the JSON record's labels (redrawn from the file)."""
-    from steerops.report import write_png
+    from steerops.app.report import write_png
     _, out = patch_run
     rec = json.load(open(os.path.join(out, "patching.json")))
     drawn = write_png([rec], str(tmp_path / "again.png"))
@@ -145,7 +145,7 @@ def _fails(run, *needles):
 
 def test_command_user_errors(tiny_folder, tmp_path, capsys, monkeypatch):
     """In process (the subprocess path is the same main(), tested above)."""
-    from steerops.cli import main
+    from steerops.app.cli import main
     monkeypatch.chdir(tmp_path)  # the default --out (steerops-out) lands here
 
     def steerops_cli(*args):
@@ -195,7 +195,7 @@ def test_command_user_errors(tiny_folder, tmp_path, capsys, monkeypatch):
 
 
 def _in_process(capsys, tmp_path, monkeypatch):
-    from steerops.cli import main
+    from steerops.app.cli import main
     monkeypatch.chdir(tmp_path)
 
     def run(*args):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import steerops
-from steerops import reference as R
+from steerops.ops import reference as R
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import steerops
-from steerops import _custom_ops as cops
+from steerops.ops import custom_ops as cops
 from helpers import rand
 
 N, D = 5, 24

@@ -9,10 +9,11 @@ import torch
 import torch.multiprocessing as mp
 
 import steerops
-from steerops import distributed as D
+from steerops.sweeps import patching
+from steerops.sweeps import distributed as D
 from steerops.bench import attribution as A
 from steerops.bench.tasks import TASKS
-from steerops.bench.train import load_checkpoint
+from steerops.bench.model_store import load_checkpoint
 
 BENCH_TASKS = ["successor", "pronoun", "ioi"]
 
@@ -123,14 +124,14 @@ def test_killed_sweep_resumes_from_its_shards(tmp_path, monkeypatch):
     full = steerops.patching_sweep(model, pairs.clean, pairs.corrupt, metric, progress=False,
                                    pairs_per_unit=3, shard_dir=str(tmp_path / "a"))
     calls, limit = [], [1]
-    real = steerops.patching.run_group
+    real = patching.run_group
 
     def group(plan):  # one pair block's units: its layers
         if len(calls) == limit[0]:
             raise RuntimeError("killed")
         calls.append(len(plan.layers))
         return real(plan)
-    monkeypatch.setattr(steerops.patching, "run_group", group)
+    monkeypatch.setattr(patching, "run_group", group)
     dies = steerops.patching_sweep
     with pytest.raises(RuntimeError, match="killed"):
         dies(model, pairs.clean, pairs.corrupt, metric, progress=False, pairs_per_unit=3,
@@ -200,7 +201,7 @@ def test_assignment_is_balanced_and_deterministic():
 def test_vectors_go_to_each_layers_own_device():
     """A block on another device (here the meta device, which CPU allows) gets its
     vector there at attach; the other layers keep theirs on the CPU."""
-    from steerops.models import layer_device
+    from steerops.model.blocks import layer_device
     model, _ = load_checkpoint("induction")
     model.model.layers[1].to("meta")
     assert layer_device(model, 2) == torch.device("meta")

@@ -6,7 +6,7 @@ import torch
 
 import steerops
 from hf_models import CAUSAL, V, bert, causal_lm, prompts
-from steerops.models import find_layers
+from steerops.model.blocks import find_layers
 
 ARCHS = list(CAUSAL)
 

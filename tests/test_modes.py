@@ -7,7 +7,7 @@ import torch
 import steerops
 from helpers import rand
 from hf_models import causal_lm, prompts
-from steerops import modes
+from steerops.ops import modes
 
 
 def _square_backward(g, h, u, a):
@@ -66,7 +66,7 @@ def test_a_registered_toy_mode_steers_a_model_and_is_a_cli_choice(toy_mode, caps
     assert not torch.allclose(base, steered)
     with pytest.raises(ValueError, match="zero-norm"):
         steerops.Steering(model, 1, torch.zeros(32), mode=toy_mode)
-    from steerops import commands
+    from steerops.app import commands
     with pytest.raises(SystemExit) as stop:
         commands.steer_main(["--help"])
     assert stop.value.code == 0 and toy_mode in capsys.readouterr().out

@@ -90,7 +90,7 @@ def test_the_deep_scale_lays_out_the_multihop_tasks_and_trains_them(tmp_path, mo
 
 
 def test_the_cli_keeps_a_scales_tasks_apart(capsys):
-    from steerops.cli import main
+    from steerops.app.cli import main
     for argv, needle in ((["bench", "attribution", "--scale", "deep", "--tasks", "ioi"],
                           "not tasks of the deep scale"),
                          (["bench", "attribution", "--quick", "--tasks", "pointer"],

@@ -5,7 +5,7 @@ import torch
 
 import steerops
 from helpers import MODES, assert_close, leaf64, rand
-from steerops import reference as R
+from steerops.ops import reference as R
 
 SHAPES = [(1, 123), (13, 123), (5, 127), (4, 1), (3, 256)]  # N, D: one row, prime, pow2
 

@@ -4,7 +4,7 @@ import torch
 
 import steerops
 from helpers import assert_close, leaf64, rand
-from steerops import reference as R
+from steerops.ops import reference as R
 
 
 def _case(dtype, N=12, D=123, M_src=6, sites=((0, 1), (5, 1), (11, 4), (3, 0), (7, 1))):

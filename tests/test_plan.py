@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import steerops
+from steerops.sweeps import patching
 from hf_models import V, bert, causal_lm, prompts
-from steerops.flops import analytic_forward_flops
+from steerops.sweeps.flops import analytic_forward_flops
 
 
 def _pairs(pairs=3, length=9, at=3):
@@ -38,7 +39,7 @@ def test_the_plan_predicts_the_run(arch, reuse, batch_size):
     if reuse != "none":
         assert plan.identical == result.extra["reuse"]["identical_sites_skipped"]
     assert result.extra["plan"]["forwards"] == plan.forwards
-    executed = steerops.patching.execute(plan, progress=False)  # the same plan, run
+    executed = patching.execute(plan, progress=False)  # the same plan, run
     assert torch.equal(executed.raw, result.raw)
 
 
@@ -144,7 +145,7 @@ def test_the_time_estimate_is_within_a_factor_of_the_run(reuse):
         plan = steerops.plan_sweep(model, clean, corrupt, _metric(4), reuse=reuse)
         estimate = plan.calibrate()
         t0 = time.perf_counter()
-        steerops.patching.execute(plan, progress=False)
+        patching.execute(plan, progress=False)
         measured = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
@@ -164,7 +165,7 @@ def test_auto_takes_the_form_the_cost_model_says_is_cheaper(monkeypatch, per_cal
     """Expensive block calls (weights streamed per call, launch overhead) favour the
     plain form's few large forwards; cheap ones the reuse form's fewer FLOPs. The
     choice and both estimates are in the result."""
-    from steerops import costs
+    from steerops.sweeps import costs
     monkeypatch.setattr(costs, "machine_costs", lambda model, layers_path=None:
                         _costs(per_call, 1e-11))
     model = causal_lm("llama", seed=1)
@@ -180,7 +181,7 @@ def test_auto_takes_the_form_the_cost_model_says_is_cheaper(monkeypatch, per_cal
     res = steerops.patching_sweep(model, clean, corrupt, _metric(), progress=False)
     assert res.extra["reuse"]["mode"] == want
     why = res.extra["plan"]["why"]
-    assert why.startswith(f"auto: the cost model (steerops.costs) takes {want}")
+    assert why.startswith(f"auto: the cost model (steerops.sweeps.costs) takes {want}")
     ref = steerops.patching_sweep(model, clean, corrupt, _metric(), reuse="none",
                                   progress=False)
     torch.testing.assert_close(res.effects, ref.effects, rtol=1e-4, atol=1e-4)
@@ -188,7 +189,7 @@ def test_auto_takes_the_form_the_cost_model_says_is_cheaper(monkeypatch, per_cal
 
 def test_auto_prefers_plain_near_a_tie(monkeypatch):
     """full is taken only when its estimate is below REUSE_MARGIN x plain's."""
-    from steerops import costs
+    from steerops.sweeps import costs
     model = causal_lm("gpt2", seed=1)
     clean, corrupt = _pairs()
     full = steerops.plan_sweep(model, clean, corrupt, _metric(), reuse="full")
@@ -204,7 +205,7 @@ def test_auto_prefers_plain_near_a_tie(monkeypatch):
 
 
 def test_machine_costs_are_measured_and_cached():
-    from steerops.costs import machine_costs
+    from steerops.sweeps.costs import machine_costs
     model = causal_lm("gpt2", seed=1)
     c = machine_costs(model)
     assert c["s_per_block_call"] > 0 and c["s_per_flop"] > 0 and c["s_per_reuse_forward"] >= 0

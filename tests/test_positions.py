@@ -4,7 +4,7 @@ re-runs, without a model."""
 import pytest
 import torch
 
-from steerops.positions import SteeredPositions
+from steerops.model.positions import SteeredPositions
 
 
 def cols(mask, T):

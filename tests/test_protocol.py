@@ -18,6 +18,7 @@ from steerops.bench import evaluate as E
 from steerops.bench import faithfulness as F
 from steerops.bench import methods as M
 from steerops.bench import train
+from steerops.bench import model_store
 from helpers import toy_steering_case
 from steerops.bench.spread import FILLER0, MIN_AFTER_CONTRAST, VOCAB_STANDARD, task_at
 from steerops.bench.tasks import FAMILIES, TASKS
@@ -290,7 +291,7 @@ def test_standard_checkpoints_train_once_into_the_cache(tmp_path, monkeypatch):
     assert info["seeded_init"] is True
     assert info["math_paths"]["cpu_capability"] == "AVX2"
     assert info["math_paths"]["MKL_CBWR"] == "AVX2"
-    path = os.path.join(train.cache_dir(), "successor-seed1.safetensors")
+    path = os.path.join(model_store.cache_dir(), "successor-seed1.safetensors")
     assert path.startswith(str(tmp_path)) and os.path.exists(path)
     assert not os.path.exists(path + ".resume.pt")  # the training state is gone at the end
     again, _ = train.ensure_checkpoint("successor", "standard", 1, progress=False)
@@ -301,7 +302,7 @@ def test_standard_checkpoints_train_once_into_the_cache(tmp_path, monkeypatch):
     other = tmp_path / "again"
     other.mkdir()
     real("successor", "standard", 1, str(other / "successor-seed1.safetensors"), 3, False)
-    fresh, _ = train.load_checkpoint("successor", str(other), scale="standard", seed=1)
+    fresh, _ = model_store.load_checkpoint("successor", str(other), scale="standard", seed=1)
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
     # a changed recipe (here a larger budget than the one this model ran out of) retrains

@@ -16,7 +16,7 @@ from steerops.bench import evaluate as E
 from steerops.bench import faithfulness as F
 from steerops.bench import methods as M
 from steerops.bench import pricing as P
-from steerops.bench import train
+from steerops.bench import model_store
 from helpers import toy_steering_case
 
 
@@ -244,7 +244,7 @@ def test_a_rerun_into_the_committed_folder_compares_with_the_file_it_overwrites(
     # the run writes results.json before it records its models: the committed hashes
     # must be read first, or every model reads "n/a"
     committed = tmp_path / "results.json"
-    real = train.weights_sha256(train.checkpoint_path("successor"))
+    real = model_store.weights_sha256(model_store.checkpoint_path("successor"))
     committed.write_text(json.dumps({"settings": {"scale": "toy"}, "models": [
         {"task": "successor", "train_seed": 0, "weights_sha256": real},
         {"task": "pronoun", "train_seed": 0, "weights_sha256": "0" * 64}]}))
@@ -260,9 +260,9 @@ def test_a_rerun_into_the_committed_folder_compares_with_the_file_it_overwrites(
 
 
 def test_checkpoints_carry_their_weight_hash(tmp_path):
-    model, info = train.load_checkpoint("successor")
-    path = train.checkpoint_path("successor")
-    assert info["weights_sha256"] == train.weights_sha256(path) and len(
+    model, info = model_store.load_checkpoint("successor")
+    path = model_store.checkpoint_path("successor")
+    assert info["weights_sha256"] == model_store.weights_sha256(path) and len(
         info["weights_sha256"]) == 64
 
 

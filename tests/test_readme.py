@@ -27,7 +27,7 @@ def test_readme_command_lines_run(tmp_path):
     for line in lines:
         argv = shlex.split(line)
         assert argv[0] == "steerops"
-        run = subprocess.run([sys.executable, "-m", "steerops.cli", *argv[1:]], cwd=tmp_path,
+        run = subprocess.run([sys.executable, "-m", "steerops", *argv[1:]], cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, (line, run.stderr[-3000:])
         outputs[argv[1]] = run.stdout

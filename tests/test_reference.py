@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import MODES, rand
-from steerops import reference as R
+from steerops.ops import reference as R
 
 
 def _intervene_inputs(N=6, D=11, K=2, src_rows=4):

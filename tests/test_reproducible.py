@@ -10,9 +10,10 @@ import torch
 
 from steerops.bench import reproducible as R
 from steerops.bench import train
+from steerops.bench import model_store
 from steerops.bench.tasks import TASKS
 
-SMALL = dict(train.MODEL_CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+SMALL = dict(model_store.MODEL_CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
              num_key_value_heads=2)
 
 
@@ -25,10 +26,10 @@ def _digest(model):
 
 
 def test_seeded_init_is_the_seed_alone_and_spreads_as_stated():
-    a = R.seeded_init(train.build_model(SMALL), 3)
+    a = R.seeded_init(model_store.build_model(SMALL), 3)
     torch.manual_seed(99)  # torch's global stream plays no part
-    b = R.seeded_init(train.build_model(SMALL), 3)
-    c = R.seeded_init(train.build_model(SMALL), 4)
+    b = R.seeded_init(model_store.build_model(SMALL), 3)
+    c = R.seeded_init(model_store.build_model(SMALL), 4)
     assert _digest(a) == _digest(b) != _digest(c)
     w = a.model.embed_tokens.weight
     assert abs(float(w.std()) - R.INIT_STD) < 0.1 * R.INIT_STD

@@ -1,4 +1,4 @@
-"""Patching sweeps with reuse (steerops.reuse) equal the plain batched sweep on
+"""Patching sweeps with reuse (steerops.sweeps.reuse) equal the plain batched sweep on
 every supported causal family: identical sites skipped, the base run's KV-cache
 prefix, blocks before the site skipped, LM head at the last position only."""
 import pytest
@@ -29,7 +29,7 @@ LAST = steerops.logit_diff(torch.tensor([3, 4, 5]), torch.tensor([9, 10, 11]))
 def every_position(logits, pair_index):
     """Reads many positions (no head slicing): every non-padding one. (At padding
     positions transformers unmasks attention, so their logits see later tokens
-    and are not causal; steerops.reuse documents that they are the base run's.)"""
+    and are not causal; steerops.sweeps.reuse documents that they are the base run's.)"""
     return logits[:, 2:, 3].mean(1) - logits[:, 2, 7]
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import steerops
+from steerops.model import blocks
 from hf_models import V, causal_lm, prompts
-from steerops.decode import DecodeOffsetError, decode_offset
+from steerops.model.decode import DecodeOffsetError, decode_offset
 
 
 # ----------------------------------------------------------------------------- decode offset
@@ -241,7 +242,7 @@ def test_results_json_is_strict():
 
 
 def test_cli_help_lists_commands_and_exits_zero(capsys):
-    from steerops.cli import main
+    from steerops.app.cli import main
     for argv in (["--help"], ["bench", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -315,7 +316,7 @@ def test_fast_steering_path_equals_the_op():
     v = torch.randn(32)
     for alpha in (2.5, torch.tensor([1.0, -2.0, 0.5])):
         captured = {}
-        h = steerops.models.register_site_hook(
+        h = blocks.register_site_hook(
             model, 2, lambda x: captured.setdefault("h", x.clone()))
         with torch.no_grad():
             model(ids, attention_mask=mask)
@@ -324,7 +325,7 @@ def test_fast_steering_path_equals_the_op():
         assert steering._fast_path_applies(2)
         got = {}
         with steering, torch.no_grad():
-            h = steerops.models.register_site_hook(
+            h = blocks.register_site_hook(
                 model, 2, lambda x: got.setdefault("h", x.clone()))
             model(ids, attention_mask=mask)
             h.remove()

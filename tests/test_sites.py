@@ -1,4 +1,4 @@
-"""Site kinds beyond the residual stream (steerops.sites): attention heads, attention
+"""Site kinds beyond the residual stream (steerops.model.sites): attention heads, attention
 and MLP outputs, resid_mid, neurons. Every kind against an independent reference
 written here with plain hooks on named modules: caching, the plain patching sweep
 (one site per forward) and AtP (autograd through the hooks), on every family."""
@@ -8,12 +8,12 @@ import transformers
 
 import steerops
 from hf_models import CAUSAL, causal_lm, prompts
-from steerops.models import find_layers
+from steerops.model.blocks import find_layers
 
 ARCHS = list(CAUSAL)
 COMPONENTS = ("resid_mid", "attn_out", "mlp_out", "head_out")
 
-# Where each kind lives, per family, named independently of steerops.sites:
+# Where each kind lives, per family, named independently of steerops.model.sites:
 # (path inside the block, "input" or "output"). resid_mid is written below.
 ATTN = {"gpt2": "attn", "gpt_neox": "attention"}
 OUT_PROJ = {"gpt2": "attn.c_proj", "gpt_neox": "attention.dense"}
@@ -364,8 +364,8 @@ def test_head_map_plots(tmp_path):
 
 
 def test_cli_names_every_kind():
-    from steerops.cli_args import SITE_KIND_NAMES
-    from steerops.sites import SITE_KINDS
+    from steerops.app.cli_args import SITE_KIND_NAMES
+    from steerops.model.sites import SITE_KINDS
     assert tuple(SITE_KINDS) == SITE_KIND_NAMES
 
 

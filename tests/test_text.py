@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import steerops
-from steerops import text
-from steerops.tiny import TEMPLATE
+from steerops.model import text
+from steerops.app.tiny import TEMPLATE
 
 CLEAN = TEMPLATE.format(a="Mary", b="John", place="store", obj="drink")
 CORRUPT = TEMPLATE.format(a="Sarah", b="John", place="store", obj="drink")
@@ -138,3 +138,43 @@ def test_text_errors(tiny):
     with pytest.raises(TypeError, match="both be text"):
         steerops.patching_sweep(model, CLEAN, ids, steerops.logit_diff("Mary", "John"),
                                 tokenizer=tok, progress=False)
+
+
+def test_prompt_pairs_are_tokenised_once_and_taken_by_the_sweeps(tiny):
+    """A PromptPairs record encodes the prompts and resolves the answers once; the sweeps
+    take it in place of (clean, corrupt, metric) and tokenise nothing more, with the same
+    numbers as from text."""
+    from steerops.model.pairs import PromptPairs
+    model, tok = tiny
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *args, **kwargs):
+            calls.append(args[0] if args else kwargs)
+            return self.inner(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+    counting = Counting(tok)
+    metric = steerops.logit_diff(["Mary", "Tom"], ["John", "Kate"])
+    pairs = PromptPairs.build([CLEAN, CLEAN2], [CORRUPT, CORRUPT2], metric, tokenizer=counting)
+    encoded = len(calls)
+    prompts = [CLEAN, CLEAN2, CORRUPT, CORRUPT2]
+    assert sorted(c for c in calls if c in prompts) == sorted(prompts)  # each prompt once
+    assert encoded == 8  # and each of the four answers once
+    sweep = steerops.patching_sweep(model, pairs, progress=False)
+    atp = steerops.attribution_patching(model, pairs)
+    assert len(calls) == encoded  # nothing tokenised again
+    by_text = steerops.patching_sweep(model, [CLEAN, CLEAN2], [CORRUPT, CORRUPT2], metric,
+                                      tokenizer=tok, progress=False)
+    assert torch.equal(sweep.effects, by_text.effects) and sweep.tokens == by_text.tokens
+    ref = steerops.attribution_patching(model, [CLEAN, CLEAN2], [CORRUPT, CORRUPT2], metric,
+                                        tokenizer=tok)
+    assert torch.equal(atp.scores, ref.scores)
+    with pytest.raises(TypeError, match="clean is a PromptPairs"):
+        steerops.patching_sweep(model, pairs, pairs.corrupt, metric)
+    with pytest.raises(TypeError, match="corrupt and metric are required"):
+        steerops.patching_sweep(model, [CLEAN], None, metric, tokenizer=tok)

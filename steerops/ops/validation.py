@@ -9,8 +9,7 @@ import numbers
 
 import torch
 
-from . import backend
-from . import modes
+from . import backend, modes
 from .reference import compute_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

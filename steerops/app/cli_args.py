@@ -57,7 +57,7 @@ class Parser(argparse.ArgumentParser):
         return out
 
 
-# steerops.sites.SITE_KINDS' names, spelled here so that parsing imports no torch
+# steerops.model.sites.SITE_KINDS' names, spelled here so that parsing imports no torch
 # (tests/test_sites.py checks that the two agree)
 SITE_KIND_NAMES = ("resid", "resid_mid", "attn_out", "mlp_out", "head_out", "neuron")
 

@@ -5,7 +5,6 @@ import inspect
 
 import torch
 
-
 # keyword names under which models have carried a KV cache (HF 4.x: past_key_values,
 # HF >= 5.24: cache; GPT-2 blocks: layer_past; Transformer-XL: mems)
 CACHE_KEYWORDS = ("past_key_values", "cache", "past", "layer_past", "mems")

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .models import eval_mode, hidden_size, model_device, model_name, resolve_layers
+from .blocks import eval_mode, hidden_size, model_device, model_name, resolve_layers
 from .caching import cache_activations
 from .inputs import as_inputs, model_output
 from .metrics import as_metric

@@ -3,8 +3,8 @@ pair, patched one at a time, many sites per batched forward.
 
 Sites are residual-stream (layer, position) pairs, layers numbered as in
 ``output_hidden_states`` (0 = embeddings .. L = output of the last block).
-Metrics: :mod:`steerops.metrics`; inputs: :mod:`steerops.inputs`; caching and AtP:
-:mod:`steerops.caching`, :mod:`steerops.attribution`.
+Metrics: :mod:`steerops.model.metrics`; inputs: :mod:`steerops.model.inputs`; caching and AtP:
+:mod:`steerops.model.caching`, :mod:`steerops.sweeps.attribution`.
 """
 import math
 import os
@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops
-from .backend import unchecked
-from .caching import capture
-from .inputs import batch_shape, model_output, select_rows
-from .metrics import check_denominator, check_finite_sites
-from .models import eval_mode, model_device, model_name
+from .. import ops
+from ..model.blocks import eval_mode, model_device, model_name
+from ..model.caching import capture
+from ..model.inputs import batch_shape, model_output, select_rows
+from ..model.metrics import check_denominator, check_finite_sites
+from ..model.sites import RESID, split_units
+from ..ops.backend import unchecked
 from .plan import plan_sweep
 from .reuse import last_position_head, reuse_sweep
 from .sitemap import SiteMap
-from .sites import RESID, split_units
 
 
 @dataclass
@@ -43,14 +43,14 @@ class PatchingResult(SiteMap):
     extra: dict = field(default_factory=dict)
     tokens: list = field(default=None, repr=False)          # clean token strings per pair
     corrupt_tokens: list = field(default=None, repr=False)  # (pairs, T), with a tokenizer
-    sites: str = "resid"       # the site kind (steerops.sites); axes() names the map's axes
+    sites: str = "resid"       # the site kind (steerops.model.sites); axes() names the map's axes
     per_position: bool = True  # head_out with False: a head at every position at once
 
     def _values(self):
         return self.effects
 
 
-def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *,
+def patching_sweep(model, clean, corrupt=None, metric=None, layers=None, positions=None, *,
                    noising=False, reuse="auto", batch_size=None, memory_budget_mb=1024,
                    progress=True, layers_path=None, distributed=None, shard_dir=None,
                    pairs_per_unit=None, tokenizer=None, sites="resid", per_position=True):
@@ -63,7 +63,9 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
         clean, corrupt: (pairs, T) input_ids, or dicts of inputs of equal shape;
             or text (a string or a list of strings, one per pair) with ``tokenizer``:
             clean[i] and corrupt[i] must tokenise to the same length; pairs of
-            different lengths are padded on the tokenizer's side.
+            different lengths are padded on the tokenizer's side. Or a
+            :class:`~steerops.model.pairs.PromptPairs` (pairs and metric encoded once),
+            with corrupt and metric left out.
         metric: ``metric(logits, pair_index) -> (rows,)`` (or of logits only);
             ``logit_diff(" Mary", " John")`` resolves its text answers through
             ``tokenizer``.
@@ -74,7 +76,7 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
             position), 'prefix' (the same without skipping blocks) or 'none'
             (the plain batched sweep: many (pair, site) rows per forward, one
             fused multi-site ``patch_`` launch per layer; needed for
-            non-causal models). See :mod:`steerops.reuse`.
+            non-causal models). See :mod:`steerops.sweeps.reuse`.
         batch_size: rows per forward; default chosen from ``memory_budget_mb``.
         distributed: None (default: split the work when a torch.distributed
             process group with more than one rank is initialised, e.g. under
@@ -87,7 +89,7 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
             same inputs loads them and runs only the missing units.
         tokenizer: a Hugging Face tokenizer: text inputs and answers, and
             ``result.tokens`` (the token string of each position) for plots.
-        sites: the site kind (steerops.sites): 'resid' (default; layers 0..L),
+        sites: the site kind (steerops.model.sites): 'resid' (default; layers 0..L),
             'resid_mid', 'attn_out', 'mlp_out' (blocks 0..L-1; effects (L, T)) or
             'head_out' (effects (L, H, T); with ``per_position=False`` each head at
             every requested position at once: (L, H)). Both forms take every kind: a
@@ -115,7 +117,7 @@ def patching_sweep(model, clean, corrupt, metric, layers=None, positions=None, *
 
 
 def execute(plan, progress=True):
-    """Runs a :class:`~steerops.plan.SweepPlan`: as work units over ranks / shards
+    """Runs a :class:`~steerops.sweeps.plan.SweepPlan`: as work units over ranks / shards
     when the plan is split, else in its form (plain, or reuse)."""
     if plan.split:
         return _run_units(plan, progress)
@@ -161,7 +163,7 @@ def _normalised(raw, clean_metric, corrupt_metric, noising, layers, pos):
 
 def _run_units(plan, progress):
     """The plan's work units (a block of pairs x one layer), split over ranks and
-    gathered, or run here with shards on disk (steerops.distributed)."""
+    gathered, or run here with shards on disk (steerops.sweeps.distributed)."""
     from tqdm.auto import tqdm
 
     from . import distributed as dist

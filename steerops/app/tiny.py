@@ -7,7 +7,7 @@ It is a 4-block Llama (hidden size 64) with a word-level tokenizer (the
 task: "When Mary and John went to the store , John gave a drink to" -> "Mary".
 Patching then finds real structure: the name positions and the last position.
 
-    steerops tiny-model DIR        # or: python -m steerops.tiny DIR
+    steerops tiny-model DIR        # or: python -m steerops.app.tiny DIR
 """
 import json
 import os

@@ -1,12 +1,12 @@
-"""Activation and gradient caching at the sites of any kind (steerops.sites): one
+"""Activation and gradient caching at the sites of any kind (steerops.model.sites): one
 forward; one forward and one backward."""
 from dataclasses import dataclass
 
 import torch
 
+from .blocks import StopForward, eval_mode, model_device, register_site_hook
 from .inputs import as_inputs, batch_shape, model_output, resolve_positions
 from .metrics import as_metric, check_metric_pairs
-from .models import StopForward, eval_mode, model_device, register_site_hook
 from .sites import RESID, resolve_site_layers, site_kind
 
 
@@ -77,7 +77,7 @@ def cache_activations(model, inputs, layers=None, positions=None, *, layers_path
                       stop_early=True, tokenizer=None, sites="resid"):
     """Activations at the requested sites, from one forward pass.
 
-    ``sites``: the kind (steerops.sites: 'resid' (default), 'resid_mid', 'attn_out',
+    ``sites``: the kind (steerops.model.sites: 'resid' (default), 'resid_mid', 'attn_out',
     'mlp_out', 'head_out', 'neuron'); ``layers`` are its layers (0..L for the
     residual stream, blocks 0..L-1 for components). Only the requested positions
     are kept, and with ``stop_early`` the forward stops after the last requested

@@ -1,4 +1,4 @@
-"""One patched forward of a reuse sweep (steerops.reuse): the rows' inputs over the
+"""One patched forward of a reuse sweep (steerops.sweeps.reuse): the rows' inputs over the
 base run's cropped KV cache, blocks before the site stood in for, the site written
 (a residual column, or a component through its site kind's hook), the LM head at the
 metric's position only (or deferred, to run batched over many forwards)."""
@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
-from .backend import unchecked
-from .models import register_site_hook
-from .sites import split_units
+from .. import ops
+from ..model.blocks import register_site_hook
+from ..model.sites import split_units
+from ..ops.backend import unchecked
 
 
 class _SkippedBlock(torch.nn.Module):

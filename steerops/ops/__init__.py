@@ -1,13 +1,15 @@
-"""Public ops: steer, steer_, patch, patch_, intervene (docs/ops.md sections 1-3)."""
+"""The ops over the kernels: the public ops (steer, steer_, patch, patch_, intervene;
+docs/ops.md sections 1-3) here, with the steering modes, validation, the plain-PyTorch
+reference, the backend switch and the custom ops beside them. Imports
+``steerops.kernels`` only."""
 import torch
 
-from . import _custom_ops as cops
-from . import modes
-from . import validation
+from . import custom_ops as cops
+from . import modes, validation
 
 _STEER_DOC_MATH = """
     Per selected row, with h = hidden + residual (the add is fused),
-    u = v / ||v|| and a = alpha for that row (modes: ``steerops.modes``):
+    u = v / ||v|| and a = alpha for that row (modes: ``steerops.ops.modes``):
 
         mode          out
 {table}
@@ -48,7 +50,7 @@ def steer(hidden, vector, alpha=1.0, *, mode="add", residual=None, mask=None, ve
         vector: (D,) or (K, D) steering vector(s).
         alpha: float, 0-d tensor, or a tensor of shape hidden.shape[:-1] / (N,)
             (per-row strength, e.g. an alpha sweep in one batch). May require grad.
-        mode: a name in ``steerops.modes``: 'add', 'norm_scaled', 'ablate', 'clamp'.
+        mode: a name in ``steerops.ops.modes``: 'add', 'norm_scaled', 'ablate', 'clamp'.
         residual: optional tensor like hidden, added first (fused).
         mask: optional bool tensor over rows (hidden.shape[:-1] or (N,)).
         vector_index: (N,) integer, row -> vector row; required when K > 1.

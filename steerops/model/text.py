@@ -209,7 +209,7 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=20, **generate_kwarg
     """Continuations of text prompts (the new tokens only, decoded), greedy unless
     ``generate_kwargs`` say otherwise; prompts left-padded, as decoder-only
     generation needs."""
-    from .models import model_device
+    from .blocks import model_device
     check_prompt_list(prompts, "prompts")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 1:

@@ -4,11 +4,12 @@ import numbers
 
 import torch
 
-from . import ops, validation
-from .backend import unchecked
+from .. import ops
+from ..ops import validation
+from ..ops.backend import unchecked
+from .blocks import (hidden_size, layer_device, make_hooks_visible_to_compile, model_device,
+                     register_site_hook, resolve_layers)
 from .decode import ForwardInfo
-from .models import (hidden_size, layer_device, make_hooks_visible_to_compile,
-                     model_device, register_site_hook, resolve_layers)
 from .positions import SteeredPositions
 
 

@@ -28,7 +28,7 @@ def provenance(args, model_folder):
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
     return {"steerops": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "model": os.path.abspath(model_folder),
             "device": str(args.device), "dtype": args.dtype, "python": platform.python_version(),
@@ -110,7 +110,8 @@ class PairJob:
     checked before any forward pass."""
 
     def __init__(self, args):
-        from . import metrics, text
+        from ..model import metrics
+        from ..model.pairs import PromptPairs
         self.args = args
         self.pairs = _pairs(args)
         self.tokenizer = load_tokenizer(args.model)
@@ -123,10 +124,13 @@ class PairJob:
         self.corrupt = [p["corrupt"] for p in self.pairs]
         check_inputs(args.model, self.tokenizer, self.clean + self.corrupt,
                      "--pairs" if args.pairs else "--clean / --corrupt", args.allow_unknown)
-        _user_errors(text.encode_pairs, self.tokenizer, self.clean, self.corrupt)
         make = getattr(metrics, args.metric)
-        self.metric = _user_errors(make, [p["answer"] for p in self.pairs],
-                                   [p["wrong"] for p in self.pairs], tokenizer=self.tokenizer)
+        metric = _user_errors(make, [p["answer"] for p in self.pairs],
+                              [p["wrong"] for p in self.pairs])
+        # the prompts and answers tokenised once, here: checked before the model loads,
+        # then handed to the sweep as they are
+        self.prompt_pairs = _user_errors(PromptPairs.build, self.clean, self.corrupt, metric,
+                                         tokenizer=self.tokenizer)
         self.model = load_model(args.model, args.device, args.dtype)  # inputs checked first
         self.settings = {"metric": args.metric, "pairs": self.pairs, "layers": args.layers,
                          "dtype": args.dtype, "sites": args.sites}
@@ -134,16 +138,15 @@ class PairJob:
 
     def sweep(self):
         import steerops
-        return _user_errors(steerops.patching_sweep, self.model, self.clean, self.corrupt,
-                            self.metric, self.layers, tokenizer=self.tokenizer,
-                            progress=not self.args.no_progress, sites=self.args.sites,
+        return _user_errors(steerops.patching_sweep, self.model, self.prompt_pairs,
+                            layers=self.layers, progress=not self.args.no_progress,
+                            sites=self.args.sites,
                             per_position=not getattr(self.args, "all_positions", False))
 
     def attribute(self):
         import steerops
-        return _user_errors(steerops.attribution_patching, self.model, self.clean,
-                            self.corrupt, self.metric, self.layers, tokenizer=self.tokenizer,
-                            sites=self.args.sites)
+        return _user_errors(steerops.attribution_patching, self.model, self.prompt_pairs,
+                            layers=self.layers, sites=self.args.sites)
 
     def record(self, result, kind, extra=None):
         from .report import site_record
@@ -245,7 +248,7 @@ def _alphas(text):
 
 
 def steer_main(argv):
-    from . import modes
+    from ..ops import modes
     p = Parser(prog="steerops steer", description="Generate from a prompt unsteered and "
                "steered (several strengths in one batch), side by side.")
     p.add_argument("--model", required=True, type=existing_folder,
@@ -288,7 +291,8 @@ def steer_main(argv):
     import torch
 
     import steerops
-    from .text import generate_text
+
+    from ..model.text import generate_text
     plain = _user_errors(generate_text, model, tokenizer, [args.prompt],
                          args.max_new_tokens)[0]
     alphas = torch.tensor(args.alpha, dtype=torch.float32)

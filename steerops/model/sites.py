@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import (_hidden_from_call, _hidden_from_output, _replace_hidden_in_call,
+from .blocks import (_hidden_from_call, _hidden_from_output, _replace_hidden_in_call,
                      _replace_hidden_in_output, find_layers, register_site_hook, resolve_layers)
 
 # Module names by architecture family, tried in order inside one block.

@@ -4,12 +4,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .caching import capture, metric_gradients
-from .inputs import aligned_pairs, batch_shape, positive_int, resolve_positions, select_rows
-from .metrics import as_metric, check_denominator, check_finite_sites, check_metric_pairs
-from .models import eval_mode, model_device
+from ..model.blocks import eval_mode, model_device
+from ..model.caching import capture, metric_gradients
+from ..model.inputs import aligned_pairs, batch_shape, positive_int, resolve_positions, select_rows
+from ..model.metrics import as_metric, check_denominator, check_finite_sites, check_metric_pairs
+from ..model.pairs import prompt_pairs
+from ..model.sites import resolve_site_layers, site_kind, split_units
 from .sitemap import SiteMap
-from .sites import resolve_site_layers, site_kind, split_units
 
 
 @dataclass
@@ -33,12 +34,12 @@ class AttributionResult(SiteMap):
         return self.scores
 
 
-def attribution_patching(model, clean, corrupt, metric, layers=None, positions=None, *,
+def attribution_patching(model, clean, corrupt=None, metric=None, layers=None, positions=None, *,
                          batch_size=None, layers_path=None, distributed=None, tokenizer=None,
                          sites="resid"):
     """Attribution patching (AtP) for every requested site.
 
-    ``sites``: the kind (steerops.sites): 'resid' (default; layers 0..L),
+    ``sites``: the kind (steerops.model.sites): 'resid' (default; layers 0..L),
     'resid_mid', 'attn_out', 'mlp_out' (blocks 0..L-1; scores (L, T)), 'head_out'
     (scores (L, H, T)) or 'neuron' (scores (L, T, d_mlp)).
 
@@ -48,13 +49,13 @@ def attribution_patching(model, clean, corrupt, metric, layers=None, positions=N
     model's parameters are frozen. ``distributed`` as in :func:`patching_sweep`:
     the micro-batches are split over the ranks and gathered (same micro-batches,
     so the same numbers as one process). Text prompts and answers with
-    ``tokenizer=`` as in :func:`patching_sweep`; ``result.tokens`` labels positions.
+    ``tokenizer=``, or a :class:`~steerops.model.pairs.PromptPairs`, as in
+    :func:`patching_sweep`; ``result.tokens`` labels positions.
     """
-    from .metrics import pair_inputs
     positive_int("batch_size", batch_size)
     kind = site_kind(sites)
-    clean, corrupt, metric, tokens = pair_inputs(model, tokenizer, clean, corrupt, metric,
-                                                 model_device(model))
+    pairs = prompt_pairs(model, tokenizer, clean, corrupt, metric, model_device(model))
+    clean, corrupt, metric, tokens = pairs.clean, pairs.corrupt, pairs.metric, pairs.tokens
     with eval_mode(model, "attribution_patching"):
         result = _attribution_patching(model, clean, corrupt, metric, layers, positions,
                                        batch_size, layers_path, distributed, kind)

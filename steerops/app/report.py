@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .sitemap import display_token, draw_heatmap, position_labels
+from ..sweeps.sitemap import display_token, draw_heatmap, position_labels
 
 
 def site_record(result, kind, settings=None, provenance=None):

@@ -28,7 +28,7 @@ def active(distributed=None):
     if distributed and not ready:
         raise RuntimeError("distributed=True needs an initialised process group: call "
                            "torch.distributed.init_process_group() (torchrun sets the "
-                           "environment for it) or steerops.distributed.init_from_env()")
+                           "environment for it) or steerops.sweeps.distributed.init_from_env()")
     return ready and (bool(distributed) or dist.get_world_size() > 1)
 
 

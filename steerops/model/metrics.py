@@ -8,7 +8,6 @@ import inspect
 
 import torch
 
-from . import text
 from .text import answer_ids, is_text
 
 
@@ -214,30 +213,3 @@ def _pair_tensors(answer, wrong):
                          f"compares two different answers")
     pairs = next((t.numel() for t in (answer, wrong) if t.dim() == 1), None)
     return answer.long(), wrong.long(), pairs
-
-
-def pair_inputs(model, tokenizer, clean, corrupt, metric, device):
-    """(clean, corrupt, metric, tokens) for the pair-measuring calls: text encoded
-    with ``tokenizer``, a metric with text answers resolved through it (and, on a
-    right-padded batch, its last position read at each pair's last real token);
-    ``tokens`` = (clean tokens, corrupt tokens) per pair, or None without a tokenizer."""
-    text.check_prompt_list(clean, "clean")
-    text.check_prompt_list(corrupt, "corrupt")
-    if text.is_text(clean) or text.is_text(corrupt):
-        if not (text.is_text(clean) and text.is_text(corrupt)):
-            raise TypeError("clean and corrupt must both be text or both be token ids")
-        clean, corrupt = text.encode_pairs(tokenizer, clean, corrupt, device, model)
-    elif tokenizer is not None:
-        text.require_tokenizer(tokenizer, "clean")
-        clean, corrupt = text._labelled(tokenizer, clean), text._labelled(tokenizer, corrupt)
-    last = text._right_pad_last(clean)
-    if last is not None and getattr(metric, "spec", None) is None:
-        raise ValueError("a custom metric on a right-padded batch would read padding at the end "
-                         "of the shorter prompts: pad on the left (tokenizer.padding_side = "
-                         "'left'), or use logit_diff / prob_diff, whose positions count from "
-                         "each pair's last real token")
-    metric = bind_metric(metric, tokenizer, last)
-    tokens = None
-    if getattr(clean, "tokens", None) is not None:
-        tokens = (clean.tokens, corrupt.tokens)
-    return clean, corrupt, metric, tokens

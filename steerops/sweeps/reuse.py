@@ -22,20 +22,20 @@ Padding: with a left-padded batch, transformers unmasks attention at the padding
 positions themselves, so their logits see later tokens; under reuse the logits
 at padding positions before p are the base run's. Metrics read real tokens.
 
-Component sites (steerops.sites: heads, attention and MLP outputs, resid_mid) in
+Component sites (steerops.model.sites: heads, attention and MLP outputs, resid_mid) in
 block b at position p: blocks 0..b-1 are stood in for with the base run's residual
 stream entering block b, and a hook on the component writes it; the rest as above.
-One patched forward is :mod:`steerops.reuse_forward`.
+One patched forward is :mod:`steerops.sweeps.reuse_forward`.
 
 ``reuse="none"`` (the plain batched sweep) stays the reference and the path for
 encoders and non-causal models.
 """
 import torch
 
-from .models import find_layers, register_site_hook
+from ..model.blocks import find_layers, register_site_hook
+from ..model.sites import RESID, split_units
 from .reuse_forward import (BaseRun, cache_keyword, crop_cache, patched_component_metric,
                             patched_metric)
-from .sites import RESID, split_units
 
 REUSE_MODES = ("auto", "none", "prefix", "full")
 
@@ -140,7 +140,7 @@ def reuse_sweep(model, source_store, target, metric, layers, pos, *, mode, batch
     D)), computing only what differs from the ``target`` base run. Returns (raw,
     the base run's metric (pairs,), report of what was reused).
 
-    A component ``kind`` (steerops.sites) in block b at position p changes block b
+    A component ``kind`` (steerops.model.sites) in block b at position p changes block b
     only from that component on and only at positions >= p: blocks 0..b-1 are the
     base run's (stood in for, as for the residual stream at layer b), positions
     before p come from the KV cache, and a hook writes the component in block b.

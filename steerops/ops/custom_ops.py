@@ -10,18 +10,19 @@ validate and reshape, then call these):
     steerops::patch_backward      its gradients
 
 Each implementation dispatches to the Triton kernels (CUDA, or CPU under the
-forced Triton backend with the interpreter) or to ``steerops.reference``.
+forced Triton backend with the interpreter) or to ``steerops.ops.reference``.
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..kernels import config as kconfig
+from ..kernels import patch as kpatch
+from ..kernels import segment_sum as kseg
+from ..kernels import steer as ksteer
+from ..kernels.row_inputs import RowInputs
 from . import backend, modes, reference
-from .kernels import config as kconfig
-from .kernels import patch as kpatch
-from .kernels import segment_sum as kseg
-from .kernels import steer as ksteer
 
 
 def _mask_u8(mask):
@@ -50,10 +51,10 @@ def _kernel_inputs(x, residual, source, patch_src, patch_weight, vector, alpha, 
     code = modes.get(mode).kernel_code
     if not backend.use_triton(x) or (vector is not None and code is None):
         return None
-    return ksteer.RowInputs(residual=residual, source=source, patch_src=patch_src,
-                            patch_weight=patch_weight, vector=vector, vector_index=vector_index,
-                            alpha=alpha, alpha_scalar=alpha_scalar, mask=_mask_u8(mask),
-                            mode_code=code or 0)
+    return RowInputs(residual=residual, source=source, patch_src=patch_src,
+                     patch_weight=patch_weight, vector=vector, vector_index=vector_index,
+                     alpha=alpha, alpha_scalar=alpha_scalar, mask=_mask_u8(mask),
+                     mode_code=code or 0)
 
 
 def intervene_impl(x, residual, source, patch_src, patch_weight, vector, alpha, alpha_scalar,

@@ -7,14 +7,14 @@ class SiteMap:
     """Shared views of a map of per-site values over the axes of its site kind:
     (layer, position) for the residual stream, (block, position) for attn_out /
     mlp_out / resid_mid, (block, head, position) or (block, head) for head_out,
-    (block, position, neuron) for neurons (steerops.sites)."""
+    (block, position, neuron) for neurons (steerops.model.sites)."""
 
     def _values(self):
         raise NotImplementedError
 
     def axes(self):
         """The names of the map's axes, e.g. ('block', 'head', 'position')."""
-        from .sites import site_kind
+        from ..model.sites import site_kind
         return site_kind(getattr(self, "sites", "resid")).axes(
             getattr(self, "per_position", True))
 

@@ -64,7 +64,7 @@ def _main(argv):
     if argv and argv[0] in COMMANDS:
         import importlib
         module, function, _ = COMMANDS[argv[0]]
-        code = getattr(importlib.import_module(f"steerops.{module}"), function)(argv[1:])
+        code = getattr(importlib.import_module(f"steerops.app.{module}"), function)(argv[1:])
         return code if isinstance(code, int) else 0
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
         import importlib

@@ -14,7 +14,6 @@ import torch
 from . import modes
 
 
-
 def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -53,7 +52,7 @@ def steering_delta(h, vector, vector_index, a, mode):
     """The steering term added to each row of h (before masking).
 
     vector (K, D) in the compute dtype; a: (N,) tensor or a python float; mode: a
-    name in ``steerops.modes``. Normalises the K vectors once, then selects rows.
+    name in ``steerops.ops.modes``. Normalises the K vectors once, then selects rows.
     """
     spec = modes.get(mode)
     a = a.unsqueeze(-1) if isinstance(a, torch.Tensor) else a

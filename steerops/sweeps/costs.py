@@ -25,9 +25,9 @@ import time
 
 import torch
 
+from ..model.blocks import find_layers, model_device
+from ..model.inputs import model_output, select_rows
 from . import flops as F
-from .inputs import model_output, select_rows
-from .models import find_layers, model_device
 from .reuse import prepare_base_run
 from .reuse_forward import crop_cache, patched_metric
 
@@ -148,7 +148,7 @@ def cheaper_plan(reuse_plan, plain_plan):
     costs = machine_costs(reuse_plan.model, reuse_plan.layers_path)
     full, plain = plan_seconds(reuse_plan, costs), plan_seconds(plain_plan, costs)
     chosen = reuse_plan if full <= REUSE_MARGIN * plain else plain_plan
-    chosen.why = (f"auto: the cost model (steerops.costs) takes {chosen.form} on this model "
+    chosen.why = (f"auto: the cost model (steerops.sweeps.costs) takes {chosen.form} on this model "
                   f"at T={reuse_plan.T} (full only when its estimate is below "
                   f"{REUSE_MARGIN:g} x plain's): full ~{full:.3g} s "
                   f"({reuse_plan.block_calls} block calls, {reuse_plan.flops['plan']:.3g} FLOPs) "

@@ -4,21 +4,21 @@ why, its forwards and batches, work units, analytic FLOPs against naive-batched
 patching and the floor, memory, and (after a short calibration) an estimated time.
 
 ``steerops.patching_sweep(...)`` is ``plan_sweep(...)`` then
-``steerops.patching.execute(plan)``; ``plan.describe()`` prints the plan.
+``steerops.sweeps.patching.execute(plan)``; ``plan.describe()`` prints the plan.
 """
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from ..model.blocks import find_layers, hidden_size, model_device
+from ..model.inputs import aligned_pairs, batch_shape, positive_int, resolve_positions, select_rows
+from ..model.metrics import as_metric, check_metric_pairs
+from ..model.pairs import prompt_pairs
+from ..model.sites import PATCHABLE, RESID, resolve_site_layers, site_kind
 from . import costs
 from . import flops as F
-from .inputs import aligned_pairs, batch_shape, positive_int, resolve_positions
-from .inputs import select_rows
-from .metrics import as_metric, check_metric_pairs
-from .models import find_layers, hidden_size, model_device
 from .reuse import choose_form, group_chunks, last_position_head
-from .sites import PATCHABLE, RESID, resolve_site_layers, site_kind
 
 FORM_TEXT = {
     "full": "KV prefix reused, blocks before the site skipped, LM head at the metric's "
@@ -88,7 +88,7 @@ class SweepPlan:
     estimate: dict = None
     tokens: tuple = field(default=None, repr=False)  # (clean, corrupt) token strings per pair
     cost_model: dict = None  # reuse='auto': both forms' estimated seconds and the rates
-    kind: object = RESID     # the site kind (steerops.sites)
+    kind: object = RESID     # the site kind (steerops.model.sites)
     per_position: bool = True
     units_per_position: int = 1  # heads for head_out
 
@@ -132,7 +132,7 @@ class SweepPlan:
 
     # ------------------------------------------------------------------ time
     def calibrate(self, repeats=2):
-        """Estimated seconds for the sweep on this device (``steerops.costs.calibrate``:
+        """Estimated seconds for the sweep on this device (``steerops.sweeps.costs.calibrate``:
         a short calibration on the real inputs). Sets ``plan.estimate``."""
         total, self.estimate = costs.calibrate(self, repeats)
         return total
@@ -192,13 +192,13 @@ def _rows_metric(metric, rows):
     return sub
 
 
-def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, noising=False,
+def plan_sweep(model, clean, corrupt=None, metric=None, layers=None, positions=None, *,
+               noising=False,
                reuse="auto", batch_size=None, memory_budget_mb=1024, layers_path=None,
                distributed=None, shard_dir=None, pairs_per_unit=None, tokenizer=None,
                sites="resid", per_position=True):
     """The plan of ``patching_sweep`` with the same arguments, without running the
     model (see :class:`SweepPlan`); ``plan.calibrate()`` adds an estimated time."""
-    from .metrics import pair_inputs
     kind = site_kind(sites, allowed=PATCHABLE)
     if not isinstance(per_position, bool):
         raise TypeError(f"per_position must be True or False, got {per_position!r}")
@@ -212,7 +212,9 @@ def plan_sweep(model, clean, corrupt, metric, layers=None, positions=None, *, no
         raise ValueError(f"memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
     device = model_device(model)
     layers = resolve_site_layers(model, kind, layers, layers_path)
-    clean, corrupt, metric, tokens = pair_inputs(model, tokenizer, clean, corrupt, metric, device)
+    pairs_in = prompt_pairs(model, tokenizer, clean, corrupt, metric, device)
+    clean, corrupt, metric, tokens = pairs_in.clean, pairs_in.corrupt, pairs_in.metric, \
+        pairs_in.tokens
     metric = as_metric(metric)
     form, why = choose_form(model, reuse)
     clean, corrupt = aligned_pairs(clean, corrupt, device)

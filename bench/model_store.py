@@ -1,0 +1,83 @@
+"""The task models' architecture and checkpoint files: the config every scale starts
+from, building a model, where checkpoints live (the shipped toy ones, the cache for the
+trained scales), saving and loading them with their training record, and the hash that
+says which weights a result came from. Training is bench/train.py."""
+import json
+import os
+
+import torch
+
+from .tasks import VOCAB
+
+CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+MODEL_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+                    max_position_embeddings=16, tie_word_embeddings=False, bos_token_id=1,
+                    eos_token_id=1, pad_token_id=0)
+# the cache folder of the trained scales: bump when the config, tasks or recipe change
+STANDARD_VERSION = "standard-v4"
+
+
+def cache_dir():
+    """Where on-demand checkpoints live: $STEEROPS_CACHE, else ~/.cache/steerops."""
+    root = os.environ.get("STEEROPS_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "steerops")
+    return os.path.join(root, "checkpoints", STANDARD_VERSION)
+
+
+def checkpoint_name(task_name, scale="toy", seed=0):
+    return f"{task_name}.safetensors" if scale == "toy" else f"{task_name}-seed{seed}.safetensors"
+
+
+def build_model(config=None):
+    import transformers as T
+    cfg = T.LlamaConfig(**(config or MODEL_CONFIG))
+    return T.LlamaForCausalLM(cfg)
+
+
+def save_checkpoint(model, info, path):
+    from safetensors.torch import save_file
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = dict(info, torch=torch.__version__)
+    meta.setdefault("config", MODEL_CONFIG)
+    tmp = path + ".tmp"
+    save_file(state, tmp, metadata={"steerops": json.dumps(meta)})
+    os.replace(tmp, path)  # a killed run never leaves a half-written checkpoint
+
+
+def weights_sha256(path):
+    """sha256 of a checkpoint file: which weights a result came from."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_info(path):
+    """A checkpoint's metadata (config, seed, recipe, steps, held-out accuracy)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        return json.loads(f.metadata()["steerops"])
+
+
+def load_checkpoint(task_name, directory=CHECKPOINT_DIR, device="cpu", scale="toy", seed=0):
+    """(model, info) for a shipped (or freshly trained) task checkpoint."""
+    from safetensors.torch import load_file
+    path = checkpoint_path(task_name, scale, seed, directory)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint for task {task_name!r} at {path}; train it with "
+                                f"python -m steerops.bench.train --tasks {task_name}"
+                                + ("" if scale == "toy" else f" --scale {scale} --seeds {seed}"))
+    info = read_info(path)
+    info["weights_sha256"] = weights_sha256(path)
+    model = build_model(info["config"])
+    model.load_state_dict(load_file(path))
+    return model.to(device).eval(), info
+
+
+def checkpoint_path(task_name, scale="toy", seed=0, directory=None):
+    """Where the checkpoint lives: the shipped folder (toy) or the cache (standard)."""
+    directory = directory or (CHECKPOINT_DIR if scale == "toy" else cache_dir())
+    return os.path.join(directory, checkpoint_name(task_name, scale, seed))
