@@ -129,7 +129,10 @@ def _reuse_forward_seconds(model, layers_path, L, per_call, device):
 # run at T=4, 2.30 vs 2.63 at T=8, 3.43 vs 3.32 at T=12, 11.6 vs 11.6 at T=32; plain
 # 0.69 vs 0.86, 2.25 vs 2.76, 4.80 vs 7.0, 32.6 vs 46. Both run low at short prompts,
 # so 'auto' takes the reuse form only when its estimate is clearly below the plain
-# one: near a tie, plain's few large forwards are the safer side.
+# one: near a tie, plain's few large forwards are the safer side. (Those estimates
+# read the per-reuse-forward cost off two whole sweeps; it is now one patched forward
+# timed directly, which leaves out the chunking and cache crops a sweep also pays:
+# to be re-measured against runs with `steerops bench patching --estimate`.)
 REUSE_MARGIN = 0.85
 
 
