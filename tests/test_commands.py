@@ -43,8 +43,9 @@ def test_patch_outputs(patch_run, tiny):
     # the numbers are the Python API's on the same inputs
     import steerops
     model, tok = tiny
+    # (in the form the command's sweep took: reuse='auto' times the machine)
     ref = steerops.patching_sweep(model, CLEAN, CORRUPT, steerops.logit_diff("Mary", "John"),
-                                  tokenizer=tok, progress=False)
+                                  tokenizer=tok, progress=False, reuse=rec["plan"]["form"])
     assert torch.equal(torch.tensor(rec["values"]), ref.effects.float())
     assert rec["provenance"]["transformers"] and rec["settings"]["pairs"][0]["answer"] == "Mary"
     # the printed top sites carry their tokens

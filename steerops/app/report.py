@@ -54,6 +54,9 @@ def site_record(result, kind, settings=None, provenance=None):
         "clean_metric": [float(x) for x in result.clean_metric.flatten().tolist()],
         "corrupt_metric": [float(x) for x in result.corrupt_metric.flatten().tolist()],
         "settings": settings or {},
+        # the plan a patching sweep ran (its form, and why: reuse='auto' times the
+        # machine, so two runs may take different forms, equal to float tolerance)
+        "plan": getattr(result, "extra", {}).get("plan"),
         "provenance": provenance or {},
     }
 
