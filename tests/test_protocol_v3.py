@@ -248,7 +248,8 @@ def test_a_rerun_into_the_committed_folder_compares_with_the_file_it_overwrites(
     committed.write_text(json.dumps({"settings": {"scale": "toy"}, "models": [
         {"task": "successor", "train_seed": 0, "weights_sha256": real},
         {"task": "pronoun", "train_seed": 0, "weights_sha256": "0" * 64}]}))
-    monkeypatch.setattr(A, "COMMITTED", str(committed))
+    from steerops.bench import run_store
+    monkeypatch.setattr(run_store, "COMMITTED", str(committed))
     settings = dict(scale="toy", n_fit=8, n_val=4, n_eval=6, s2_steps=2, n_boot=8,
                     n_boot_hier=40, repeats=0, split_seeds=1, realistic_pairs=1,
                     realistic_pairs_1b=0)
