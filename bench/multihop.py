@@ -2,27 +2,29 @@
 cannot be computed at the answer position within the model's depth, so a model that
 solves them must carry intermediate results at intermediate positions.
 
-- ``var_chain``: assignments ``x0 = v ; x1 = x0 ; ... ; xh = x(h-1) ;`` with distractor
-  chains (a third as long) interleaved and filler between statements, then ``? xh``: the answer is the
-  root value v. Corrupt: another root value (p* = v's position, early).
+- ``var_chain``: assignments ``x0 = v  x1 = x0 ... xh = x(h-1)`` with a distractor chain
+  of h - 1 hops interleaved and filler between statements, then ``? xh``: the answer is
+  the root value v. Every chain's root statement comes first, in random order, so the
+  target's root is neither the first number nor told apart by where it stands, and the
+  distractor is one hop shorter, so telling the chains apart by length takes as many hops
+  as following the chain. Corrupt: another root value (p* = v's position, early).
 - ``pointer``: links ``a > b`` of two chains written in an order unrelated to either
   chain, the start node given early (``START s``, p* = s), and the query ``? h`` at the
   end: the node h steps from the start. Corrupt: the other chain's first node.
-- ``increment_chain`` (our design): ``x0 = v ; x1 = x0 + 1 ; ... ; xh = x(h-1) + 1 ;``
-  with distractors, then ``? xh``: the answer is v + h (mod the 64 numbers). Each hop
-  changes the carried value, so no position before the query holds the answer.
+- ``increment_chain`` (our design): ``x0 = v  x1 = x0 + ... xh = x(h-1) +`` (``+``: plus
+  one), laid out as var_chain, then ``? xh``: the answer is v + h (mod the 64 numbers).
+  Each hop changes the carried value, so no position before the query holds the answer.
 
 Every pair: clean and corrupt of equal length differing at one position p*, answers y /
 y'. Tokens: the standard vocabulary (bench.spread): numbers, symbols as variables and
-nodes, filler tokens between statements.
+nodes, filler tokens between statements (they also separate the statements).
 """
 import torch
 
 from .spread import FILLER0, FILLER_COUNT
 from .tasks import BOS, EQ, GT, NUM_COUNT, PLUS, QUERY, SYM0, SYM_COUNT, Pairs, Task, num
 
-SEP, START = 22, 23  # the two free ids below the numbers (NUM0 = 24): ";" and "START"
-ONE = num(1)
+START = 23  # a free id below the numbers (NUM0 = 24)
 
 
 def _perm(gen, n, k, high):
@@ -73,12 +75,13 @@ class _Statements(Task):
         return out, contrast
 
 
-def _interleave(gen, n, chains):
-    """Statement order: every chain's statements in their own order, chains interleaved
-    at random; the target chain (chains[0]) starts first (its root is early). Returns a
-    list of (chain, index) in prompt order (the same for all n rows)."""
-    order = [(0, 0)]
-    left = [list(range(1 if c == 0 else 0, len(chains[c]))) for c in range(len(chains))]
+def _interleave(gen, chains):
+    """Statement order: every chain's root statement first, in random order (the target
+    chain, chains[0], is not told apart by where its root stands), then the other
+    statements, every chain's in its own order, chains interleaved at random. Returns a
+    list of (chain, index) in prompt order (the same for all rows of a call)."""
+    order = [(int(c), 0) for c in torch.randperm(len(chains), generator=gen)]
+    left = [list(range(1, len(chain))) for chain in chains]
     while any(left):
         live = [c for c in range(len(chains)) if left[c]]
         c = live[int(torch.randint(0, len(live), (1,), generator=gen))]
@@ -88,14 +91,15 @@ def _interleave(gen, n, chains):
 
 class VarChain(_Statements):
     name = "var_chain"
-    description = "x0 = v ; x1 = x0 ; ... ; ? xh -> v (h hops, distractor chains)"
+    description = "x0 = v  x1 = x0 ... ? xh -> v (h hops, a distractor chain of h - 1)"
+    hop_len = 3  # name = source
 
     def lengths(self):
-        """Hops of the target chain, then of each distractor chain (shorter: a third)."""
-        return [self.hops] + [max(1, self.hops // 3)] * self.distractors
+        """Hops of the target chain, then of each distractor chain (one fewer)."""
+        return [self.hops] + [max(1, self.hops - 1)] * self.distractors
 
     def compact_len(self):
-        return 1 + sum(4 + 4 * h for h in self.lengths()) + 2
+        return 1 + sum(3 + self.hop_len * h for h in self.lengths()) + 2
 
     def _chains(self, n, gen):
         lengths = self.lengths()
@@ -105,25 +109,24 @@ class VarChain(_Statements):
         for k, h in enumerate(lengths):
             names = var[:, at:at + h + 1]
             at += h + 1
-            stmts = [torch.stack([names[:, 0], torch.full((n,), EQ), num(value[:, k]),
-                                  torch.full((n,), SEP)], 1)]
+            stmts = [torch.stack([names[:, 0], torch.full((n,), EQ), num(value[:, k])], 1)]
             for i in range(1, h + 1):
                 stmts.append(self._hop(names[:, i], names[:, i - 1], n))
             chains.append(stmts)
         return chains, var[:, self.hops], value
 
     def _hop(self, name, source, n):
-        return torch.stack([name, torch.full((n,), EQ), source, torch.full((n,), SEP)], 1)
+        return torch.stack([name, torch.full((n,), EQ), source], 1)
 
     def _answer(self, root):
         return num(root)
 
     def sample(self, n, gen):
         chains, query_var, value = self._chains(n, gen)
-        order = _interleave(gen, n, chains)
+        order = _interleave(gen, chains)
         statements = [chains[c][i] for c, i in order]
         query = torch.stack([torch.full((n,), QUERY), query_var], 1)
-        clean, contrast = self._layout(statements, query, gen, (0, 2), n)
+        clean, contrast = self._layout(statements, query, gen, (order.index((0, 0)), 2), n)
         corrupt = clean.clone()
         rows = torch.arange(n)
         corrupt[rows, contrast] = num(value[:, -1])
@@ -131,27 +134,26 @@ class VarChain(_Statements):
                      contrast)
 
     def rule(self, p):
+        """The answer read off a prompt: every ``name = source [+]`` statement in order
+        (filler and the query dropped), then the queried variable's value."""
         p = [int(x) for x in p if int(x) < FILLER0]
-        env, i = {}, 1
-        while i < len(p) and p[i] != QUERY:
-            name, src = p[i], p[i + 2]
-            plus = p[i + 3] == PLUS
+        q = p.index(QUERY)
+        env = {}
+        for j in (j for j in range(q) if p[j] == EQ):
+            name, src = p[j - 1], p[j + 1]
+            plus = j + 2 < q and p[j + 2] == PLUS
             base = env[src] if src in env else src - num(0)
             env[name] = (base + (1 if plus else 0)) % NUM_COUNT
-            i += 6 if plus else 4
-        return num(env[p[i + 1]])
+        return num(env[p[q + 1]])
 
 
 class IncrementChain(VarChain):
     name = "increment_chain"
-    description = "x0 = v ; x1 = x0 + 1 ; ... ; ? xh -> v + h (mod 64)"
-
-    def compact_len(self):
-        return 1 + sum(4 + 6 * h for h in self.lengths()) + 2
+    description = "x0 = v  x1 = x0 + ... ? xh -> v + h (mod 64)"
+    hop_len = 4  # name = source +
 
     def _hop(self, name, source, n):
-        return torch.stack([name, torch.full((n,), EQ), source, torch.full((n,), PLUS),
-                            torch.full((n,), ONE), torch.full((n,), SEP)], 1)
+        return torch.stack([name, torch.full((n,), EQ), source, torch.full((n,), PLUS)], 1)
 
     def _answer(self, root):
         return num((root + self.hops) % NUM_COUNT)

@@ -8,24 +8,20 @@ import torch
 
 from steerops.bench import multihop as MH
 from steerops.bench.spread import FILLER0, VOCAB_STANDARD
-from steerops.bench.tasks import NUM0, NUM_COUNT, QUERY
+from steerops.bench.tasks import EQ, NUM0, NUM_COUNT, QUERY
 
 
 CASES = [("var_chain", 5, 40), ("var_chain", 7, 48), ("pointer", 5, 48), ("pointer", 7, 48),
          ("increment_chain", 5, 48)]
 
 
-def _depth(prompt, task_name):
+def _depth(prompt, name=None):
     """The number of hops from the queried variable back to a literal (var tasks), read
-    off the prompt alone."""
+    off the prompt alone: statements are ``name = source [+]``."""
     p = [int(x) for x in prompt if int(x) < FILLER0]
-    src = {}
-    i = 1
-    while p[i] != QUERY:
-        plus = task_name == "increment_chain" and p[i + 3] != MH.SEP
-        src[p[i]] = p[i + 2]
-        i += 6 if plus else 4
-    var, hops = p[i + 1], 0
+    q = p.index(QUERY)
+    src = {p[j - 1]: p[j + 1] for j in range(q) if p[j] == EQ}
+    var, hops = p[q + 1], 0
     while var in src:
         var, hops = src[var], hops + 1
     return hops - 1  # the root statement assigns a literal
@@ -60,6 +56,37 @@ def test_multihop_answers_are_balanced(name):
     counts = collections.Counter(p.answer.tolist())
     # uniform over the answer set: no answer more than twice its fair share
     assert len(counts) >= 30 and max(counts.values()) < 2 * 4000 / len(counts)
+
+
+@pytest.mark.parametrize("name", ["var_chain", "increment_chain"])
+def test_no_position_or_length_tells_the_target_chain(name):
+    """The shortcut the first layout allowed (a model at 100% after 100 steps): the
+    target's root was always the prompt's first number. Every chain's root now comes
+    first in random order, and the distractor is one hop shorter than the target."""
+    task = MH.multihop_task(name, 5, 48)
+    first_is_target = []
+    for seed in range(40):
+        p = task.sample(4, torch.Generator().manual_seed(seed))
+        row = p.clean[0]
+        numbers = [i for i, t in enumerate(row.tolist()) if NUM0 <= t < NUM0 + NUM_COUNT
+                   and row[i - 1] == EQ]
+        assert len(numbers) == 2  # two roots, both before any hop statement
+        first_is_target.append(numbers[0] == int(p.contrast[0]))
+        hops = sorted(_depth_from(row, v) for v in (row[numbers[0] - 2], row[numbers[1] - 2]))
+        assert hops == [4, 5]
+    assert 10 < sum(first_is_target) < 30
+
+
+def _depth_from(prompt, root):
+    """The length of the chain that starts at variable ``root``."""
+    p = [int(x) for x in prompt if int(x) < FILLER0]
+    q = p.index(QUERY)
+    src_of = {p[j - 1]: p[j + 1] for j in range(q) if p[j] == EQ}
+    nxt = {s: v for v, s in src_of.items()}
+    var, hops = int(root), 0
+    while var in nxt:
+        var, hops = nxt[var], hops + 1
+    return hops
 
 
 def test_too_many_hops_for_the_length_is_an_error():
