@@ -60,7 +60,12 @@ def model_record(info):
             "train_seconds": info.get("train_seconds"),
             # the CPU and math paths the weights were trained on (they depend on the CPU:
             # docs/protocol.md, "Reproducible models"); None for older checkpoints
-            "math_paths": info.get("math_paths")}
+            "math_paths": info.get("math_paths"),
+            # a shipped model (bench/ship.py): stored in fp16, the stored weights are the
+            # model; the float32 weights it was trained as had this hash and accuracy
+            "stored_dtype": info.get("stored_dtype"),
+            "trained_sha256": info.get("trained_sha256"),
+            "trained_held_out_accuracy": info.get("trained_held_out_accuracy")}
 
 
 def split_seeds(task_name, train_seed, settings):
@@ -175,7 +180,9 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
                "environment": env, "settings": dict(settings, seed=SEED, quick=quick),
                "train_seeds": seeds, "split_seeds": "nested: bench.controls.split_seed(task, "
                "training seed, index), index < settings.split_seeds",
-               "checkpoints": checkpoint_dir or ("shipped" if scale == "toy" else "cache"),
+               "checkpoints": checkpoint_dir or ("shipped" if scale == "toy" else
+                                                 "shipped where bench/checkpoints/" + scale
+                                                 + " has them, else the cache"),
                "complete": False, "stages_done": [], "runs_done": 0, "runs_total": len(jobs)}
     # read before this run rewrites results.json: when --out is the committed folder,
     # the file it overwrites is the record its models are compared with

@@ -73,11 +73,29 @@ def load_checkpoint(task_name, directory=CHECKPOINT_DIR, device="cpu", scale="to
     info = read_info(path)
     info["weights_sha256"] = weights_sha256(path)
     model = build_model(info["config"])
+    # a shipped fp16 file loads into the float32 model exactly (every fp16 is a float32)
     model.load_state_dict(load_file(path))
     return model.to(device).eval(), info
 
 
+def shipped_dir(scale):
+    """The repository's own models of a scale: the toy ones at the top of
+    bench/checkpoints, a trained scale's in bench/checkpoints/SCALE (fp16 files written by
+    bench/ship.py: the stored weights are the models, docs/protocol.md)."""
+    return CHECKPOINT_DIR if scale == "toy" else os.path.join(CHECKPOINT_DIR, scale)
+
+
 def checkpoint_path(task_name, scale="toy", seed=0, directory=None):
-    """Where the checkpoint lives: the shipped folder (toy) or the cache (standard)."""
-    directory = directory or (CHECKPOINT_DIR if scale == "toy" else cache_dir())
-    return os.path.join(directory, checkpoint_name(task_name, scale, seed))
+    """Where the checkpoint lives: ``directory`` when given; else the shipped model when
+    the repository has it (always for toy), else the cache (trained on first use)."""
+    name = checkpoint_name(task_name, scale, seed)
+    if directory is None:
+        shipped = os.path.join(shipped_dir(scale), name)
+        directory = shipped_dir(scale) if scale == "toy" or os.path.exists(shipped) \
+            else cache_dir()
+    return os.path.join(directory, name)
+
+
+def is_shipped(path):
+    """Whether ``path`` is one of the repository's models (never retrained or removed)."""
+    return os.path.abspath(os.path.dirname(path)).startswith(os.path.abspath(CHECKPOINT_DIR))

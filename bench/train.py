@@ -20,7 +20,8 @@ from steerops.app.cli_args import Parser, nonnegative_int, output_folder, positi
 
 from . import reproducible as R
 from .model_store import (CHECKPOINT_DIR, MODEL_CONFIG, build_model, checkpoint_name,
-                          checkpoint_path, load_checkpoint, read_info, save_checkpoint)
+                          checkpoint_path, is_shipped, load_checkpoint, read_info,
+                          save_checkpoint)
 from .multihop import MULTIHOP, multihop_task
 from .multitask import Mixture, TaskToken
 from .spread import VOCAB_STANDARD, task_at
@@ -277,6 +278,8 @@ def ensure_checkpoint(task_name, scale="toy", seed=0, directory=None, device="cp
     if scale == "toy":
         return load_checkpoint(task_name, directory, device)
     wanted = recipe(task_name, scale)
+    if is_shipped(path):  # the repository's model is the model, whatever the recipe says now
+        return load_checkpoint(task_name, directory, device, scale, seed)
     if os.path.exists(path) and not same_training(read_info(path), wanted):
         print(f"{path}: trained under another recipe; retraining with {wanted}",
               file=sys.stderr)
