@@ -8,7 +8,6 @@ measures the CPU path, not the kernels.
 """
 import os
 import statistics
-import time
 
 import torch
 
@@ -169,14 +168,10 @@ def decode_hook_cost(hidden=256, layers=4, batch=1, new_tokens=32, repeats=3, co
             out["compiled_hook_python_calls"] = _python_calls(generate, "steer_site")
         out["compiled_tokens_equal_eager"] = bool(torch.equal(compiled_tokens, eager_tokens))
         times = {"steered": [], "unsteered": []}
-        for _ in range(max(repeats, 3)):
+        for _ in range(max(repeats, 3)):  # interleaved: steered, then unsteered
             with steering:
-                t0 = time.perf_counter()
-                generate()
-                times["steered"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            generate()
-            times["unsteered"].append(time.perf_counter() - t0)
+                times["steered"].append(timed(generate, model.device)[1])
+            times["unsteered"].append(timed(generate, model.device)[1])
         out["compiled_backend"] = backend
         out["compiled_ms_per_token"] = {k: statistics.median(x) / new_tokens * 1e3
                                         for k, x in times.items()}

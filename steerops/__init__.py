@@ -15,6 +15,7 @@ _PUBLIC = {
     "model.blocks": ("find_layers",),
     "model.caching": ("ActivationCache", "GradientCache", "cache_activations", "cache_gradients"),
     "model.metrics": ("logit_diff", "prob_diff"),
+    "model.pairs": ("PromptPairs",),
     "model.steering": ("Steering",),
     "model.vectors": ("SteeringVector", "learn_steering_vector"),
     "sweeps.patching": ("PatchingResult", "patching_sweep"),
@@ -29,7 +30,7 @@ __all__ = ["steer", "steer_", "patch", "patch_", "intervene", "set_backend", "ge
            "use_backend", "unchecked", "Steering", "SteeringVector", "learn_steering_vector",
            "cache_activations", "cache_gradients", "patching_sweep", "attribution_patching",
            "logit_diff", "prob_diff", "find_layers", "ActivationCache", "GradientCache",
-           "PatchingResult", "AttributionResult", "plan_sweep", "SweepPlan"]
+           "PatchingResult", "AttributionResult", "plan_sweep", "SweepPlan", "PromptPairs"]
 
 
 # the layers, each a subpackage (imports run one way: app -> sweeps -> model -> ops ->

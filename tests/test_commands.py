@@ -375,3 +375,28 @@ def test_site_option_errors(tiny_folder, tmp_path, capsys, monkeypatch):
     _fails(run("attribute", *pair, "--sites", "neuron", "--compare"), "--compare")
     code, err = run("patch", *pair, "--sites", "heads")
     assert code == 2 and "--sites" in err and "head_out" in err
+
+
+def test_commands_tokenise_each_prompt_once(tiny_folder, tmp_path, monkeypatch):
+    """The pair commands check the prompts on the ids the sweep then takes, and steer
+    --learn-from learns from the ids it checked: no prompt is tokenised twice."""
+    from test_text import CountingTokenizer
+
+    from steerops.app import cli, commands
+    calls = []
+    load = commands.load_tokenizer
+    monkeypatch.setattr(commands, "load_tokenizer",
+                        lambda folder: CountingTokenizer(load(folder), calls))
+    pairs = [json.loads(line) for line in open(os.path.join(tiny_folder, "pairs.jsonl"))]
+    assert cli.main(["attribute", "--model", tiny_folder, "--pairs",
+                     os.path.join(tiny_folder, "pairs.jsonl"), "--out", str(tmp_path / "a"),
+                     "--no-progress"]) == 0
+    prompts = [p[k] for p in pairs for k in ("clean", "corrupt")]
+    assert sorted(c for c in calls if c in prompts) == sorted(prompts)
+    calls.clear()
+    rows = [json.loads(line) for line in open(os.path.join(tiny_folder, "steer_pairs.jsonl"))]
+    learn = [r[k] for r in rows for k in ("positive", "negative")]
+    assert cli.main(["steer", "--model", tiny_folder, "--prompt", CLEAN, "--learn-from",
+                     os.path.join(tiny_folder, "steer_pairs.jsonl"), "--layer", "2",
+                     "--max-new-tokens", "1"]) == 0
+    assert sorted(c for c in calls if c in learn) == sorted(learn)

@@ -140,6 +140,23 @@ def test_text_errors(tiny):
                                 tokenizer=tok, progress=False)
 
 
+class CountingTokenizer:
+    """A tokenizer that records the text of every call (to count tokenisations)."""
+
+    def __init__(self, inner, calls):
+        self.inner, self.calls = inner, calls
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args[0] if args else kwargs)
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+
 def test_prompt_pairs_are_tokenised_once_and_taken_by_the_sweeps(tiny):
     """A PromptPairs record encodes the prompts and resolves the answers once; the sweeps
     take it in place of (clean, corrupt, metric) and tokenise nothing more, with the same
@@ -147,18 +164,7 @@ def test_prompt_pairs_are_tokenised_once_and_taken_by_the_sweeps(tiny):
     from steerops.model.pairs import PromptPairs
     model, tok = tiny
     calls = []
-
-    class Counting:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __call__(self, *args, **kwargs):
-            calls.append(args[0] if args else kwargs)
-            return self.inner(*args, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-    counting = Counting(tok)
+    counting = CountingTokenizer(tok, calls)
     metric = steerops.logit_diff(["Mary", "Tom"], ["John", "Kate"])
     pairs = PromptPairs.build([CLEAN, CLEAN2], [CORRUPT, CORRUPT2], metric, tokenizer=counting)
     encoded = len(calls)
@@ -178,3 +184,46 @@ def test_prompt_pairs_are_tokenised_once_and_taken_by_the_sweeps(tiny):
         steerops.patching_sweep(model, pairs, pairs.corrupt, metric)
     with pytest.raises(TypeError, match="corrupt and metric are required"):
         steerops.patching_sweep(model, [CLEAN], None, metric, tokenizer=tok)
+
+
+def test_learning_and_caching_take_the_pair_record_without_tokenising_again(tiny):
+    """learn_steering_vector takes a PromptPairs (clean: positive, corrupt: negative, its
+    metric for optimize) and cache_activations its batches: the same numbers as from
+    text, and no prompt or answer tokenised again."""
+    model, tok = tiny
+    short = " ".join(CLEAN.split()[:-3])
+    short_corrupt = " ".join(CORRUPT.split()[:-3])
+    clean, corrupt = [CLEAN, short], [CORRUPT, short_corrupt]
+    metric = steerops.logit_diff(["Mary", "Mary"], ["John", "John"])
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        calls = []
+        pairs = steerops.PromptPairs.build(clean, corrupt, metric,
+                                           tokenizer=CountingTokenizer(tok, calls))
+        encoded = len(calls)
+        vector = steerops.learn_steering_vector(model, pairs, layer=1)
+        by_text = steerops.learn_steering_vector(model, clean, corrupt, 1, tokenizer=tok)
+        assert torch.equal(vector.vector, by_text.vector)
+        learned = steerops.learn_steering_vector(model, pairs, layer=1, method="optimize",
+                                                 steps=3)
+        learned_text = steerops.learn_steering_vector(model, clean, corrupt, 1,
+                                                      method="optimize", steps=3,
+                                                      metric=metric, tokenizer=tok)
+        assert torch.allclose(learned.vector, learned_text.vector, atol=1e-6)
+        cache = steerops.cache_activations(model, pairs.clean, layers=[1, 2])
+        cache_text = steerops.cache_activations(model, clean, layers=[1, 2], tokenizer=tok)
+        assert torch.equal(cache.acts, cache_text.acts) and cache.tokens == cache_text.tokens
+        assert len(calls) == encoded  # nothing tokenised again
+        with pytest.raises(TypeError, match="positive is a PromptPairs"):
+            steerops.learn_steering_vector(model, pairs, pairs.corrupt, 1)
+        with pytest.raises(TypeError, match="negative is required"):
+            steerops.learn_steering_vector(model, clean, layer=1, tokenizer=tok)
+        tok.padding_side = "right"
+        right = steerops.PromptPairs.build(clean, corrupt, metric, tokenizer=tok)
+        with pytest.raises(ValueError, match="position -1: these PromptPairs are padded on "
+                                             "the right"):
+            steerops.learn_steering_vector(model, right, layer=1)
+        at_two = steerops.learn_steering_vector(model, right, layer=1, position=2)
+        assert at_two.settings["position"] == 2
+    finally:
+        tok.padding_side = side

@@ -49,9 +49,11 @@ def read_config(folder):
     return config
 
 
-def check_inputs(folder, tokenizer, texts, option, allow_unknown=False):
+def check_inputs(folder, tokenizer, texts, option, allow_unknown=False, rows=None):
     """Before the weights load: the tokenizer's ids fit the model's vocabulary, every
-    prompt fits its positions, and no word becomes the unknown token (unless allowed)."""
+    prompt fits its positions, and no word becomes the unknown token (unless allowed).
+    ``rows``: the prompts' token ids when the caller has encoded them already (the
+    text is then tokenised again only to name an unknown word)."""
     config = read_config(folder)
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
@@ -61,8 +63,8 @@ def check_inputs(folder, tokenizer, texts, option, allow_unknown=False):
                                                                         None)
     unk = getattr(tokenizer, "unk_token_id", None)
     unknown = []
-    for text in texts:
-        ids = tokenizer(text)["input_ids"]
+    for text, ids in zip(texts, rows if rows is not None else (None,) * len(texts)):
+        ids = tokenizer(text)["input_ids"] if ids is None else ids
         if limit is not None and len(ids) > limit:
             raise UsageError(f"{option}: a prompt is {len(ids)} tokens, more than this model's "
                              f"{limit} positions: {text[:60]!r}")

@@ -112,6 +112,7 @@ class PairJob:
     def __init__(self, args):
         from ..model import metrics
         from ..model.pairs import PromptPairs
+        from ..model.text import token_rows
         self.args = args
         self.pairs = _pairs(args)
         self.tokenizer = load_tokenizer(args.model)
@@ -122,15 +123,17 @@ class PairJob:
             if args.layers else None
         self.clean = [p["clean"] for p in self.pairs]
         self.corrupt = [p["corrupt"] for p in self.pairs]
-        check_inputs(args.model, self.tokenizer, self.clean + self.corrupt,
-                     "--pairs" if args.pairs else "--clean / --corrupt", args.allow_unknown)
         make = getattr(metrics, args.metric)
         metric = _user_errors(make, [p["answer"] for p in self.pairs],
                               [p["wrong"] for p in self.pairs])
-        # the prompts and answers tokenised once, here: checked before the model loads,
-        # then handed to the sweep as they are
+        # the prompts and answers tokenised once, here: checked (on those ids) before the
+        # model loads, then handed to the sweep as they are
         self.prompt_pairs = _user_errors(PromptPairs.build, self.clean, self.corrupt, metric,
                                          tokenizer=self.tokenizer)
+        check_inputs(args.model, self.tokenizer, self.clean + self.corrupt,
+                     "--pairs" if args.pairs else "--clean / --corrupt", args.allow_unknown,
+                     rows=token_rows(self.prompt_pairs.clean)
+                     + token_rows(self.prompt_pairs.corrupt))
         self.model = load_model(args.model, args.device, args.dtype)  # inputs checked first
         self.settings = {"metric": args.metric, "pairs": self.pairs, "layers": args.layers,
                          "dtype": args.dtype, "sites": args.sites}
@@ -263,7 +266,9 @@ def steer_main(argv):
     p.add_argument("--layer", type=int, help="the site layer (required with --learn-from)")
     p.add_argument("--alpha", type=_alphas, default=[4.0],
                    help="strength(s), comma-separated: 2,4,8 (default 4)")
-    p.add_argument("--mode", choices=modes.names(), default="add")
+    p.add_argument("--mode", choices=modes.names(), default="add",
+                   help="how the vector steers: one of the registered modes "
+                        "(steerops.ops.modes; default add)")
     p.add_argument("--max-new-tokens", type=positive_int, default=20)
     p.add_argument("--out", type=output_folder, help="also write steer.json here")
     p.add_argument("--device", type=device, default="cpu")
@@ -281,8 +286,7 @@ def steer_main(argv):
     tokenizer = load_tokenizer(args.model)
     check_inputs(args.model, tokenizer, [args.prompt], "--prompt", args.allow_unknown)
     if learn_rows:
-        check_inputs(args.model, tokenizer, [t for r in learn_rows for t in r.values()],
-                     "--learn-from", args.allow_unknown)
+        learn_rows = _learning_inputs(args, tokenizer, learn_rows)
     if args.layer is not None:
         check_layers(args.model, [args.layer], "--layer")
     vector = _load_vector(args) if args.vector else None
@@ -317,13 +321,25 @@ def steer_main(argv):
     return 0
 
 
-def _vector(args, model, tokenizer, learn_rows, vector):
+def _learning_inputs(args, tokenizer, rows):
+    """The --learn-from prompts encoded once (padded on the left: the vector is read at
+    each prompt's last token), checked on those ids before the model loads."""
+    from ..model.text import encode, token_rows
+    texts = {k: [r[k] for r in rows] for k in ("positive", "negative")}
+    encoded = {k: _user_errors(encode, tokenizer, v, name=k, side="left")
+               for k, v in texts.items()}
+    check_inputs(args.model, tokenizer, texts["positive"] + texts["negative"], "--learn-from",
+                 args.allow_unknown, rows=token_rows(encoded["positive"])
+                 + token_rows(encoded["negative"]))
+    return encoded
+
+
+def _vector(args, model, tokenizer, learning_inputs, vector):
     import steerops
-    if learn_rows is not None:
+    if learning_inputs is not None:
         return _user_errors(steerops.learn_steering_vector, model,
-                            [r["positive"] for r in learn_rows],
-                            [r["negative"] for r in learn_rows], args.layer,
-                            method=args.method, tokenizer=tokenizer)
+                            learning_inputs["positive"], learning_inputs["negative"],
+                            args.layer, method=args.method, tokenizer=tokenizer)
     _user_errors(vector.check_model, model)
     return vector
 

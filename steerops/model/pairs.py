@@ -7,8 +7,6 @@ hand that same record to the sweep."""
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from . import text
 from .metrics import bind_metric
 
@@ -36,8 +34,7 @@ class PromptPairs:
                 raise TypeError("clean and corrupt must both be text or both be token ids")
             clean, corrupt = text.encode_pairs(tokenizer, clean, corrupt, device, model)
         elif tokenizer is not None:
-            text.require_tokenizer(tokenizer, "clean")
-            clean, corrupt = text._labelled(tokenizer, clean), text._labelled(tokenizer, corrupt)
+            clean, corrupt = text.label_pairs(tokenizer, clean, corrupt)
         last = text._right_pad_last(clean)
         if last is not None and getattr(metric, "spec", None) is None:
             raise ValueError("a custom metric on a right-padded batch would read padding at "
@@ -54,23 +51,9 @@ class PromptPairs:
     def on(self, model, device):
         """The record on ``device`` for ``model``: tensors moved, and position ids added
         to a padded batch when the model takes them (as encoding with the model does)."""
-        return PromptPairs(_on(self.clean, model, device), _on(self.corrupt, model, device),
+        return PromptPairs(text.to_model(self.clean, model, device),
+                           text.to_model(self.corrupt, model, device),
                            self.metric, self.tokens)
-
-
-def _on(inputs, model, device):
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if not hasattr(inputs, "items"):
-        return inputs
-    out = type(inputs)((k, v.to(device) if isinstance(v, torch.Tensor) else v)
-                       for k, v in inputs.items())
-    out.__dict__.update(getattr(inputs, "__dict__", {}))
-    mask = out.get("attention_mask")
-    if getattr(out, "padded", False) and "position_ids" not in out and model is not None \
-            and isinstance(mask, torch.Tensor) and text._accepts(model, "position_ids"):
-        out["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
-    return out
 
 
 def prompt_pairs(model, tokenizer, clean, corrupt, metric, device):

@@ -181,10 +181,46 @@ def prompt_inputs(model, tokenizer, inputs, device, name="inputs", side=None):
     check_prompt_list(inputs, name)
     if is_text(inputs):
         return encode(tokenizer, inputs, device, name, model, side)
+    if isinstance(inputs, TextInputs) and inputs.tokens is not None:
+        return to_model(inputs, model, device)  # encoded (once) already: kept as it is
     if tokenizer is not None:
         require_tokenizer(tokenizer, name)
         return _labelled(tokenizer, inputs)
     return inputs
+
+
+def to_model(inputs, model, device):
+    """Encoded inputs made ready for ``model`` on ``device``: tensors moved, and position
+    ids added to a padded batch when the model takes them (as encoding with the model
+    does), so inputs encoded before the model loaded give the same numbers."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if not hasattr(inputs, "items"):
+        return inputs
+    out = type(inputs)((k, v.to(device) if isinstance(v, torch.Tensor) else v)
+                       for k, v in inputs.items())
+    out.__dict__.update(getattr(inputs, "__dict__", {}))
+    mask = out.get("attention_mask")
+    if getattr(out, "padded", False) and "position_ids" not in out and model is not None \
+            and isinstance(mask, torch.Tensor) and _accepts(model, "position_ids"):
+        out["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+    return out
+
+
+def label_pairs(tokenizer, clean, corrupt):
+    """Token-id pairs (tensors or dicts) labelled with their token strings."""
+    require_tokenizer(tokenizer, "clean")
+    return _labelled(tokenizer, clean), _labelled(tokenizer, corrupt)
+
+
+def token_rows(inputs):
+    """Each prompt's own token ids (padding dropped) of an encoded batch: what a caller
+    checks (lengths, unknown tokens) without tokenising the text again."""
+    ids = inputs["input_ids"] if hasattr(inputs, "items") else inputs
+    mask = inputs.get("attention_mask") if hasattr(inputs, "items") else None
+    if mask is None:
+        return [row.tolist() for row in ids]
+    return [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
 
 
 def _labelled(tokenizer, inputs):

@@ -120,8 +120,8 @@ def contrastive_differences(model, positive, negative, layer, position=-1, layer
     return (pos[layer][:, 0] - neg[layer][:, 0]).float()
 
 
-def learn_steering_vector(model, positive, negative, layer, *, method="mean_diff", position=-1,
-                          metric=None, mode="add", alpha=1.0, steps=50, lr=0.05,
+def learn_steering_vector(model, positive, negative=None, layer=None, *, method="mean_diff",
+                          position=-1, metric=None, mode="add", alpha=1.0, steps=50, lr=0.05,
                           weight_decay=0.0, steer_positions="all", layers_path=None,
                           progress=False, tokenizer=None):
     """Learn a steering vector at ``layer`` from contrastive prompt pairs.
@@ -139,8 +139,13 @@ def learn_steering_vector(model, positive, negative, layer, *, method="mean_diff
     ``positive`` / ``negative`` may be text (lists of strings) with ``tokenizer``;
     prompts of different lengths are padded on the left when ``position`` counts
     from the end (the default -1: every prompt's last token), else on the
-    tokenizer's side.
+    tokenizer's side. ``positive`` may instead be a :class:`~steerops.PromptPairs`
+    (``negative`` and ``metric`` None): its clean prompts are the positive set, its
+    corrupt ones the negative set, its metric the one ``optimize`` ascends; nothing is
+    tokenised again.
     """
+    positive, negative, metric, bound = _contrastive_sets(positive, negative, metric,
+                                                          position)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(layer, bool) or not isinstance(layer, int):
@@ -151,7 +156,7 @@ def learn_steering_vector(model, positive, negative, layer, *, method="mean_diff
     device = model_device(model)
     positive = prompt_inputs(model, tokenizer, positive, device, "positive", side)
     negative = prompt_inputs(model, tokenizer, negative, device, "negative", side)
-    if metric is not None:
+    if metric is not None and not bound:
         from .metrics import bind_metric
         metric = bind_metric(metric, tokenizer)
     with eval_mode(model, "learn_steering_vector"):
@@ -159,6 +164,27 @@ def learn_steering_vector(model, positive, negative, layer, *, method="mean_diff
                       metric=metric, mode=mode, alpha=alpha, steps=steps, lr=lr,
                       weight_decay=weight_decay, steer_positions=steer_positions,
                       layers_path=layers_path, progress=progress)
+
+
+def _contrastive_sets(positive, negative, metric, position):
+    """(positive, negative, metric, whether the metric is bound already) of a call: as
+    given, or from a PromptPairs (its metric's answers resolved when it was built)."""
+    from .pairs import PromptPairs
+    if not isinstance(positive, PromptPairs):
+        if negative is None:
+            raise TypeError("negative is required unless positive is a PromptPairs")
+        return positive, negative, metric, False
+    if negative is not None or metric is not None:
+        raise TypeError("positive is a PromptPairs, which holds the negative (corrupt) prompts "
+                        "and the metric: pass negative=None and metric=None")
+    from .text import _right_pad_last
+    if isinstance(position, int) and position < 0 and \
+            _right_pad_last(positive.clean) is not None:
+        raise ValueError(f"position {position}: these PromptPairs are padded on the right, so "
+                         f"a position counted from the end would read padding for the shorter "
+                         f"prompts; build them with tokenizer.padding_side = 'left', or give a "
+                         f"position from the start")
+    return positive.clean, positive.corrupt, positive.metric, True
 
 
 def _learn(model, positive, negative, layer, *, method, position, metric, mode, alpha, steps,
