@@ -1,5 +1,5 @@
 """The ``steerops`` command: ``steerops {patch,attribute,steer,tiny-model}`` on a local
-model folder, and ``steerops bench {attribution,kernels,overhead,patching,compile}``.
+model folder, and ``steerops bench {attribution,kernels,overhead,patching,combine,compile}``.
 
 Arguments are parsed before anything heavy is imported (``steerops --help`` does not
 load torch). Every user error is one line on stderr and exit status 2; Ctrl-C is one
@@ -15,6 +15,8 @@ BENCHMARKS = {
     "kernels": ("kernels", "kernel benchmarks vs eager PyTorch and torch.compile (CUDA GPU)"),
     "overhead": ("overhead", "per-forward cost of steering vs a plain hook"),
     "patching": ("patching", "patching sweep forms side by side: reuse vs plain vs hook loops"),
+    "combine": ("combine", "the v4 verdict per scale and together, from finished runs of "
+                           "several scales"),
     "compile": ("compile_check", "compile every kernel specialization for sm_90a / sm_80 "
                                  "without a GPU: registers, spills, local memory"),
 }

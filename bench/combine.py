@@ -1,0 +1,98 @@
+"""The v4 verdict per scale and together (docs/protocol.md: "The headline uses standard,
+deep and multitask, each reported apart and together"): the finished runs of several
+benchmark folders, one scale each, pooled. A task is named ``scale/task`` (ioi on the
+standard models and ioi on the shared multitask model are different task models), the
+families are kept across scales, and each scale is a family of its own, so one
+bootstrap gives the verdict together and per scale with the same rule.
+
+    steerops bench combine bench/results/attribution_v4 bench/results/attribution_deep \\
+        --out bench/results/attribution_together
+"""
+import json
+import os
+
+from steerops.app.cli_args import (Parser, UsageError, existing_folder, output_folder,
+                                   positive_int)
+
+from .aggregate import summarize
+from .attribution import SEED
+from .provenance import read_shard, save_results
+from .report_v4 import v4_lines
+from .run_store import compact, shard_path
+from .tasks import FAMILIES
+
+SCALE_FAMILY = "scale {}"  # the family that holds one scale's tasks
+
+
+def read_scale(folder):
+    """(scale, settings, runs) of one benchmark folder: its results.json names the
+    settings, and the runs are its shards for those settings."""
+    try:
+        with open(os.path.join(folder, "results.json")) as f:
+            settings = json.load(f)["settings"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"{folder}: no readable results.json with the run's settings ({e}); "
+                         f"give folders that steerops bench attribution wrote") from None
+    runs_dir = os.path.dirname(shard_path(folder, settings, "x", 0, 0))
+    names = sorted(n for n in os.listdir(runs_dir) if n.endswith(".json.gz")) \
+        if os.path.isdir(runs_dir) else []
+    if not names:
+        raise UsageError(f"{folder}: no finished runs under {runs_dir}")
+    return settings["scale"], settings, [read_shard(os.path.join(runs_dir, n)) for n in names]
+
+
+def combine(folders, n_draws=None, seed=SEED):
+    """Results over the runs of ``folders`` (one scale each): tasks named scale/task,
+    families over every scale plus one family per scale."""
+    runs, scales, draws = [], [], []
+    for folder in folders:
+        scale, settings, scale_runs = read_scale(folder)
+        if scale in scales:
+            raise UsageError(f"{folder}: a second {scale}-scale folder; give one per scale")
+        scales.append(scale)
+        draws.append(settings["n_boot_hier"])
+        runs += [dict(r, task=f"{scale}/{r['task']}", scale=scale) for r in scale_runs]
+    families = {fam: [f"{s}/{t}" for s in scales for t in members]
+                for fam, members in FAMILIES.items()}
+    families.update({SCALE_FAMILY.format(s): sorted({r["task"] for r in runs
+                                                     if r["scale"] == s}) for s in scales})
+    n_draws = n_draws or min(draws)
+    results = {"scales": scales, "folders": list(folders), "runs_done": len(runs),
+               "runs_per_scale": {s: sum(r["scale"] == s for r in runs) for s in scales},
+               "settings": {"n_boot_hier": n_draws, "seed": seed}}
+    results.update(summarize(runs, n_draws, seed, families))
+    return results
+
+
+def markdown(results):
+    lines = [f"# Attribution benchmark, protocol v4: {' + '.join(results['scales'])} together",
+             "", f"{results['runs_done']} runs ("
+             + ", ".join(f"{s}: {n}" for s, n in results["runs_per_scale"].items())
+             + "). Tasks are named scale/task; the family `scale S` is scale S alone, "
+               "`all` is every scale together; one bootstrap for all of them.", ""]
+    return "\n".join(lines + v4_lines(results))
+
+
+def main(argv=None):
+    p = Parser(prog="steerops bench combine",
+               description="The v4 verdict per scale and together, from the finished runs of "
+                           "several `steerops bench attribution` folders (one per scale).")
+    p.add_argument("folders", nargs="+", type=existing_folder, metavar="FOLDER",
+                   help="benchmark output folders (results.json and runs/), one per scale")
+    p.add_argument("--out", required=True, type=output_folder,
+                   help="where results.json and results.md of the combination go")
+    p.add_argument("--draws", type=positive_int, default=None,
+                   help="bootstrap draws (default: the smallest of the folders' settings)")
+    args = p.parse_args(argv)
+    if len(args.folders) < 2:
+        p.error("give at least two folders (one per scale) to combine")
+    results = combine(args.folders, args.draws)
+    table = markdown(results)
+    save_results(args.out, "results", compact(results), table)
+    print(table)
+    print(f"\nwrote {args.out}/results.json, results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
