@@ -59,7 +59,7 @@ def combine(folders, n_draws=None, seed=SEED):
     n_draws = n_draws or min(draws)
     results = {"scales": scales, "folders": list(folders), "runs_done": len(runs),
                "runs_per_scale": {s: sum(r["scale"] == s for r in runs) for s in scales},
-               "settings": {"n_boot_hier": n_draws, "seed": seed}}
+               "settings": {"n_boot_hier": n_draws, "seed": seed, "scale": " + ".join(scales)}}
     results.update(summarize(runs, n_draws, seed, families))
     return results
 
@@ -89,8 +89,12 @@ def main(argv=None):
     results = combine(args.folders, args.draws)
     table = markdown(results)
     save_results(args.out, "results", compact(results), table)
+    from .plots_v4 import plot_plane_v4, plot_shares
+    plot_plane_v4(results, os.path.join(args.out, "plane.png"))
+    plot_shares(results, os.path.join(args.out, "answer_column_share.png"))
     print(table)
-    print(f"\nwrote {args.out}/results.json, results.md")
+    print(f"\nwrote {args.out}/results.json, results.md, plane.png (per scale and together), "
+          f"answer_column_share.png (per task and scale)")
     return 0
 
 

@@ -58,6 +58,8 @@ def test_each_scale_alone_equals_its_own_summary_and_together_pools_them(tmp_pat
             assert fams[fam]["rows"][method]["R_pair"] == pytest.approx(row["R_pair"],
                                                                         rel=1e-12)
     assert "standard + deep together" in table and "Family `scale deep`" in table
+    for png in ("plane.png", "answer_column_share.png"):
+        assert (tmp_path / "both" / png).stat().st_size > 10_000
 
 
 def test_combine_user_errors(tmp_path, committed, capsys):
