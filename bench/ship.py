@@ -19,7 +19,8 @@ from steerops.app.cli_args import Parser, existing_folder, nonnegative_int
 
 from .model_store import (build_model, cache_dir, checkpoint_name, read_info, shipped_dir,
                           weights_sha256)
-from .train import SCALES, TEST_SEED, accuracy, model_name, scale_tasks, task_for
+from .train import (SCALES, TEST_SEED, accuracy, model_name, scale_tasks,
+                    shared_task_accuracy, task_for)
 
 STORED_DTYPE = torch.float16
 
@@ -41,8 +42,7 @@ def ship(source, target, scale):
     name = info["task"]
     if SCALES[scale].get("shared"):
         shipped["trained_task_accuracy"] = info.get("task_accuracy")
-        shipped["task_accuracy"] = {t: accuracy(model, task_for(t, scale), 500, TEST_SEED + seed)
-                                    for t in SCALES[scale]["tasks"]}
+        shipped["task_accuracy"] = shared_task_accuracy(model, scale, seed)
         name = "multitask"
     shipped["held_out_accuracy"] = accuracy(model, task_for(name, scale), 2000,
                                             TEST_SEED + seed)

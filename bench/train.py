@@ -227,10 +227,15 @@ def train_scale_task(task_name, scale, seed, *, max_steps=None, progress=True,
                              eval_every=250 if scale == "toy" else 100, progress=progress,
                              seeded_init=spec.get("reproducible", False),
                              resume_path=resume_path, **r)
-    if spec.get("shared"):  # every task's own held-out accuracy on the shared model
-        info["task_accuracy"] = {t: accuracy(model, task_for(t, scale), 500, TEST_SEED + seed)
-                                 for t in spec["tasks"]}
+    if spec.get("shared"):
+        info["task_accuracy"] = shared_task_accuracy(model, scale, seed)
     return model, info
+
+
+def shared_task_accuracy(model, scale, seed):
+    """Every task's own held-out accuracy on a shared (multitask) model."""
+    return {t: accuracy(model, task_for(t, scale), 500, TEST_SEED + seed)
+            for t in SCALES[scale]["tasks"]}
 
 
 def train_and_save(task_name, scale, seed, path, *, max_steps=None, progress=True):

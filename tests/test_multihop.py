@@ -15,13 +15,19 @@ CASES = [("var_chain", 5, 40), ("var_chain", 7, 48), ("pointer", 5, 48), ("point
          ("increment_chain", 5, 48)]
 
 
-def _depth(prompt, name=None):
-    """The number of hops from the queried variable back to a literal (var tasks), read
-    off the prompt alone: statements are ``name = source [+]``."""
+def _sources(prompt):
+    """{variable: its source} of a var-task prompt (statements ``name = source [+]``), and
+    the queried variable."""
     p = [int(x) for x in prompt if int(x) < FILLER0]
     q = p.index(QUERY)
-    src = {p[j - 1]: p[j + 1] for j in range(q) if p[j] == EQ}
-    var, hops = p[q + 1], 0
+    return {p[j - 1]: p[j + 1] for j in range(q) if p[j] == EQ}, p[q + 1]
+
+
+def _depth(prompt, name=None):
+    """The number of hops from the queried variable back to a literal (var tasks), read
+    off the prompt alone."""
+    src, var = _sources(prompt)
+    hops = 0
     while var in src:
         var, hops = src[var], hops + 1
     return hops - 1  # the root statement assigns a literal
@@ -79,10 +85,7 @@ def test_no_position_or_length_tells_the_target_chain(name):
 
 def _depth_from(prompt, root):
     """The length of the chain that starts at variable ``root``."""
-    p = [int(x) for x in prompt if int(x) < FILLER0]
-    q = p.index(QUERY)
-    src_of = {p[j - 1]: p[j + 1] for j in range(q) if p[j] == EQ}
-    nxt = {s: v for v, s in src_of.items()}
+    nxt = {s: v for v, s in _sources(prompt)[0].items()}
     var, hops = int(root), 0
     while var in nxt:
         var, hops = nxt[var], hops + 1
