@@ -202,3 +202,15 @@ def multihop_task(name, hops, seq_len, distractors=1):
     if name == "pointer":
         return Pointer(hops, seq_len)
     return MULTIHOP[name](hops, seq_len, distractors)
+
+
+def hop_mixture(name, hops, seq_len):
+    """Training batches for the ``hops``-hop task ``name``: each row's hop count drawn
+    uniformly from 1..hops at the same length (more filler on shorter chains). Evaluation
+    stays at ``hops``. Why: a model that cannot yet follow one hop gets no gradient toward
+    following five, since only the whole chain decides the answer; shorter chains give
+    each partial skill a signal of its own (docs/protocol.md, "Training")."""
+    from .multitask import Mixture
+    mixture = Mixture([multihop_task(name, k, seq_len) for k in range(1, hops + 1)])
+    mixture.name, mixture.description = name, f"{name}, 1-{hops} hops mixed (training)"
+    return mixture

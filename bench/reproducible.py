@@ -15,6 +15,7 @@ transformers release (docs/protocol.md, "Reproducible models"):
   evaluation, so a killed run resumes where it stopped and ends with the weights
   an uninterrupted run ends with.
 """
+import json
 import os
 import sys
 
@@ -77,18 +78,27 @@ def seeded_init(model, seed):
     return model
 
 
-def save_state(path, *, model, opt, sched, gen, step, held_out, elapsed):
-    """The whole training state, written atomically (a kill never leaves half a file)."""
+def save_state(path, *, model, opt, sched, gen, step, held_out, elapsed, plan=None):
+    """The whole training state, written atomically (a kill never leaves half a file),
+    with the ``plan`` (a dict) it was trained under."""
     tmp = path + ".tmp"
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                 "sched": sched.state_dict(), "gen": gen.get_state(), "step": step,
-                "held_out": held_out, "elapsed": elapsed}, tmp)
+                "held_out": held_out, "elapsed": elapsed, "plan": json.dumps(plan, sort_keys=True)}, tmp)
     os.replace(tmp, path)
 
 
-def load_state(path, *, model, opt, sched, gen):
-    """Restores what ``save_state`` wrote; returns (step, held_out, elapsed seconds)."""
+def load_state(path, *, model, opt, sched, gen, plan=None):
+    """Restores what ``save_state`` wrote; returns (step, held_out, elapsed seconds). A
+    state saved under another ``plan`` (or before plans were saved) is set aside as
+    ``path``.stale and training starts from step 0: continuing it would give a model that
+    no plan describes."""
     state = torch.load(path, weights_only=True)
+    if state.get("plan") != json.dumps(plan, sort_keys=True):
+        os.replace(path, path + ".stale")
+        print(f"{path}: saved under another training plan; set aside as {path}.stale, "
+              f"starting from step 0", file=sys.stderr)
+        return 0, 0.0, 0.0
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])

@@ -19,15 +19,15 @@ import torch
 from steerops.app.cli_args import Parser, nonnegative_int, output_folder, positive_int
 
 from . import reproducible as R
-from .model_store import (CHECKPOINT_DIR, MODEL_CONFIG, build_model, checkpoint_name,
+from .model_store import (CHECKPOINT_DIR, MODEL_CONFIG, checkpoint_name,
                           checkpoint_path, is_shipped, load_checkpoint, read_info,
                           save_checkpoint)
-from .multihop import MULTIHOP, multihop_task
+from .multihop import MULTIHOP, hop_mixture, multihop_task
 from .multitask import Mixture, TaskToken
 from .spread import VOCAB_STANDARD, task_at
 from .tasks import TASKS
-
-TRAIN_SEED, EVAL_SEED, TEST_SEED = 0, 10_000, 20_000
+# the loop itself (train_task re-exported: tests and repro_check train through here)
+from .trainer import TEST_SEED, accuracy, train_task
 
 # The two model scales of docs/protocol.md. `toy` ships with the package (bench/checkpoints);
 # `standard` is trained on demand (3 seeds per task) and cached outside the repository.
@@ -55,12 +55,14 @@ SCALES = {
                                 "counting": dict(lr=1e-3, batch_pairs=128, max_steps=3000)}),
 }
 # `deep` (docs/protocol.md v4): the multi-hop tasks on 6-layer models at 48 tokens, h = 5
-# hops (layers - 1); the standard recipe, a longer budget (untrained so far: the budget is
-# the protocol's, not tuned to a result)
+# hops (layers - 1); the standard recipe, a longer budget, and the hop curriculum: the
+# standard recipe alone (measured, 4000 steps, seed 0) left var_chain at 0.51 (picking one
+# of the two roots without following either chain, from step 300 on) and pointer at 0.13
+# (chance), so training batches mix 1..h hops (bench.multihop.hop_mixture)
 DEEP_CONFIG = dict(STANDARD_CONFIG, num_hidden_layers=6, max_position_embeddings=48)
 SCALES["deep"] = dict(config=DEEP_CONFIG, seq_len=48, hops=5, seeds=(0, 1, 2), batch_pairs=64,
                       reproducible=True, max_steps=4000, target=0.98, decay=True,
-                      tasks=tuple(MULTIHOP))
+                      curriculum="hops", tasks=tuple(MULTIHOP))
 # `multitask` (docs/protocol.md v4): one 6-layer model per training seed on every task at
 # once (the 12 at 47 tokens, the multi-hop ones with h = 5), a task token first: 48 tokens
 MULTITASK_TASKS = tuple(TASKS) + tuple(MULTIHOP)
@@ -68,10 +70,8 @@ TASK_TOKEN0 = VOCAB_STANDARD  # the task tokens follow the standard vocabulary
 MULTITASK_CONFIG = dict(DEEP_CONFIG, vocab_size=VOCAB_STANDARD + len(MULTITASK_TASKS))
 SCALES["multitask"] = dict(config=MULTITASK_CONFIG, seq_len=48, hops=5, seeds=(0, 1, 2),
                            batch_pairs=128, reproducible=True, max_steps=8000, target=0.98,
-                           decay=True, tasks=MULTITASK_TASKS, shared=True)
-# Subnormal floats appear as these models train and slow a CPU step 3x (induction: 2.1
-# steps/s at step 100, 0.7 at step 800); flushing them to zero keeps the step time flat.
-FLUSH_DENORMAL = True  # bump when the config, tasks or training recipe change
+                           decay=True, curriculum="hops", tasks=MULTITASK_TASKS,
+                           shared=True)
 
 
 def scale_tasks(scale):
@@ -79,22 +79,26 @@ def scale_tasks(scale):
     return list(SCALES[scale].get("tasks", TASKS))
 
 
-def task_for(name, scale):
+def task_for(name, scale, training=False):
     """Task ``name`` laid out as ``scale`` lays it out (its length; its hops for the
-    multi-hop tasks)."""
+    multi-hop tasks). ``training``: what training batches come from (under the scale's hop
+    curriculum, a multi-hop task's hop counts mixed); evaluation always uses the task."""
     spec = SCALES[scale]
     if spec.get("shared"):  # one model, every task behind its task token
         if name == "multitask":
-            return Mixture([task_for(t, scale) for t in spec["tasks"]])
+            return Mixture([task_for(t, scale, training) for t in spec["tasks"]])
         inner = dict(spec, seq_len=spec["seq_len"] - 1, shared=False)
-        return TaskToken(_laid_out(name, inner), TASK_TOKEN0 + list(spec["tasks"]).index(name))
-    return _laid_out(name, spec)
+        return TaskToken(_laid_out(name, inner, training),
+                         TASK_TOKEN0 + list(spec["tasks"]).index(name))
+    return _laid_out(name, spec, training)
 
 
-def _laid_out(name, spec):
+def _laid_out(name, spec, training=False):
     if name in MULTIHOP:
         if "hops" not in spec:
             raise ValueError(f"{name} is a multi-hop task: it runs at the deep scale")
+        if training and spec.get("curriculum") == "hops":
+            return hop_mixture(name, spec["hops"], spec["seq_len"])
         return multihop_task(name, spec["hops"], spec["seq_len"])
     return task_at(name, spec["seq_len"])
 
@@ -109,92 +113,12 @@ def task_accuracy(info, task_name):
     return info.get("task_accuracy", {}).get(task_name, info["held_out_accuracy"])
 
 
-def _examples(task, n_pairs, gen):
-    p = task.sample(n_pairs, gen)
-    return torch.cat([p.clean, p.corrupt]), torch.cat([p.answer, p.wrong])
-
-
-@torch.no_grad()
-def accuracy(model, task, n_pairs, seed):
-    model.eval()
-    ids, labels = _examples(task, n_pairs, torch.Generator().manual_seed(seed))
-    pred = model(ids).logits[:, -1].argmax(-1)
-    return float((pred == labels).float().mean())
-
-
-def train_task(task, *, seed=0, max_steps=6000, batch_pairs=128, lr=3e-3, target=0.99,
-               eval_every=250, progress=True, config=None, decay=False, seeded_init=False,
-               resume_path=None):
-    """``decay``: after the 100 warm-up steps the learning rate falls linearly to 10% at
-    ``max_steps`` (the standard scale: a constant rate left models oscillating a few
-    points under the target until the budget ran out). ``seeded_init``: the benchmark's
-    own initialisation (bench/reproducible.py) instead of the library's. ``resume_path``:
-    the whole training state is saved there at every evaluation and a run finding it
-    continues from it (removed at the end)."""
-    torch.set_flush_denormal(FLUSH_DENORMAL)
-    try:
-        return _train(task, seed, max_steps, batch_pairs, lr, target, eval_every, progress,
-                      config or MODEL_CONFIG, decay, seeded_init, resume_path)
-    finally:
-        torch.set_flush_denormal(False)  # the default: later work in the process unchanged
-
-
-def _train(task, seed, max_steps, batch_pairs, lr, target, eval_every, progress, config, decay,
-           seeded_init, resume_path):
-    from tqdm.auto import tqdm
-    torch.manual_seed(seed)
-    model = build_model(config)
-    if seeded_init:
-        R.seeded_init(model, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-
-    def schedule(s):
-        warm = min(1.0, (s + 1) / 100)
-        return warm * max(0.1, 1 - s / max_steps) if decay else warm
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    gen = torch.Generator().manual_seed(TRAIN_SEED + seed)
-    step, held_out, before = 0, 0.0, 0.0
-    parts = dict(model=model, opt=opt, sched=sched, gen=gen)
-    if resume_path and os.path.exists(resume_path):
-        step, held_out, before = R.load_state(resume_path, **parts)
-    t0 = time.time() - before
-    bar = tqdm(total=max_steps, initial=step, disable=not progress, desc=f"train {task.name}",
-               leave=False)
-    while step < max_steps and not (step and held_out >= target):
-        model.train()
-        ids, labels = _examples(task, batch_pairs, gen)
-        loss = torch.nn.functional.cross_entropy(model(ids).logits[:, -1], labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        step += 1
-        bar.update(1)
-        if step % eval_every == 0:
-            held_out = accuracy(model, task, 500, EVAL_SEED + seed)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{held_out:.3f}")
-            if resume_path:
-                R.save_state(resume_path, step=step, held_out=held_out,
-                             elapsed=time.time() - t0, **parts)
-    bar.close()
-    test = accuracy(model, task, 2000, TEST_SEED + seed)
-    if resume_path and os.path.exists(resume_path):
-        os.remove(resume_path)
-    return model.eval(), {"task": task.name, "seed": seed, "steps": step, "lr": lr,
-                          "batch_pairs": batch_pairs, "max_steps": max_steps,
-                          "target": target, "held_out_accuracy": test, "decay": decay,
-                          "flush_denormal": FLUSH_DENORMAL,
-                          "seq_len": task.seq_len, "config": config,
-                          "threads": torch.get_num_threads(), "seeded_init": seeded_init,
-                          "math_paths": R.math_paths(),
-                          "train_seconds": round(time.time() - t0, 1)}
-
-
 def recipe(task_name, scale):
     """The training recipe SCALES fixes for ``task_name``: lr, batch_pairs, max_steps."""
     spec = SCALES[scale]
     out = dict(lr=3e-3, batch_pairs=spec["batch_pairs"], max_steps=spec.get("max_steps", 6000),
-               target=spec.get("target", 0.99), decay=spec.get("decay", False))
+               target=spec.get("target", 0.99), decay=spec.get("decay", False),
+               curriculum=spec.get("curriculum"))
     out.update(spec.get("overrides", {}).get(task_name, {}))
     return out
 
@@ -207,8 +131,8 @@ def same_training(info, wanted):
     that ran out of budget is only the same under the same budget. Checkpoints
     from before the budget was recorded ran under standard-v1's 2500."""
     for key, default in (("lr", None), ("batch_pairs", None), ("target", 0.99),
-                         ("decay", False)):
-        if info.get(key, default) != wanted[key]:
+                         ("decay", False), ("curriculum", None)):
+        if info.get(key, default) != wanted.get(key, default):
             return False
     budget = info.get("max_steps", 2500)
     if info["steps"] < budget:
@@ -226,7 +150,8 @@ def train_scale_task(task_name, scale, seed, *, max_steps=None, progress=True,
     model, info = train_task(task_for(task_name, scale), seed=seed, config=spec["config"],
                              eval_every=250 if scale == "toy" else 100, progress=progress,
                              seeded_init=spec.get("reproducible", False),
-                             resume_path=resume_path, **r)
+                             resume_path=resume_path,
+                             train_on=task_for(task_name, scale, training=True), **r)
     if spec.get("shared"):
         info["task_accuracy"] = shared_task_accuracy(model, scale, seed)
     return model, info

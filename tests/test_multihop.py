@@ -116,7 +116,40 @@ def test_the_deep_scale_lays_out_the_multihop_tasks_and_trains_them(tmp_path, mo
         train.task_for("pointer", "standard")
     model, info = train.train_scale_task("var_chain", "deep", 0, max_steps=2, progress=False)
     assert model.config.num_hidden_layers == 6 and info["seq_len"] == 48
-    assert info["seeded_init"] is True
+    assert info["seeded_init"] is True and info["curriculum"] == "hops"
+    # a model trained before the curriculum is not what the deep recipe trains now
+    old = {k: v for k, v in info.items() if k != "curriculum"}
+    wanted = dict(train.recipe("var_chain", "deep"), max_steps=2)
+    assert train.same_training(info, wanted) and not train.same_training(old, wanted)
+
+
+def _hops_of(prompt, name):
+    """The target chain's hop count, read off the prompt: its query (pointer) or the
+    number of statements of its two chains (h + 1 and h, at least 2: var tasks)."""
+    p = [int(x) for x in prompt if int(x) < FILLER0]
+    if name == "pointer":
+        return p[p.index(QUERY) + 1] - NUM0
+    statements = p.count(EQ)
+    return next(h for h in range(1, 9) if (h + 1) + max(2, h) == statements)
+
+
+@pytest.mark.parametrize("name", list(MH.MULTIHOP))
+def test_the_hop_curriculum_mixes_every_hop_count_and_evaluates_at_h(name):
+    from steerops.bench import train
+    mix = train.task_for(name, "deep", training=True)
+    task = train.task_for(name, "deep")
+    p = mix.sample(300, torch.Generator().manual_seed(6))
+    assert mix.name == task.name and p.clean.shape == (300, task.seq_len)
+    hops = collections.Counter(_hops_of(row, name) for row in p.clean)
+    assert set(hops) == set(range(1, task.hops + 1)) and min(hops.values()) > 30
+    for i in range(0, 300, 7):
+        assert task.rule(p.clean[i]) == int(p.answer[i])
+        assert task.rule(p.corrupt[i]) == int(p.wrong[i])
+    q = task.sample(50, torch.Generator().manual_seed(6))  # what accuracy is measured on
+    assert {_hops_of(row, name) for row in q.clean} == {task.hops}
+    # the standard scale has no curriculum: its training batches are its task
+    assert type(train.task_for("ioi", "standard", training=True)) is \
+        type(train.task_for("ioi", "standard"))
 
 
 def test_the_cli_keeps_a_scales_tasks_apart(capsys):

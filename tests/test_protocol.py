@@ -327,6 +327,7 @@ def test_a_cached_checkpoint_is_reused_only_under_the_same_recipe(info, same):
     # another stopping target or schedule is another recipe
     assert not train.same_training(dict(info, target=0.98), wanted)
     assert not train.same_training(dict(info, decay=True), wanted)
+    assert not train.same_training(dict(info, curriculum="hops"), wanted)
 
 
 # ----------------------------------------------------------------------------- resumable runs

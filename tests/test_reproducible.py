@@ -72,6 +72,32 @@ def test_training_cut_short_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert _digest(resumed) == _digest(whole)
 
 
+def test_a_state_saved_under_another_plan_is_set_aside_not_continued(tmp_path, monkeypatch,
+                                                                    capsys):
+    path = str(tmp_path / "state.pt")
+    real_save = R.save_state
+
+    def save_once_then_die(*a, **kw):
+        real_save(*a, **kw)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(R, "save_state", save_once_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(path)  # leaves a state at step 2 under lr 3e-3
+    monkeypatch.setattr(R, "save_state", real_save)
+
+    def other(resume_path=None):  # the same run at another learning rate
+        return train.train_task(TASKS["successor"], seed=1, max_steps=6, batch_pairs=8,
+                                eval_every=2, target=2.0, progress=False, config=SMALL,
+                                seeded_init=True, resume_path=resume_path, lr=1e-3)
+    fresh, _ = other()
+    restarted, info = other(path)
+    assert "another training plan" in capsys.readouterr().err
+    assert os.path.exists(path + ".stale") and not os.path.exists(path)
+    assert info["steps"] == 6 and _digest(restarted) == _digest(fresh)
+    with pytest.raises(TypeError):
+        train.train_task(TASKS["successor"], max_step=3)  # a misspelt setting is an error
+
+
 
 # The weights of bench/repro_check's small model, trained pinned, depend on the CPU: MKL
 # honours MKL_CBWR=AVX2 on Intel CPUs only (on AMD it falls back to its AUTO branch), so

@@ -1,0 +1,125 @@
+"""The training loop of the benchmark's task models: a ``TrainingPlan`` (what one model's
+training is) and ``train_task`` (run it, resumably). The scales and their recipes live in
+bench/train.py.
+
+The loss is on the answer token only; clean and corrupt prompts are both task instances.
+Held-out accuracy is checked every ``eval_every`` steps on prompts from a separate
+generator stream, and the final accuracy on a third.
+"""
+import dataclasses
+import os
+import time
+
+import torch
+
+from . import reproducible as R
+from .model_store import MODEL_CONFIG, build_model
+
+TRAIN_SEED, EVAL_SEED, TEST_SEED = 0, 10_000, 20_000
+# Subnormal floats appear as these models train and slow a CPU step 3x (induction: 2.1
+# steps/s at step 100, 0.7 at step 800); flushing them to zero keeps the step time flat.
+FLUSH_DENORMAL = True  # bump when the config, tasks or training recipe change
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+    """One model's training. ``decay``: after the 100 warm-up steps the learning rate falls
+    linearly to 10% at ``max_steps`` (the standard scale: a constant rate left models
+    oscillating a few points under the target until the budget ran out). ``seeded_init``:
+    the benchmark's own initialisation (bench/reproducible.py) instead of the library's.
+    ``curriculum``: None, or "hops" (multi-hop tasks: training batches mix 1..h hops,
+    bench.multihop.hop_mixture; evaluation stays at h)."""
+    seed: int = 0
+    max_steps: int = 6000
+    batch_pairs: int = 128
+    lr: float = 3e-3
+    target: float = 0.99
+    eval_every: int = 250
+    config: dict = None
+    decay: bool = False
+    seeded_init: bool = False
+    curriculum: str = None
+
+    def record(self):
+        """What a checkpoint records of its plan (and what a resumed state must match)."""
+        out = dataclasses.asdict(self)
+        out["config"] = self.config or MODEL_CONFIG
+        return out
+
+
+def _examples(task, n_pairs, gen):
+    p = task.sample(n_pairs, gen)
+    return torch.cat([p.clean, p.corrupt]), torch.cat([p.answer, p.wrong])
+
+
+@torch.no_grad()
+def accuracy(model, task, n_pairs, seed):
+    model.eval()
+    ids, labels = _examples(task, n_pairs, torch.Generator().manual_seed(seed))
+    pred = model(ids).logits[:, -1].argmax(-1)
+    return float((pred == labels).float().mean())
+
+
+def train_task(task, *, progress=True, resume_path=None, train_on=None, **plan):
+    """Trains a model on ``task`` under ``TrainingPlan(**plan)``; returns (model, record).
+    ``train_on``: the task training batches come from (default ``task``; a hop mixture
+    under the hop curriculum), ``task`` is what accuracy is measured on.
+    ``resume_path``: the whole training state is saved there at every evaluation and a
+    run finding it continues from it (removed at the end); a state saved under another
+    plan is set aside, not continued."""
+    plan = TrainingPlan(**plan)
+    torch.set_flush_denormal(FLUSH_DENORMAL)
+    try:
+        return _train(task, train_on or task, plan, progress, resume_path)
+    finally:
+        torch.set_flush_denormal(False)  # the default: later work in the process unchanged
+
+
+def _train(task, train_on, plan, progress, resume_path):
+    from tqdm.auto import tqdm
+    torch.manual_seed(plan.seed)
+    model = build_model(plan.config or MODEL_CONFIG)
+    if plan.seeded_init:
+        R.seeded_init(model, plan.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=0.01)
+
+    def schedule(s):
+        warm = min(1.0, (s + 1) / 100)
+        return warm * max(0.1, 1 - s / plan.max_steps) if plan.decay else warm
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    gen = torch.Generator().manual_seed(TRAIN_SEED + plan.seed)
+    step, held_out, before = 0, 0.0, 0.0
+    parts = dict(model=model, opt=opt, sched=sched, gen=gen)
+    identity = dict(plan.record(), task=task.name, seq_len=task.seq_len)
+    if resume_path and os.path.exists(resume_path):
+        step, held_out, before = R.load_state(resume_path, plan=identity, **parts)
+    t0 = time.time() - before
+    bar = tqdm(total=plan.max_steps, initial=step, disable=not progress,
+               desc=f"train {task.name}", leave=False)
+    while step < plan.max_steps and not (step and held_out >= plan.target):
+        model.train()
+        ids, labels = _examples(train_on, plan.batch_pairs, gen)
+        loss = torch.nn.functional.cross_entropy(model(ids).logits[:, -1], labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        if step % plan.eval_every == 0:
+            held_out = accuracy(model, task, 500, EVAL_SEED + plan.seed)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{held_out:.3f}")
+            if resume_path:
+                R.save_state(resume_path, step=step, held_out=held_out,
+                             elapsed=time.time() - t0, plan=identity, **parts)
+    bar.close()
+    test = accuracy(model, task, 2000, TEST_SEED + plan.seed)
+    if resume_path and os.path.exists(resume_path):
+        os.remove(resume_path)
+    record = {k: v for k, v in plan.record().items() if k != "eval_every"}
+    if not plan.curriculum:
+        del record["curriculum"]  # records from before curricula stay comparable
+    return model.eval(), dict(record, task=task.name, steps=step, held_out_accuracy=test,
+                              flush_denormal=FLUSH_DENORMAL, seq_len=task.seq_len,
+                              threads=torch.get_num_threads(), math_paths=R.math_paths(),
+                              train_seconds=round(time.time() - t0, 1))
