@@ -28,14 +28,15 @@ from .aggregate import summarize
 from .evaluate import run_one
 from .provenance import environment, read_shard, save_results, write_json, write_shard
 from .run_store import (PROTOCOL_VERSION, committed_hashes, compact, models_seen, read_record,
-                        record_path, set_aside_unreadable, shard_path)
+                        record_path, set_aside_other_models, set_aside_unreadable, shard_path)
 from .realistic import break_even_curves, compute_curves, realistic
 from .plots import plots
 from .reporting import markdown
 from .multihop import MULTIHOP
 from .tasks import TASKS
-from .train import (SCALES, checkpoint_info, ensure_checkpoint, scale_tasks, task_accuracy,
-                    task_for)
+from .model_store import checkpoint_path
+from .train import (SCALES, checkpoint_info, ensure_checkpoint, model_name, scale_tasks,
+                    task_accuracy, task_for)
 
 PROTOCOL_DOC = "docs/protocol.md"
 # pairs per split, within-run bootstrap draws, hierarchical bootstrap draws, S2
@@ -194,6 +195,11 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     models = [(t, s) for s in seeds for t in tasks]
     if main:
         set_aside_unreadable(shard_path(out_dir, settings, *j) for j in jobs)
+        if not report_only:  # a report reads what was run; a run recomputes on today's model
+            set_aside_other_models(
+                (shard_path(out_dir, settings, *j),
+                 checkpoint_path(model_name(j[0], scale), scale, j[1], checkpoint_dir))
+                for j in jobs)
     left = [sum(not os.path.exists(shard_path(out_dir, settings, t, s, sp))
                 for sp in split_seeds(t, s, settings)) for t, s in models]
     if split:

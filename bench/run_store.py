@@ -1,7 +1,8 @@
 """Where a benchmark run keeps its work: one compressed shard per run under
 ``OUT/runs/SCALE-KEY/`` (the key hashes the settings and the protocol version, so a
 shard is reused only by a run it belongs to), the run's record beside them, the
-compact results.json, and the committed run's weight hashes a rerun is checked against."""
+compact results.json, and the committed run's weight hashes a rerun is checked against.
+A shard is reused only by a run with its settings and on its model's weights."""
 import hashlib
 import json
 import os
@@ -43,6 +44,26 @@ def set_aside_unreadable(paths):
         except (ValueError, OSError, EOFError) as e:
             os.replace(path, path + ".unreadable")
             print(f"set aside {path} (not readable JSON: {e}); it will be recomputed",
+                  file=sys.stderr)
+
+
+def set_aside_other_models(shards):
+    """``shards``: (shard path, the model file the run would load for it). A shard computed
+    on other weights than that file holds now (a model shipped or retrained since) is
+    renamed ``NAME.other-model`` with a line naming it, so that the run recomputes it on
+    the model it has. A model not trained yet cannot say: its shards stay."""
+    from .model_store import weights_sha256
+    hashes = {}
+    for path, model_file in shards:
+        if not (os.path.exists(path) and os.path.exists(model_file)):
+            continue
+        if model_file not in hashes:
+            hashes[model_file] = weights_sha256(model_file)
+        had = read_shard(path).get("model", {}).get("weights_sha256")
+        if had != hashes[model_file]:
+            os.replace(path, path + ".other-model")
+            print(f"set aside {path}: computed on weights {str(had)[:12]}..., the model "
+                  f"{model_file} is {hashes[model_file][:12]}... now; it will be recomputed",
                   file=sys.stderr)
 
 

@@ -365,6 +365,31 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert data["complete"] and head(data)["seeds"]["combinations"] == 2
 
 
+def test_a_shard_from_other_weights_is_recomputed_on_the_model_the_run_loads(tmp_path,
+                                                                             capsys):
+    from steerops.bench.provenance import read_shard, write_shard
+    from steerops.bench.run_store import shard_path
+    settings = dict(TINY, split_seeds=1)
+    out = str(tmp_path)
+    first, _ = A.run(["successor"], out_dir=out, progress=False, with_realistic=False,
+                     settings=settings)
+    path = shard_path(out, settings, "successor", 0, first["runs"][0]["split_seed"])
+    shard = read_shard(path)
+    truth = shard["model"]["weights_sha256"]
+    # as if the shard had been computed before the model was shipped (other weights)
+    write_shard(path, dict(shard, model=dict(shard["model"], weights_sha256="0" * 64)))
+    A.run(["successor"], out_dir=out, progress=False, with_realistic=False, settings=settings,
+          report_only=True)
+    assert os.path.exists(path)  # a report reads what was run, it recomputes nothing
+    again, _ = A.run(["successor"], out_dir=out, progress=False, with_realistic=False,
+                     settings=settings)
+    assert "set aside" in capsys.readouterr().err and os.path.exists(path + ".other-model")
+    assert again["runs_resumed"] == 0 and read_shard(path)["model"]["weights_sha256"] == truth
+    again, _ = A.run(["successor"], out_dir=out, progress=False, with_realistic=False,
+                     settings=settings)
+    assert again["runs_resumed"] == 1  # the same weights: reused
+
+
 def test_models_below_95_percent_are_excluded_and_report_only_is_partial(tmp_path, monkeypatch):
     real = A.ensure_checkpoint
 
