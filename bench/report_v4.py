@@ -86,6 +86,25 @@ def task_table(results):
     return lines + [""]
 
 
+ANSWER_COLUMN_SOLVED = 0.8  # more of Σ|g| than this in the answer column: solved there
+
+
+def column_lines(results):
+    """Says plainly which tasks' models solve them in the answer column, the multi-hop
+    ones first: a multi-hop prompt asks for a chain, but the evidence is where g lies."""
+    solved = {n: t["v4"]["answer_column_share"] for n, t in results["tasks"].items()
+              if (t["v4"]["answer_column_share"] or 0) > ANSWER_COLUMN_SOLVED}
+    hops = [n for n in solved if results["tasks"][n]["family"] == "multihop"]
+    rest = [n for n in solved if n not in hops]
+    named = lambda names: ", ".join(f"{n} ({_f(solved[n])})" for n in names)  # noqa: E731
+    out = [f"**Solved in the answer column** (answer-column share of Σ|g| over S* above "
+           f"{ANSWER_COLUMN_SOLVED}): " + (named(rest) or "no task") + "."]
+    if any(t["family"] == "multihop" for t in results["tasks"].values()):
+        out.append("Multi-hop tasks whose model still solves them in the answer column, not "
+                   "along the chain the prompt lays out: " + (named(hops) or "none") + ".")
+    return [" ".join(out), ""]
+
+
 def outside_lines(results):
     """Every point estimate outside its own interval (tasks and families)."""
     found = []
@@ -120,4 +139,4 @@ def v4_lines(results):
     for name in v4["families"]:
         if name != "all":
             lines += [f"### Family `{name}` (v4)", ""] + verdict_table(v4, name) + [""]
-    return lines + task_table(results) + outside_lines(results)
+    return lines + task_table(results) + column_lines(results) + outside_lines(results)

@@ -227,3 +227,18 @@ def test_the_benchmark_writes_every_v4_field_and_report_only_rebuilds_it_exactly
     for f, data in before.items():
         assert open(os.path.join(out, f), "rb").read() == data, f
     assert json.loads(before["results.json"])["complete"]
+
+
+def test_the_report_says_which_tasks_are_solved_in_the_answer_column():
+    from steerops.bench.report_v4 import column_lines
+    task = lambda family, share: {"family": family, "v4": {"answer_column_share": share}}  # noqa: E731
+    tasks = {"ioi": task("consistent", 0.9999), "pronoun": task("symmetric", 0.125),
+             "deep/var_chain": task("multihop", 0.93), "deep/pointer": task("multihop", 0.31)}
+    text = column_lines({"tasks": tasks})[0]
+    assert "ioi (1.000)" in text and "pronoun" not in text
+    assert "not along the chain the prompt lays out: deep/var_chain (0.930)." in text
+    assert "pointer" not in text
+    del tasks["deep/var_chain"]
+    assert "the prompt lays out: none." in column_lines({"tasks": tasks})[0]
+    one_task = column_lines({"tasks": {"pronoun": tasks["pronoun"]}})[0]
+    assert "no task" in one_task and "Multi-hop" not in one_task  # no multi-hop task: no line
