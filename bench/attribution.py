@@ -246,12 +246,16 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     # measured realistic stage), so results.json comes out as the run wrote it
     record = read_record(out_dir, settings, len(runs)) if report_only else None
     if record:
-        results.update({k: record[k] for k in ("environment", "runs_resumed", "run_seconds")})
+        results.update({k: record[k] for k in ("environment", "runs_resumed", "run_seconds",
+                                               "checkpoints") if k in record})
     results["stages_done"].append("runs")
     if main and not report_only:
         save_results(out_dir, "results", results)
     results.update(summarize(runs, settings["n_boot_hier"], SEED))
     results["models"] = models_seen(runs, scale, committed)
+    if record and "model_matches" in record:  # as the run found them, not today's commit
+        for m, same in zip(results["models"], record["model_matches"]):
+            m["matches"] = same
     import transformers as T_  # the model's shape alone: a report needs no weights
     config = T_.LlamaConfig(**SCALES[scale]["config"])
     T = task_for(tasks[0], scale).seq_len
@@ -274,9 +278,11 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     results["total_seconds"] = record["total_seconds"] if record else round(
         time.time() - started, 1)
     if not report_only and not results["partial"]:
-        write_json(record_path(out_dir, settings), {k: results[k] for k in (
-            "environment", "runs_done", "runs_resumed", "run_seconds", "total_seconds",
-            *(("realistic",) if "realistic" in results else ()))})
+        write_json(record_path(out_dir, settings), dict(
+            {k: results[k] for k in ("environment", "runs_done", "runs_resumed", "run_seconds",
+                                     "total_seconds", "checkpoints",
+                                     *(("realistic",) if "realistic" in results else ()))},
+            model_matches=[m["matches"] for m in results["models"]]))
     table = markdown(results)
     save_results(out_dir, "results", compact(results), table)
     plots(results, out_dir)
