@@ -204,13 +204,28 @@ def multihop_task(name, hops, seq_len, distractors=1):
     return MULTIHOP[name](hops, seq_len, distractors)
 
 
-def hop_mixture(name, hops, seq_len):
-    """Training batches for the ``hops``-hop task ``name``: each row's hop count drawn
-    uniformly from 1..hops at the same length (more filler on shorter chains). Evaluation
-    stays at ``hops``. Why: a model that cannot yet follow one hop gets no gradient toward
-    following five, since only the whole chain decides the answer; shorter chains give
-    each partial skill a signal of its own (docs/protocol.md, "Training")."""
+def hop_mixture(name, low, high, seq_len):
+    """Training rows of task ``name`` whose hop count is drawn uniformly from low..high, at
+    the same length (more filler on shorter chains)."""
     from .multitask import Mixture
-    mixture = Mixture([multihop_task(name, k, seq_len) for k in range(1, hops + 1)])
-    mixture.name, mixture.description = name, f"{name}, 1-{hops} hops mixed (training)"
+    mixture = Mixture([multihop_task(name, k, seq_len) for k in range(low, high + 1)])
+    mixture.name, mixture.description = name, f"{name}, {low}-{high} hops mixed (training)"
     return mixture
+
+
+def hop_stages(name, hops, seq_len):
+    """The staged hop curriculum of the ``hops``-hop task ``name``: [(training task, gate
+    task)], one stage per lookup depth. Stage k trains on every depth up to k, mixed, and
+    ends when the model follows k (its gate). Why: only the whole chain decides the answer,
+    so a model that cannot yet do one lookup gets no gradient toward five; a stage gives
+    the next lookup a signal of its own while the earlier ones stay in the mix. Depths
+    count lookups: pointer's k hops are k of them, a var task's k hops k + 1 (the root's
+    value is one more), so the var tasks start at 0 hops (``? x0``: recall the root)."""
+    first = first_depth(name)
+    return [(hop_mixture(name, first, k, seq_len), multihop_task(name, k, seq_len))
+            for k in range(first, hops + 1)]
+
+
+def first_depth(name):
+    """The fewest hops of task ``name`` that still ask for a lookup (see hop_stages)."""
+    return 1 if name == "pointer" else 0

@@ -78,18 +78,22 @@ def seeded_init(model, seed):
     return model
 
 
-def save_state(path, *, model, opt, sched, gen, step, held_out, elapsed, plan=None):
+def save_state(path, *, model, opt, sched, gen, step, held_out, elapsed, plan=None,
+               extra=None):
     """The whole training state, written atomically (a kill never leaves half a file),
-    with the ``plan`` (a dict) it was trained under."""
+    with the ``plan`` (a dict) it was trained under and the loop's own ``extra`` state
+    (a JSON-able dict: a curriculum's stage)."""
     tmp = path + ".tmp"
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                 "sched": sched.state_dict(), "gen": gen.get_state(), "step": step,
-                "held_out": held_out, "elapsed": elapsed, "plan": json.dumps(plan, sort_keys=True)}, tmp)
+                "held_out": held_out, "elapsed": elapsed,
+                "plan": json.dumps(plan, sort_keys=True), "extra": json.dumps(extra)}, tmp)
     os.replace(tmp, path)
 
 
-def load_state(path, *, model, opt, sched, gen, plan=None):
-    """Restores what ``save_state`` wrote; returns (step, held_out, elapsed seconds). A
+def load_state(path, *, model, opt, sched, gen, plan=None, extra=None):
+    """Restores what ``save_state`` wrote; returns (step, held_out, elapsed seconds, the
+    saved ``extra``; ``extra`` as given for a fresh start). A
     state saved under another ``plan`` (or before plans were saved) is set aside as
     ``path``.stale and training starts from step 0: continuing it would give a model that
     no plan describes."""
@@ -98,9 +102,10 @@ def load_state(path, *, model, opt, sched, gen, plan=None):
         os.replace(path, path + ".stale")
         print(f"{path}: saved under another training plan; set aside as {path}.stale, "
               f"starting from step 0", file=sys.stderr)
-        return 0, 0.0, 0.0
+        return 0, 0.0, 0.0, extra
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     gen.set_state(state["gen"])
-    return state["step"], state["held_out"], state["elapsed"]
+    saved = json.loads(state.get("extra", "null"))  # states from before ``extra``: none
+    return state["step"], state["held_out"], state["elapsed"], extra if saved is None else saved

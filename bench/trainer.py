@@ -19,6 +19,7 @@ TRAIN_SEED, EVAL_SEED, TEST_SEED = 0, 10_000, 20_000
 # Subnormal floats appear as these models train and slow a CPU step 3x (induction: 2.1
 # steps/s at step 100, 0.7 at step 800); flushing them to zero keeps the step time flat.
 FLUSH_DENORMAL = True  # bump when the config, tasks or training recipe change
+STAGE_GATE = 0.9  # a curriculum stage ends when its gate task's held-out accuracy reaches this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +28,8 @@ class TrainingPlan:
     linearly to 10% at ``max_steps`` (the standard scale: a constant rate left models
     oscillating a few points under the target until the budget ran out). ``seeded_init``:
     the benchmark's own initialisation (bench/reproducible.py) instead of the library's.
-    ``curriculum``: None, or "hops" (multi-hop tasks: training batches mix 1..h hops,
-    bench.multihop.hop_mixture; evaluation stays at h)."""
+    ``curriculum``: None, or "hop-stages" (multi-hop tasks: one stage per lookup depth,
+    bench.multihop.hop_stages; evaluation and the target stay at h)."""
     seed: int = 0
     max_steps: int = 6000
     batch_pairs: int = 128
@@ -60,22 +61,33 @@ def accuracy(model, task, n_pairs, seed):
     return float((pred == labels).float().mean())
 
 
-def train_task(task, *, progress=True, resume_path=None, train_on=None, **plan):
+def train_task(task, *, progress=True, resume_path=None, stages=None, **plan):
     """Trains a model on ``task`` under ``TrainingPlan(**plan)``; returns (model, record).
-    ``train_on``: the task training batches come from (default ``task``; a hop mixture
-    under the hop curriculum), ``task`` is what accuracy is measured on.
-    ``resume_path``: the whole training state is saved there at every evaluation and a
-    run finding it continues from it (removed at the end); a state saved under another
-    plan is set aside, not continued."""
+    ``stages``: a curriculum, [(training task, gate task)]: batches come from the current
+    stage's training task, and a stage ends at the evaluation where its gate task's
+    held-out accuracy reaches STAGE_GATE (the last stage runs to the target or the
+    budget); without it, batches come from ``task``. Accuracy and the target are always
+    on ``task``. ``resume_path``: the whole training state (the stage included) is saved
+    there at every evaluation and a run finding it continues from it (removed at the
+    end); a state saved under another plan is set aside, not continued."""
     plan = TrainingPlan(**plan)
     torch.set_flush_denormal(FLUSH_DENORMAL)
     try:
-        return _train(task, train_on or task, plan, progress, resume_path)
+        return _train(task, stages or [(task, None)], plan, progress, resume_path)
     finally:
         torch.set_flush_denormal(False)  # the default: later work in the process unchanged
 
 
-def _train(task, train_on, plan, progress, resume_path):
+def _next_stage(model, stages, where, step, seed):
+    """Moves ``where`` to the next stage when the current one's gate is passed."""
+    gate = stages[where["stage"]][1]
+    if gate is not None and where["stage"] + 1 < len(stages) and \
+            accuracy(model, gate, 500, EVAL_SEED + seed) >= STAGE_GATE:
+        where["stage"] += 1
+        where["stage_steps"].append(step)
+
+
+def _train(task, stages, plan, progress, resume_path):
     from tqdm.auto import tqdm
     torch.manual_seed(plan.seed)
     model = build_model(plan.config or MODEL_CONFIG)
@@ -88,17 +100,18 @@ def _train(task, train_on, plan, progress, resume_path):
         return warm * max(0.1, 1 - s / plan.max_steps) if plan.decay else warm
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(TRAIN_SEED + plan.seed)
-    step, held_out, before = 0, 0.0, 0.0
+    step, held_out, before, where = 0, 0.0, 0.0, {"stage": 0, "stage_steps": [0]}
     parts = dict(model=model, opt=opt, sched=sched, gen=gen)
     identity = dict(plan.record(), task=task.name, seq_len=task.seq_len)
     if resume_path and os.path.exists(resume_path):
-        step, held_out, before = R.load_state(resume_path, plan=identity, **parts)
+        step, held_out, before, where = R.load_state(resume_path, plan=identity, extra=where,
+                                                     **parts)
     t0 = time.time() - before
     bar = tqdm(total=plan.max_steps, initial=step, disable=not progress,
                desc=f"train {task.name}", leave=False)
     while step < plan.max_steps and not (step and held_out >= plan.target):
         model.train()
-        ids, labels = _examples(train_on, plan.batch_pairs, gen)
+        ids, labels = _examples(stages[where["stage"]][0], plan.batch_pairs, gen)
         loss = torch.nn.functional.cross_entropy(model(ids).logits[:, -1], labels)
         opt.zero_grad()
         loss.backward()
@@ -108,16 +121,20 @@ def _train(task, train_on, plan, progress, resume_path):
         bar.update(1)
         if step % plan.eval_every == 0:
             held_out = accuracy(model, task, 500, EVAL_SEED + plan.seed)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{held_out:.3f}")
+            _next_stage(model, stages, where, step, plan.seed)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{held_out:.3f}",
+                            **({"stage": where["stage"]} if len(stages) > 1 else {}))
             if resume_path:
                 R.save_state(resume_path, step=step, held_out=held_out,
-                             elapsed=time.time() - t0, plan=identity, **parts)
+                             elapsed=time.time() - t0, plan=identity, extra=where, **parts)
     bar.close()
     test = accuracy(model, task, 2000, TEST_SEED + plan.seed)
     if resume_path and os.path.exists(resume_path):
         os.remove(resume_path)
     record = {k: v for k, v in plan.record().items() if k != "eval_every"}
-    if not plan.curriculum:
+    if plan.curriculum:  # when each stage began
+        record["stage_steps"] = where["stage_steps"]
+    else:
         del record["curriculum"]  # records from before curricula stay comparable
     return model.eval(), dict(record, task=task.name, steps=step, held_out_accuracy=test,
                               flush_denormal=FLUSH_DENORMAL, seq_len=task.seq_len,

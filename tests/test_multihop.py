@@ -117,6 +117,7 @@ def test_the_deep_scale_lays_out_the_multihop_tasks_and_trains_them(tmp_path, mo
     model, info = train.train_scale_task("var_chain", "deep", 0, max_steps=2, progress=False)
     assert model.config.num_hidden_layers == 6 and info["seq_len"] == 48
     assert info["seeded_init"] is True and info["curriculum"] == "hops"
+    assert info["stage_steps"] == [0]  # two steps: no evaluation, still in the first stage
     # a model trained before the curriculum is not what the deep recipe trains now
     old = {k: v for k, v in info.items() if k != "curriculum"}
     wanted = dict(train.recipe("var_chain", "deep"), max_steps=2)
@@ -130,26 +131,41 @@ def _hops_of(prompt, name):
     if name == "pointer":
         return p[p.index(QUERY) + 1] - NUM0
     statements = p.count(EQ)
-    return next(h for h in range(1, 9) if (h + 1) + max(2, h) == statements)
+    return next(h for h in range(0, 9) if (h + 1) + max(2, h) == statements)
 
 
 @pytest.mark.parametrize("name", list(MH.MULTIHOP))
-def test_the_hop_curriculum_mixes_every_hop_count_and_evaluates_at_h(name):
+def test_the_staged_hop_curriculum_adds_one_lookup_a_stage_and_evaluates_at_h(name):
     from steerops.bench import train
-    mix = train.task_for(name, "deep", training=True)
     task = train.task_for(name, "deep")
-    p = mix.sample(300, torch.Generator().manual_seed(6))
-    assert mix.name == task.name and p.clean.shape == (300, task.seq_len)
-    hops = collections.Counter(_hops_of(row, name) for row in p.clean)
-    assert set(hops) == set(range(1, task.hops + 1)) and min(hops.values()) > 30
-    for i in range(0, 300, 7):
-        assert task.rule(p.clean[i]) == int(p.answer[i])
-        assert task.rule(p.corrupt[i]) == int(p.wrong[i])
-    q = task.sample(50, torch.Generator().manual_seed(6))  # what accuracy is measured on
-    assert {_hops_of(row, name) for row in q.clean} == {task.hops}
-    # the standard scale has no curriculum: its training batches are its task
-    assert type(train.task_for("ioi", "standard", training=True)) is \
-        type(train.task_for("ioi", "standard"))
+    stages = MH.hop_stages(name, task.hops, task.seq_len)
+    first = 1 if name == "pointer" else 0  # a var task's 0 hops: recall the root's value
+    # the deep recipe's mixture is the last stage alone: every depth from the start
+    (mixed, gate), = train.training_stages(name, "deep")
+    p = mixed.sample(300, torch.Generator().manual_seed(0))
+    assert gate is None and {_hops_of(r, name) for r in p.clean} == set(range(first, 6))
+    assert len(stages) == task.hops + 1 - first
+    for k, (mix, gate) in enumerate(stages, start=first):
+        p = mix.sample(200, torch.Generator().manual_seed(k))
+        assert mix.name == task.name and p.clean.shape == (200, task.seq_len)
+        hops = collections.Counter(_hops_of(row, name) for row in p.clean)
+        assert set(hops) == set(range(first, k + 1)) and min(hops.values()) > 15
+        for i in range(0, 200, 9):
+            assert task.rule(p.clean[i]) == int(p.answer[i])
+            assert task.rule(p.corrupt[i]) == int(p.wrong[i])
+        assert gate.hops == k and gate.seq_len == task.seq_len
+    assert stages[-1][1].hops == task.hops
+
+
+def test_the_multitask_model_mixes_every_depth_and_the_standard_scale_has_no_curriculum():
+    from steerops.bench import train
+    mix = train.task_for("pointer", "multitask", training=True)
+    p = mix.sample(200, torch.Generator().manual_seed(2))
+    hops = collections.Counter(_hops_of(row[1:], "pointer") for row in p.clean)
+    assert set(hops) == set(range(1, 6))
+    assert (p.clean[:, 0] == train.task_for("pointer", "multitask").token).all()
+    assert train.training_stages("ioi", "standard") is None
+    assert train.training_stages("multitask", "multitask")[0][1] is None  # no gate
 
 
 def test_the_cli_keeps_a_scales_tasks_apart(capsys):

@@ -8,9 +8,12 @@ import sys
 import pytest
 import torch
 
+from steerops.bench import multihop as MH
 from steerops.bench import reproducible as R
+from steerops.bench import trainer
 from steerops.bench import train
 from steerops.bench import model_store
+from steerops.bench.spread import VOCAB_STANDARD
 from steerops.bench.tasks import TASKS
 
 SMALL = dict(model_store.MODEL_CONFIG, hidden_size=32, intermediate_size=64, num_attention_heads=2,
@@ -72,6 +75,40 @@ def test_training_cut_short_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert _digest(resumed) == _digest(whole)
 
 
+STAGED = dict(SMALL, vocab_size=VOCAB_STANDARD, max_position_embeddings=24)
+
+
+def _train_staged(resume_path=None):
+    return train.train_task(MH.multihop_task("pointer", 2, 24), seed=1, max_steps=6,
+                            batch_pairs=8, eval_every=2, target=2.0, progress=False,
+                            config=STAGED, seeded_init=True, resume_path=resume_path,
+                            curriculum="hop-stages", stages=MH.hop_stages("pointer", 2, 24))
+
+
+def test_a_curriculum_moves_on_at_its_gate_and_resumes_in_its_stage(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "STAGE_GATE", 2.0)  # no gate can pass
+    _, stays = _train_staged()
+    assert stays["stage_steps"] == [0] and stays["curriculum"] == "hop-stages"
+    monkeypatch.setattr(trainer, "STAGE_GATE", -1.0)  # every gate passes at its first check
+    whole, info = _train_staged()
+    assert info["stage_steps"] == [0, 2]  # the second (last) stage from the first evaluation
+    path = str(tmp_path / "state.pt")
+    real_save, saves = R.save_state, []
+
+    def save_then_die(*a, **kw):
+        real_save(*a, **kw)
+        saves.append(kw["extra"]["stage"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed at step 4, in the second stage
+    monkeypatch.setattr(R, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _train_staged(path)
+    monkeypatch.setattr(R, "save_state", real_save)
+    resumed, rinfo = _train_staged(path)
+    assert saves == [1, 1] and rinfo["stage_steps"] == [0, 2]
+    assert _digest(resumed) == _digest(whole)
+
+
 def test_a_state_saved_under_another_plan_is_set_aside_not_continued(tmp_path, monkeypatch,
                                                                     capsys):
     path = str(tmp_path / "state.pt")
@@ -118,3 +155,20 @@ def test_the_pinned_child_process_is_pinned():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == ["True", "AVX2"]
+
+
+def test_a_state_saved_before_the_loop_kept_its_own_state_loads_with_the_default(tmp_path):
+    model = model_store.build_model(SMALL)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    gen = torch.Generator().manual_seed(0)
+    parts = dict(model=model, opt=opt, sched=sched, gen=gen)
+    path = str(tmp_path / "state.pt")
+    R.save_state(path, step=7, held_out=0.5, elapsed=3.0, plan={"lr": 1}, extra={"stage": 2},
+                 **parts)
+    assert R.load_state(path, plan={"lr": 1}, extra={"stage": 0}, **parts)[3] == {"stage": 2}
+    state = torch.load(path, weights_only=True)
+    del state["extra"]  # as written before save_state took ``extra``
+    torch.save(state, path)
+    assert R.load_state(path, plan={"lr": 1}, extra={"stage": 0}, **parts) == \
+        (7, 0.5, 3.0, {"stage": 0})
