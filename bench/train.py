@@ -282,7 +282,8 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", default=None,
                    choices=list(TASKS) + list(MULTIHOP) + ["multitask"],
                    metavar="TASK", help=f"tasks to train (default: the scale's: the 12 "
-                                        f"{', '.join(TASKS)}; deep: {', '.join(MULTIHOP)})")
+                                        f"{', '.join(TASKS)}; deep: {', '.join(MULTIHOP)}; "
+                                        f"multitask: one shared model, 'multitask')")
     p.add_argument("--out", default=DEFAULT_OUT, type=output_folder,
                    help=f"folder for the checkpoints (default: {DEFAULT_OUT}); the shipped "
                         f"ones are only replaced with --overwrite-shipped")
@@ -291,9 +292,10 @@ def main(argv=None):
     p.add_argument("--scale", choices=list(SCALES), default="toy",
                    help="toy: 2 layers, d_model 64, the tasks' own lengths (shipped); standard: "
                         "4 layers, d_model 128, 24 tokens, 3 seeds; deep: the multi-hop tasks, "
-                        "6 layers, 48 tokens, 3 seeds (default: toy)")
+                        "6 layers, 48 tokens, 3 seeds; multitask: one 6-layer model per seed "
+                        "on all 15 tasks, a task token first (default: toy)")
     p.add_argument("--seeds", type=nonnegative_int, nargs="+", default=None,
-                   help="training seeds (default: 0 for toy, 0 1 2 for standard)")
+                   help="training seeds (default: 0 for toy, 0 1 2 for the others)")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads, fixed and recorded in each checkpoint: training "
                         "is reproducible for a given seed and thread count (default: 1)")

@@ -62,8 +62,8 @@ def capture(model, inputs, layers, pos, layers_path, stop_early, kind=RESID):
 def _refuse_negative_on_right_padding(inputs, positions):
     """A negative position counts from the batch's end, which on a right-padded batch is
     padding for the shorter prompts: refused, with what to do instead."""
-    from .text import _right_pad_last
-    if positions is None or _right_pad_last(inputs) is None:
+    from .text import right_pad_last
+    if positions is None or right_pad_last(inputs) is None:
         return
     values = [positions] if isinstance(positions, int) else list(
         positions.tolist() if hasattr(positions, "tolist") else positions)

@@ -35,7 +35,7 @@ class PromptPairs:
             clean, corrupt = text.encode_pairs(tokenizer, clean, corrupt, device, model)
         elif tokenizer is not None:
             clean, corrupt = text.label_pairs(tokenizer, clean, corrupt)
-        last = text._right_pad_last(clean)
+        last = text.right_pad_last(clean)
         if last is not None and getattr(metric, "spec", None) is None:
             raise ValueError("a custom metric on a right-padded batch would read padding at "
                              "the end of the shorter prompts: pad on the left "

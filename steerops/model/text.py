@@ -232,7 +232,7 @@ def _labelled(tokenizer, inputs):
     return out
 
 
-def _right_pad_last(inputs):
+def right_pad_last(inputs):
     """Per-row index of the last real token when the batch is right-padded, else None."""
     mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool((mask[:, -1] != 0).all()):

@@ -177,9 +177,9 @@ def _contrastive_sets(positive, negative, metric, position):
     if negative is not None or metric is not None:
         raise TypeError("positive is a PromptPairs, which holds the negative (corrupt) prompts "
                         "and the metric: pass negative=None and metric=None")
-    from .text import _right_pad_last
+    from .text import right_pad_last
     if isinstance(position, int) and position < 0 and \
-            _right_pad_last(positive.clean) is not None:
+            right_pad_last(positive.clean) is not None:
         raise ValueError(f"position {position}: these PromptPairs are padded on the right, so "
                          f"a position counted from the end would read padding for the shorter "
                          f"prompts; build them with tokenizer.padding_side = 'left', or give a "
