@@ -19,7 +19,8 @@ from steerops.app.cli_args import Parser, existing_folder, nonnegative_int
 
 from .model_store import (build_model, cache_dir, checkpoint_name, read_info, shipped_dir,
                           weights_sha256)
-from .train import SCALES, model_name, scale_tasks, shared_task_accuracy, task_for
+from .train import (SCALES, depth_record, model_name, scale_tasks, shared_task_accuracy,
+                    task_for)
 from .trainer import TEST_SEED, accuracy
 
 STORED_DTYPE = torch.float16
@@ -46,6 +47,7 @@ def ship(source, target, scale):
         name = "multitask"
     shipped["held_out_accuracy"] = accuracy(model, task_for(name, scale), 2000,
                                             TEST_SEED + seed)
+    shipped.update(depth_record(model, name, scale, seed))  # on the stored weights
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = target + ".tmp"
     save_file(state, tmp, metadata={"steerops": json.dumps(shipped)})

@@ -164,7 +164,19 @@ def train_scale_task(task_name, scale, seed, *, max_steps=None, progress=True,
                              **r)
     if spec.get("shared"):
         info["task_accuracy"] = shared_task_accuracy(model, scale, seed)
+    info.update(depth_record(model, task_name, scale, seed))
     return model, info
+
+
+def depth_record(model, task_name, scale, seed):
+    """A multi-hop model's test accuracy at every depth up to h (its first depth to h):
+    how far along the chain it follows, beside the 95% rule's figure at h."""
+    spec = SCALES[scale]
+    if task_name not in MULTIHOP or spec.get("shared"):
+        return {}
+    return {"depth_accuracy": {str(k): accuracy(
+        model, multihop_task(task_name, k, spec["seq_len"]), 500, TEST_SEED + seed)
+        for k in range(first_depth(task_name), spec["hops"] + 1)}}
 
 
 def training_stages(task_name, scale):

@@ -118,6 +118,8 @@ def test_the_deep_scale_lays_out_the_multihop_tasks_and_trains_them(tmp_path, mo
     assert model.config.num_hidden_layers == 6 and info["seq_len"] == 48
     assert info["seeded_init"] is True and info["curriculum"] == "hops"
     assert info["stage_steps"] == [0]  # two steps: no evaluation, still in the first stage
+    assert sorted(info["depth_accuracy"]) == ["0", "1", "2", "3", "4", "5"]  # how far it follows
+    assert all(0 <= a <= 1 for a in info["depth_accuracy"].values())
     # a model trained before the curriculum is not what the deep recipe trains now
     old = {k: v for k, v in info.items() if k != "curriculum"}
     wanted = dict(train.recipe("var_chain", "deep"), max_steps=2)

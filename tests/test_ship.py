@@ -64,3 +64,15 @@ def test_nothing_to_ship_and_wrong_tasks_are_one_line_errors(folders, capsys):
         ship.main(["--scale", "deep", "--tasks", "ioi"])
     assert e.value.code == 2
     assert "--tasks ioi: not tasks of the deep scale" in capsys.readouterr().err
+
+
+def test_a_shipped_multihop_model_records_how_far_along_the_chain_it_follows(folders):
+    cached = model_store.checkpoint_path("pointer", "deep", 0)
+    os.makedirs(os.path.dirname(cached))
+    trained = train.train_and_save("pointer", "deep", 0, cached, max_steps=1, progress=False)
+    ship.main(["--scale", "deep", "--tasks", "pointer", "--seeds", "0"])
+    info = model_store.read_info(model_store.checkpoint_path("pointer", "deep", 0))
+    # measured again on the stored weights, depth by depth (pointer: 1..5 lookups)
+    assert sorted(info["depth_accuracy"]) == sorted(trained["depth_accuracy"]) == \
+        ["1", "2", "3", "4", "5"]
+    assert info["stored_dtype"] == "float16"
