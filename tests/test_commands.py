@@ -46,7 +46,11 @@ def test_patch_outputs(patch_run, tiny):
     # (in the form the command's sweep took: reuse='auto' times the machine)
     ref = steerops.patching_sweep(model, CLEAN, CORRUPT, steerops.logit_diff("Mary", "John"),
                                   tokenizer=tok, progress=False, reuse=rec["plan"]["form"])
-    assert torch.equal(torch.tensor(rec["values"]), ref.effects.float())
+    # to float rounding, not bit for bit: on a loaded machine the two differed once (with
+    # trainers running beside the suite; alone they were bitwise equal), probably MKL using
+    # fewer threads than asked (MKL_DYNAMIC) and so rounding a matmul otherwise
+    torch.testing.assert_close(torch.tensor(rec["values"]), ref.effects.float(), rtol=1e-5,
+                               atol=1e-6)
     assert rec["provenance"]["transformers"] and rec["settings"]["pairs"][0]["answer"] == "Mary"
     # the printed top sites carry their tokens
     top = rec["top_sites"][0]
