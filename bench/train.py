@@ -1,14 +1,15 @@
-"""Train the 12 task models from scratch (fixed seeds) and save them as checkpoints.
+"""Train the benchmark's task models from scratch (fixed seeds) and save them as checkpoints.
 
-    python -m steerops.bench.train                 # all tasks, into bench/checkpoints/
-    python -m steerops.bench.train --tasks ioi sorting --out /tmp/ckpt
+    python -m steerops.bench.train --tasks ioi sorting --out /tmp/ckpt   # toy scale
+    python -m steerops.bench.train --scale deep --out DIR                # 3 seeds each
 
-Each model is a small LlamaForCausalLM built from a config (2 layers,
-d_model 64), trained on freshly sampled prompts (clean and corrupt prompts are
-both task instances) with the loss on the answer token only, until held-out
-accuracy reaches the target (checked on prompts from a separate generator
-stream) or the step budget runs out. The checkpoint is a safetensors file
-with the config, seed, steps and measured held-out accuracy in its metadata.
+Here: the scales (toy, standard, deep, multitask) with their model configs and
+training recipes, which cached checkpoint is what a recipe trains today, and the
+command line. Each model is a small LlamaForCausalLM built from its scale's config,
+trained by bench/trainer.py (loss on the answer token only, until held-out accuracy
+reaches the target or the step budget runs out, resumable). The checkpoint is a
+safetensors file with the config, seed, steps and measured held-out accuracy in its
+metadata.
 """
 import os
 import sys
