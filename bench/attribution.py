@@ -28,7 +28,7 @@ from .aggregate import summarize
 from .evaluate import run_one
 from .provenance import environment, read_shard, save_results, write_json, write_shard
 from .run_store import (PROTOCOL_VERSION, committed_hashes, compact, models_seen, read_record,
-                        record_path, set_aside_other_models, set_aside_unreadable, shard_path)
+                        record_path, set_aside_stale, shard_path)
 from .realistic import break_even_curves, compute_curves, realistic
 from .plots import plots
 from .reporting import markdown
@@ -194,12 +194,10 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
     # view of the shards is the one every rank uses (no rank writes before this point)
     models = [(t, s) for s in seeds for t in tasks]
     if main:
-        set_aside_unreadable(shard_path(out_dir, settings, *j) for j in jobs)
-        if not report_only:  # a report reads what was run; a run recomputes on today's model
-            set_aside_other_models(
-                (shard_path(out_dir, settings, *j),
-                 checkpoint_path(model_name(j[0], scale), scale, j[1], checkpoint_dir))
-                for j in jobs)
+        # a report reads what was run; a run recomputes on today's model
+        set_aside_stale(((shard_path(out_dir, settings, *j),
+                          checkpoint_path(model_name(j[0], scale), scale, j[1], checkpoint_dir))
+                         for j in jobs), check_weights=not report_only)
     left = [sum(not os.path.exists(shard_path(out_dir, settings, t, s, sp))
                 for sp in split_seeds(t, s, settings)) for t, s in models]
     if split:

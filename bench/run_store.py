@@ -33,33 +33,30 @@ def record_path(out_dir, settings):
                         "record.json")
 
 
-def set_aside_unreadable(paths):
-    """A shard cut short (a run killed mid-write, a full disk) is renamed to
-    ``NAME.unreadable`` with a line naming it, so that the run recomputes it."""
-    for path in paths:
+def set_aside_stale(shards, check_weights=True):
+    """``shards``: (shard path, the model file the run would load for it); each shard is
+    read once. A shard cut short (a run killed mid-write, a full disk) is renamed
+    ``NAME.unreadable``; with ``check_weights``, a shard computed on other weights than
+    that model file holds now (a model shipped or retrained since) is renamed
+    ``NAME.other-model`` (a model not trained yet cannot say: its shards stay). Either
+    way a line names it, and the run recomputes it."""
+    from .model_store import weights_sha256
+    hashes = {}
+    for path, model_file in shards:
         if not os.path.exists(path):
             continue
         try:
-            read_shard(path)
+            shard = read_shard(path)
         except (ValueError, OSError, EOFError) as e:
             os.replace(path, path + ".unreadable")
             print(f"set aside {path} (not readable JSON: {e}); it will be recomputed",
                   file=sys.stderr)
-
-
-def set_aside_other_models(shards):
-    """``shards``: (shard path, the model file the run would load for it). A shard computed
-    on other weights than that file holds now (a model shipped or retrained since) is
-    renamed ``NAME.other-model`` with a line naming it, so that the run recomputes it on
-    the model it has. A model not trained yet cannot say: its shards stay."""
-    from .model_store import weights_sha256
-    hashes = {}
-    for path, model_file in shards:
-        if not (os.path.exists(path) and os.path.exists(model_file)):
+            continue
+        if not (check_weights and os.path.exists(model_file)):
             continue
         if model_file not in hashes:
             hashes[model_file] = weights_sha256(model_file)
-        had = read_shard(path).get("model", {}).get("weights_sha256")
+        had = shard.get("model", {}).get("weights_sha256")
         if had != hashes[model_file]:
             os.replace(path, path + ".other-model")
             print(f"set aside {path}: computed on weights {str(had)[:12]}..., the model "
