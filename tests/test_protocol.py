@@ -271,6 +271,8 @@ def test_standard_layout_spreads_filler_between_units_and_keeps_the_rule(name):
 
 def test_standard_checkpoints_train_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("STEEROPS_CACHE", str(tmp_path))
+    # a model the repository ships is loaded, never trained: none is shipped here
+    monkeypatch.setattr(model_store, "CHECKPOINT_DIR", str(tmp_path / "shipped"))
     calls = []
     real = train._train_pinned
 
