@@ -32,7 +32,9 @@ def committed():
     with open(COMMITTED) as f:
         settings = json.load(f)["settings"]
     runs_dir = os.path.dirname(shard_path(os.path.dirname(COMMITTED), settings, "x", 0, 0))
-    shards = sorted(p for t in TASKS for p in glob.glob(os.path.join(runs_dir, f"{t}-train0-*")))
+    # shards only (a rerun's set-aside NAME.other-model files sit beside them)
+    shards = sorted(p for t in TASKS
+                    for p in glob.glob(os.path.join(runs_dir, f"{t}-train0-*.json.gz")))
     assert len(shards) == 6
     return settings, shards
 
