@@ -48,7 +48,9 @@ SCALES = {
                      # at 1e-3 / 128 pairs it reaches 100% in 1200 (measured, seed 0)
                      # (seed 1 stops at 90.5% after 2500 steps and 91.8% after 6000: a
                      # longer budget does not rescue it, so it stays at 2500 and seed 1 is
-                     # excluded); counting at 3e-3 / 64 pairs stayed at 26% for 2500 steps;
+                     # excluded; under v3's spread layout all three seeds reach 1.000 in
+                     # 100 steps, measured 2026-12-03); counting at 3e-3 / 64 pairs
+                     # stayed at 26% for 2500 steps;
                      # at 1e-3 / 128 pairs it passes 95% by step 800 (measured, seed 0, v2
                      # layout). Under v3's spread layout all three seeds ended at 91-93% after
                      # 1500 steps, still rising, so counting gets twice the budget.
