@@ -46,47 +46,55 @@ class _Statements(Task):
     def compact_len(self):
         raise NotImplementedError
 
-    def _layout(self, statements, query, gen, contrast_in, n):
-        """Assembles (n, T) prompts: BOS, statements (lists of (n, k) tensors) with filler
-        spread between them, then the query. ``contrast_in``: (statement index, offset) of
-        p*. Returns (prompts, p* positions)."""
-        T = self.seq_len
-        body = sum(s.shape[1] for s in statements) + 1 + query.shape[1]
-        free = T - body
-        gaps = torch.zeros(n, len(statements) + 1, dtype=torch.long)  # filler after stmt k-1
+    def _layout(self, statements, order, query, gen, contrast_in):
+        """Assembles (n, T) prompts: BOS, the statements (a list of (n, k) tensors) in each
+        row's own ``order`` ((n, S): the statement at each slot), filler spread between
+        them, then the query. ``contrast_in``: (statement index, offset) of p*. Returns
+        (prompts, p* positions). Every row has its own order: a batch sharing one layout
+        gives a positional guess the same answer on every row, so a training step pushes
+        the whole batch toward one position and evaluation measures one layout."""
+        n, T = query.shape[0], self.seq_len
+        lengths = torch.tensor([s.shape[1] for s in statements])
+        tokens = torch.zeros(n, len(statements), int(lengths.max()), dtype=torch.long)
+        for k, s in enumerate(statements):
+            tokens[:, k, :s.shape[1]] = s
+        free = T - int(lengths.sum()) - 1 - query.shape[1]
+        gaps = torch.zeros(n, len(statements) + 1, dtype=torch.long)  # filler after slot k-1
+        rows = torch.arange(n)
         for _ in range(free):
-            pick = torch.randint(0, len(statements) + 1, (n,), generator=gen)
-            gaps[torch.arange(n), pick] += 1
+            gaps[rows, torch.randint(0, len(statements) + 1, (n,), generator=gen)] += 1
         out = torch.randint(0, FILLER_COUNT, (n, T), generator=gen) + FILLER0
         out[:, 0] = BOS
         pos = torch.ones(n, dtype=torch.long)
         contrast = torch.zeros(n, dtype=torch.long)
-        rows = torch.arange(n)
-        for k, s in enumerate(statements):
-            pos = pos + gaps[:, k]
-            for j in range(s.shape[1]):
-                out[rows, pos + j] = s[:, j]
-            if k == contrast_in[0]:
-                contrast = pos + contrast_in[1]
-            pos = pos + s.shape[1]
+        for slot in range(len(statements)):
+            pos = pos + gaps[:, slot]
+            k = order[:, slot]
+            for j in range(tokens.shape[2]):
+                m = j < lengths[k]
+                out[rows[m], pos[m] + j] = tokens[rows[m], k[m], j]
+            contrast = torch.where(k == contrast_in[0], pos + contrast_in[1], contrast)
+            pos = pos + lengths[k]
         pos = pos + gaps[:, -1]
         for j in range(query.shape[1]):
             out[rows, pos + j] = query[:, j]
         return out, contrast
 
 
-def _interleave(gen, chains):
-    """Statement order: every chain's root statement first, in random order (the target
-    chain, chains[0], is not told apart by where its root stands), then the other
-    statements, every chain's in its own order, chains interleaved at random. Returns a
-    list of (chain, index) in prompt order (the same for all rows of a call)."""
-    order = [(int(c), 0) for c in torch.randperm(len(chains), generator=gen)]
-    left = [list(range(1, len(chain))) for chain in chains]
-    while any(left):
-        live = [c for c in range(len(chains)) if left[c]]
-        c = live[int(torch.randint(0, len(live), (1,), generator=gen))]
-        order.append((c, left[c].pop(0)))
-    return order
+def _interleave(gen, sizes, n):
+    """Each row's statement order, (n, S), over chains of ``sizes`` statements numbered
+    chain by chain (chain c's statement i is sum(sizes[:c]) + i): every chain's root
+    statement first, in random order (the target chain, chain 0, is not told apart by
+    where its root stands), then the other statements, each chain's in its own order,
+    the chains interleaved at random (uniformly over interleavings)."""
+    sizes = torch.tensor(sizes)
+    base = torch.cumsum(sizes, 0) - sizes  # each chain's root statement
+    roots = base[_perm(gen, n, len(sizes), len(sizes))]
+    label = torch.repeat_interleave(torch.arange(len(sizes)), sizes - 1)  # one per hop
+    label = label[_perm(gen, n, len(label), len(label))]  # which chain's next hop
+    seen = torch.cumsum(label[:, :, None] == torch.arange(len(sizes)), 1)
+    nth = seen.gather(2, label[:, :, None])[:, :, 0]  # 1 for a chain's first hop, ...
+    return torch.cat([roots, base[label] + nth], 1)
 
 
 class VarChain(_Statements):
@@ -123,10 +131,10 @@ class VarChain(_Statements):
 
     def sample(self, n, gen):
         chains, query_var, value = self._chains(n, gen)
-        order = _interleave(gen, chains)
-        statements = [chains[c][i] for c, i in order]
+        order = _interleave(gen, [len(c) for c in chains], n)
+        statements = [s for chain in chains for s in chain]
         query = torch.stack([torch.full((n,), QUERY), query_var], 1)
-        clean, contrast = self._layout(statements, query, gen, (order.index((0, 0)), 2), n)
+        clean, contrast = self._layout(statements, order, query, gen, (0, 2))
         corrupt = clean.clone()
         rows = torch.arange(n)
         corrupt[rows, contrast] = num(value[:, -1])
@@ -172,11 +180,12 @@ class Pointer(_Statements):
         first, second = nodes[:, :h + 1], nodes[:, h + 1:]
         links = [torch.stack([ch[:, i], torch.full((n,), GT), ch[:, i + 1]], 1)
                  for ch in (first, second) for i in range(h)]
-        order = torch.randperm(len(links), generator=gen).tolist()  # unrelated to the chains
-        statements = [torch.stack([torch.full((n,), START), first[:, 0]], 1)] + \
-            [links[k] for k in order]
+        statements = [torch.stack([torch.full((n,), START), first[:, 0]], 1)] + links
+        # START first, the links in an order unrelated to either chain (each row its own)
+        order = torch.cat([torch.zeros(n, 1, dtype=torch.long),
+                           1 + _perm(gen, n, len(links), len(links))], 1)
         query = torch.stack([torch.full((n,), QUERY), torch.full((n,), num(h))], 1)
-        clean, contrast = self._layout(statements, query, gen, (0, 1), n)
+        clean, contrast = self._layout(statements, order, query, gen, (0, 1))
         corrupt = clean.clone()
         corrupt[torch.arange(n), contrast] = second[:, 0]
         return Pairs(clean, corrupt, first[:, h], second[:, h], contrast)

@@ -68,19 +68,55 @@ def test_multihop_answers_are_balanced(name):
 def test_no_position_or_length_tells_the_target_chain(name):
     """The shortcut the first layout allowed (a model at 100% after 100 steps): the
     target's root was always the prompt's first number. Every chain's root now comes
-    first in random order, and the distractor is one hop shorter than the target."""
+    first in random order, and the distractor is one hop shorter than the target. Each
+    row has its own order: within one call (one training batch), the target's root is
+    first in about half the rows."""
     task = MH.multihop_task(name, 5, 48)
+    p = task.sample(200, torch.Generator().manual_seed(0))
     first_is_target = []
-    for seed in range(40):
-        p = task.sample(4, torch.Generator().manual_seed(seed))
-        row = p.clean[0]
+    for row, contrast in zip(p.clean, p.contrast.tolist()):
         numbers = [i for i, t in enumerate(row.tolist()) if NUM0 <= t < NUM0 + NUM_COUNT
                    and row[i - 1] == EQ]
         assert len(numbers) == 2  # two roots, both before any hop statement
-        first_is_target.append(numbers[0] == int(p.contrast[0]))
+        first_is_target.append(numbers[0] == contrast)
         hops = sorted(_depth_from(row, v) for v in (row[numbers[0] - 2], row[numbers[1] - 2]))
         assert hops == [4, 5]
-    assert 10 < sum(first_is_target) < 30
+    assert 70 < sum(first_is_target) < 130
+
+
+@pytest.mark.parametrize("name", list(MH.MULTIHOP))
+def test_every_row_has_its_own_statement_order(name):
+    """A batch laid out alike would let a positional guess be right or wrong on every
+    row at once; the rows of one call have different statement orders."""
+    p = MH.multihop_task(name, 5, 48).sample(50, torch.Generator().manual_seed(4))
+    orders = {_statement_order(row, name) for row in p.clean}
+    assert len(orders) > 40
+
+
+def _statement_order(prompt, name):
+    """Each statement in prompt order as (on the target chain?, its depth on its chain):
+    the layout, whatever the symbols drawn."""
+    p = [int(x) for x in prompt if int(x) < FILLER0]
+    if name == "pointer":  # links a > b; the target chain starts at START's node
+        nxt = {p[i - 1]: p[i + 1] for i in range(1, len(p) - 1) if p[i] == MH.GT}
+        heads = [p[p.index(MH.START) + 1]] + [a for a in nxt if a not in nxt.values()
+                                               and a != p[p.index(MH.START) + 1]]
+        place = {}
+        for chain, node in enumerate(heads):
+            depth = 0
+            while node in nxt:
+                place[node], node, depth = (chain, depth), nxt[node], depth + 1
+        return tuple(place[p[i - 1]] for i in range(1, len(p) - 1) if p[i] == MH.GT)
+    src, var = _sources(prompt)
+    target = set()
+    while var in src:
+        target.add(var)
+        var = src[var]
+
+    def depth(v):
+        return 0 if src[v] not in src else 1 + depth(src[v])
+    return tuple((p[j - 1] in target, depth(p[j - 1])) for j in range(1, len(p) - 1)
+                 if p[j] == EQ)
 
 
 def _depth_from(prompt, root):
