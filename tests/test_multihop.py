@@ -182,17 +182,26 @@ def test_the_staged_hop_curriculum_adds_one_lookup_a_stage_and_evaluates_at_h(na
     (mixed, gate), = train.training_stages(name, "deep")
     p = mixed.sample(300, torch.Generator().manual_seed(0))
     assert gate is None and {_hops_of(r, name) for r in p.clean} == set(range(first, 6))
-    assert len(stages) == task.hops + 1 - first
-    for k, (mix, gate) in enumerate(stages, start=first):
+    *short, (last, none) = stages
+    assert len(short) == task.hops + 1 - first and none is None
+    lengths = [mix.seq_len for mix, _ in short]
+    assert lengths == sorted(lengths) and lengths[0] < 20 and lengths[-1] <= task.seq_len
+    for k, (mix, gate) in enumerate(short, start=first):
         p = mix.sample(200, torch.Generator().manual_seed(k))
-        assert mix.name == task.name and p.clean.shape == (200, task.seq_len)
+        # the shortest length that holds depth k, a few filler tokens to spare
+        assert mix.name == task.name and p.clean.shape == (200, mix.seq_len)
+        assert 0 < mix.seq_len - gate.compact_len() <= MH.STAGE_SLACK or \
+            mix.seq_len == task.seq_len
         hops = collections.Counter(_hops_of(row, name) for row in p.clean)
         assert set(hops) == set(range(first, k + 1)) and min(hops.values()) > 15
         for i in range(0, 200, 9):
             assert task.rule(p.clean[i]) == int(p.answer[i])
             assert task.rule(p.corrupt[i]) == int(p.wrong[i])
-        assert gate.hops == k and gate.seq_len == task.seq_len
-    assert stages[-1][1].hops == task.hops
+        assert gate.hops == k and gate.seq_len == mix.seq_len
+    # the last stage: every depth at the task's own length, to the target
+    p = last.sample(300, torch.Generator().manual_seed(9))
+    assert p.clean.shape[1] == task.seq_len
+    assert {_hops_of(r, name) for r in p.clean} == set(range(first, task.hops + 1))
 
 
 def test_the_multitask_model_mixes_every_depth_and_the_standard_scale_has_no_curriculum():

@@ -91,7 +91,8 @@ def test_a_curriculum_moves_on_at_its_gate_and_resumes_in_its_stage(tmp_path, mo
     assert stays["stage_steps"] == [0] and stays["curriculum"] == "hop-stages"
     monkeypatch.setattr(trainer, "STAGE_GATE", -1.0)  # every gate passes at its first check
     whole, info = _train_staged()
-    assert info["stage_steps"] == [0, 2]  # the second (last) stage from the first evaluation
+    # stages: 1 hop (short), 2 hops (short), every depth at full length; one per evaluation
+    assert info["stage_steps"] == [0, 2, 4]
     path = str(tmp_path / "state.pt")
     real_save, saves = R.save_state, []
 
@@ -99,13 +100,13 @@ def test_a_curriculum_moves_on_at_its_gate_and_resumes_in_its_stage(tmp_path, mo
         real_save(*a, **kw)
         saves.append(kw["extra"]["stage"])
         if len(saves) == 2:
-            raise KeyboardInterrupt  # killed at step 4, in the second stage
+            raise KeyboardInterrupt  # killed at step 4, as the last stage begins
     monkeypatch.setattr(R, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         _train_staged(path)
     monkeypatch.setattr(R, "save_state", real_save)
     resumed, rinfo = _train_staged(path)
-    assert saves == [1, 1] and rinfo["stage_steps"] == [0, 2]
+    assert saves == [1, 2] and rinfo["stage_steps"] == [0, 2, 4]
     assert _digest(resumed) == _digest(whole)
 
 
