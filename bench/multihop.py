@@ -2,7 +2,7 @@
 cannot be computed at the answer position within the model's depth, so a model that
 solves them must carry intermediate results at intermediate positions.
 
-- ``var_chain``: assignments ``x0 = v  x1 = x0 ... xh = x(h-1)`` with a distractor chain
+- ``var_chain``: assignments ``let x0 v  let x1 x0 ... let xh x(h-1)`` with a distractor chain
   of h - 1 hops interleaved and filler between statements, then ``? xh``: the answer is
   the root value v. Every chain's root statement comes first, in random order, so the
   target's root is neither the first number nor told apart by where it stands, and the
@@ -11,7 +11,7 @@ solves them must carry intermediate results at intermediate positions.
 - ``pointer``: links ``a > b`` of two chains written in an order unrelated to either
   chain, the start node given early (``START s``, p* = s), and the query ``? h`` at the
   end: the node h steps from the start. Corrupt: the other chain's first node.
-- ``increment_chain`` (our design): ``x0 = v  x1 = x0 + ... xh = x(h-1) +`` (``+``: plus
+- ``increment_chain`` (our design): ``let x0 v  let x1 x0 + ... let xh x(h-1) +`` (``+``: plus
   one), laid out as var_chain, then ``? xh``: the answer is v + h (mod the 64 numbers).
   Each hop changes the carried value, so no position before the query holds the answer.
 
@@ -22,9 +22,16 @@ nodes, filler tokens between statements (they also separate the statements).
 import torch
 
 from .spread import FILLER0, FILLER_COUNT
-from .tasks import BOS, EQ, GT, NUM_COUNT, PLUS, QUERY, SYM0, SYM_COUNT, Pairs, Task, num
+from .tasks import BOS, GT, NUM_COUNT, PLUS, QUERY, SYM0, SYM_COUNT, Pairs, Task, num
 
-START = 23  # a free id below the numbers (NUM0 = 24)
+START = 23  # free ids below the numbers (NUM0 = 24)
+# A var task's statement is ``let name source``: the source right after its name. With
+# ``name = source`` (the source two tokens on), two-pair key-value recall at 12 tokens sat
+# at chance for 1200 steps where the adjacent layout at 10 tokens learned it by step 500,
+# and 0-hop var_chain at 16 tokens stayed at chance for 1400 (standard/deep models, lr 1e-3,
+# 64 pairs, measured 2026-12-03): the lookup is an induction head, and its previous-token
+# half forms far sooner than a two-back one.
+LET = 22
 
 
 def _perm(gen, n, k, high):
@@ -99,8 +106,8 @@ def _interleave(gen, sizes, n):
 
 class VarChain(_Statements):
     name = "var_chain"
-    description = "x0 = v  x1 = x0 ... ? xh -> v (h hops, a distractor chain of h - 1)"
-    hop_len = 3  # name = source
+    description = "let x0 v  let x1 x0 ... ? xh -> v (h hops, a distractor chain of h - 1)"
+    hop_len = 3  # let name source
 
     def lengths(self):
         """Hops of the target chain, then of each distractor chain (one fewer)."""
@@ -117,14 +124,14 @@ class VarChain(_Statements):
         for k, h in enumerate(lengths):
             names = var[:, at:at + h + 1]
             at += h + 1
-            stmts = [torch.stack([names[:, 0], torch.full((n,), EQ), num(value[:, k])], 1)]
+            stmts = [torch.stack([torch.full((n,), LET), names[:, 0], num(value[:, k])], 1)]
             for i in range(1, h + 1):
                 stmts.append(self._hop(names[:, i], names[:, i - 1], n))
             chains.append(stmts)
         return chains, var[:, self.hops], value
 
     def _hop(self, name, source, n):
-        return torch.stack([name, torch.full((n,), EQ), source], 1)
+        return torch.stack([torch.full((n,), LET), name, source], 1)
 
     def _answer(self, root):
         return num(root)
@@ -142,14 +149,14 @@ class VarChain(_Statements):
                      contrast)
 
     def rule(self, p):
-        """The answer read off a prompt: every ``name = source [+]`` statement in order
+        """The answer read off a prompt: every ``let name source [+]`` statement in order
         (filler and the query dropped), then the queried variable's value."""
         p = [int(x) for x in p if int(x) < FILLER0]
         q = p.index(QUERY)
         env = {}
-        for j in (j for j in range(q) if p[j] == EQ):
-            name, src = p[j - 1], p[j + 1]
-            plus = j + 2 < q and p[j + 2] == PLUS
+        for j in (j for j in range(q) if p[j] == LET):
+            name, src = p[j + 1], p[j + 2]
+            plus = j + 3 < q and p[j + 3] == PLUS
             base = env[src] if src in env else src - num(0)
             env[name] = (base + (1 if plus else 0)) % NUM_COUNT
         return num(env[p[q + 1]])
@@ -157,11 +164,11 @@ class VarChain(_Statements):
 
 class IncrementChain(VarChain):
     name = "increment_chain"
-    description = "x0 = v  x1 = x0 + ... ? xh -> v + h (mod 64)"
-    hop_len = 4  # name = source +
+    description = "let x0 v  let x1 x0 + ... ? xh -> v + h (mod 64)"
+    hop_len = 4  # let name source +
 
     def _hop(self, name, source, n):
-        return torch.stack([name, torch.full((n,), EQ), source, torch.full((n,), PLUS)], 1)
+        return torch.stack([torch.full((n,), LET), name, source, torch.full((n,), PLUS)], 1)
 
     def _answer(self, root):
         return num((root + self.hops) % NUM_COUNT)

@@ -8,7 +8,7 @@ import torch
 
 from steerops.bench import multihop as MH
 from steerops.bench.spread import FILLER0, VOCAB_STANDARD
-from steerops.bench.tasks import EQ, NUM0, NUM_COUNT, QUERY
+from steerops.bench.tasks import NUM0, NUM_COUNT, QUERY
 
 
 CASES = [("var_chain", 5, 40), ("var_chain", 7, 48), ("pointer", 5, 48), ("pointer", 7, 48),
@@ -16,11 +16,11 @@ CASES = [("var_chain", 5, 40), ("var_chain", 7, 48), ("pointer", 5, 48), ("point
 
 
 def _sources(prompt):
-    """{variable: its source} of a var-task prompt (statements ``name = source [+]``), and
+    """{variable: its source} of a var-task prompt (statements ``let name source [+]``), and
     the queried variable."""
     p = [int(x) for x in prompt if int(x) < FILLER0]
     q = p.index(QUERY)
-    return {p[j - 1]: p[j + 1] for j in range(q) if p[j] == EQ}, p[q + 1]
+    return {p[j + 1]: p[j + 2] for j in range(q) if p[j] == MH.LET}, p[q + 1]
 
 
 def _depth(prompt, name=None):
@@ -76,10 +76,10 @@ def test_no_position_or_length_tells_the_target_chain(name):
     first_is_target = []
     for row, contrast in zip(p.clean, p.contrast.tolist()):
         numbers = [i for i, t in enumerate(row.tolist()) if NUM0 <= t < NUM0 + NUM_COUNT
-                   and row[i - 1] == EQ]
+                   and row[i - 2] == MH.LET]
         assert len(numbers) == 2  # two roots, both before any hop statement
         first_is_target.append(numbers[0] == contrast)
-        hops = sorted(_depth_from(row, v) for v in (row[numbers[0] - 2], row[numbers[1] - 2]))
+        hops = sorted(_depth_from(row, v) for v in (row[numbers[0] - 1], row[numbers[1] - 1]))
         assert hops == [4, 5]
     assert 70 < sum(first_is_target) < 130
 
@@ -115,8 +115,8 @@ def _statement_order(prompt, name):
 
     def depth(v):
         return 0 if src[v] not in src else 1 + depth(src[v])
-    return tuple((p[j - 1] in target, depth(p[j - 1])) for j in range(1, len(p) - 1)
-                 if p[j] == EQ)
+    return tuple((p[j + 1] in target, depth(p[j + 1])) for j in range(len(p) - 2)
+                 if p[j] == MH.LET)
 
 
 def _depth_from(prompt, root):
@@ -168,7 +168,7 @@ def _hops_of(prompt, name):
     p = [int(x) for x in prompt if int(x) < FILLER0]
     if name == "pointer":
         return p[p.index(QUERY) + 1] - NUM0
-    statements = p.count(EQ)
+    statements = p.count(MH.LET)
     return next(h for h in range(0, 9) if (h + 1) + max(2, h) == statements)
 
 
