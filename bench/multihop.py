@@ -27,10 +27,10 @@ from .tasks import BOS, GT, NUM_COUNT, PLUS, QUERY, SYM0, SYM_COUNT, Pairs, Task
 START = 23  # free ids below the numbers (NUM0 = 24)
 # A var task's statement is ``let name source``: the source right after its name. With
 # ``name = source`` (the source two tokens on), two-pair key-value recall at 12 tokens sat
-# at chance for 1200 steps where the adjacent layout at 10 tokens learned it by step 500,
+# at chance for 1600 steps where the adjacent layout at 10 tokens learned it by step 500,
 # and 0-hop var_chain at 16 tokens stayed at chance for 1400 (standard/deep models, lr 1e-3,
-# 64 pairs, measured 2026-12-03): the lookup is an induction head, and its previous-token
-# half forms far sooner than a two-back one.
+# 64 pairs, measured 2026-12-03). The lookup is induction-like; with the source adjacent,
+# its first half can be a previous-token head.
 LET = 22
 
 
@@ -246,9 +246,9 @@ def hop_stages(name, hops, seq_len, slack=STAGE_SLACK):
     lookup gets no gradient toward five. Why short: the plateau before a lookup (an
     induction-like head) forms grows with the context length. Measured (standard size,
     two-pair key-value recall, lr 1e-3, 64 pairs): at 10 tokens it left chance at step 500
-    and reached 0.93 by 800; at 24 tokens it sat at chance for 1100 steps, and 0-hop
-    var_chain at 24 tokens for 2500. Rotary positions are relative, so a lookup learned
-    short carries over to the longer prompts."""
+    and reached 0.93 by 800; at 24 tokens it sat at chance for 1300 steps, and 0-hop
+    var_chain (lr 3e-3) at 24 tokens for 1500. Rotary positions are relative, so a lookup
+    learned short should carry over to longer prompts (the last stage checks it)."""
     first = first_depth(name)
     stages = []
     for k in range(first, hops + 1):
