@@ -152,7 +152,7 @@ def test_the_deep_scale_lays_out_the_multihop_tasks_and_trains_them(tmp_path, mo
         train.task_for("pointer", "standard")
     model, info = train.train_scale_task("var_chain", "deep", 0, max_steps=2, progress=False)
     assert model.config.num_hidden_layers == 6 and info["seq_len"] == 48
-    assert info["seeded_init"] is True and info["curriculum"] == "hops"
+    assert info["seeded_init"] is True and info["curriculum"] == "hop-stages"
     assert info["stage_steps"] == [0]  # two steps: no evaluation, still in the first stage
     assert sorted(info["depth_accuracy"]) == ["0", "1", "2", "3", "4", "5"]  # how far it follows
     assert all(0 <= a <= 1 for a in info["depth_accuracy"].values())
@@ -178,10 +178,9 @@ def test_the_staged_hop_curriculum_adds_one_lookup_a_stage_and_evaluates_at_h(na
     task = train.task_for(name, "deep")
     stages = MH.hop_stages(name, task.hops, task.seq_len)
     first = 1 if name == "pointer" else 0  # a var task's 0 hops: recall the root's value
-    # the deep recipe's mixture is the last stage alone: every depth from the start
-    (mixed, gate), = train.training_stages(name, "deep")
-    p = mixed.sample(300, torch.Generator().manual_seed(0))
-    assert gate is None and {_hops_of(r, name) for r in p.clean} == set(range(first, 6))
+    # the deep recipe trains through these stages
+    assert [(m.seq_len, g and g.hops) for m, g in train.training_stages(name, "deep")] == \
+        [(m.seq_len, g and g.hops) for m, g in stages]
     *short, (last, none) = stages
     assert len(short) == task.hops + 1 - first and none is None
     lengths = [mix.seq_len for mix, _ in short]
@@ -190,8 +189,7 @@ def test_the_staged_hop_curriculum_adds_one_lookup_a_stage_and_evaluates_at_h(na
         p = mix.sample(200, torch.Generator().manual_seed(k))
         # the shortest length that holds depth k, a few filler tokens to spare
         assert mix.name == task.name and p.clean.shape == (200, mix.seq_len)
-        assert 0 < mix.seq_len - gate.compact_len() <= MH.STAGE_SLACK or \
-            mix.seq_len == task.seq_len
+        assert mix.seq_len == min(gate.compact_len() + MH.STAGE_SLACK, task.seq_len)
         hops = collections.Counter(_hops_of(row, name) for row in p.clean)
         assert set(hops) == set(range(first, k + 1)) and min(hops.values()) > 15
         for i in range(0, 200, 9):
