@@ -235,10 +235,10 @@ def hop_mixture(name, low, high, seq_len):
 STAGE_SLACK = 0
 
 
-def hop_stages(name, hops, seq_len, slack=STAGE_SLACK):
+def hop_stages(name, hops, seq_len):
     """The staged hop curriculum of the ``hops``-hop task ``name``: [(training task, gate
     task)], one stage per lookup depth, then the full length. Stage k trains on every depth
-    up to k, mixed, at the shortest length that holds depth k (plus ``slack`` filler tokens),
+    up to k, mixed, at the shortest length that holds depth k (plus STAGE_SLACK filler tokens),
     and ends when the model follows k there (its gate); the last stage mixes every depth at
     ``seq_len`` and runs to the target. Depths count lookups: pointer's k hops are k of
     them, a var task's k hops k + 1 (the root's value is one more), so the var tasks start
@@ -254,7 +254,7 @@ def hop_stages(name, hops, seq_len, slack=STAGE_SLACK):
     first = first_depth(name)
     stages = []
     for k in range(first, hops + 1):
-        length = min(seq_len, multihop_task(name, k, seq_len).compact_len() + slack)
+        length = min(seq_len, multihop_task(name, k, seq_len).compact_len() + STAGE_SLACK)
         stages.append((hop_mixture(name, first, k, length), multihop_task(name, k, length)))
     return stages + [(hop_mixture(name, first, hops, seq_len), None)]
 
