@@ -226,6 +226,7 @@ def hop_mixture(name, low, high, seq_len):
     from .multitask import Mixture
     mixture = Mixture([multihop_task(name, k, seq_len) for k in range(low, high + 1)])
     mixture.name, mixture.description = name, f"{name}, {low}-{high} hops mixed (training)"
+    mixture.rule = mixture.tasks[-1].rule  # the rule reads the chain off any depth's prompt
     return mixture
 
 

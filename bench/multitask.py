@@ -4,7 +4,9 @@ one residual stream and a steering vector has to find its task's direction among
 others.
 
 ``TaskToken(task, token)`` is ``task`` (laid out one position shorter) behind its task
-token; ``Mixture(tasks)`` draws every training batch from all tasks alike.
+token; ``Mixture(tasks)`` draws each row's task uniformly (the shared model's held-out
+set; a multi-hop task's depths mixed, bench.multihop.hop_mixture). The shared model
+trains through a curriculum of one track per task (bench/curriculum.py).
 """
 import torch
 
@@ -31,7 +33,7 @@ class TaskToken(Task):
 
 
 class Mixture(Task):
-    """Every task at once (training): each row's task drawn uniformly."""
+    """Every task at once: each row's task drawn uniformly."""
     name, binary, description = "multitask", False, "every task, a task token first"
 
     def __init__(self, tasks):

@@ -13,13 +13,13 @@ import time
 import torch
 
 from . import reproducible as R
+from .curriculum import Curriculum, examples
 from .model_store import MODEL_CONFIG, build_model
 
 TRAIN_SEED, EVAL_SEED, TEST_SEED = 0, 10_000, 20_000
 # Subnormal floats appear as these models train and slow a CPU step 3x (induction: 2.1
 # steps/s at step 100, 0.7 at step 800); flushing them to zero keeps the step time flat.
 FLUSH_DENORMAL = True  # bump when the config, tasks or training recipe change
-STAGE_GATE = 0.9  # a curriculum stage ends when its gate task's held-out accuracy reaches this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,9 @@ class TrainingPlan:
     oscillating a few points under the target until the budget ran out). ``seeded_init``:
     the benchmark's own initialisation (bench/reproducible.py) instead of the library's.
     ``curriculum``: None, or "hop-stages" (multi-hop tasks: one stage per lookup depth,
-    bench.multihop.hop_stages; evaluation and the target stay at h)."""
+    bench.multihop.hop_stages; evaluation and the target stay at h). ``multihop_share``:
+    on a shared model, the share of the rows the multi-hop tasks draw between them (the
+    curriculum given to train_task applies it; recorded here)."""
     seed: int = 0
     max_steps: int = 6000
     batch_pairs: int = 128
@@ -40,51 +42,43 @@ class TrainingPlan:
     decay: bool = False
     seeded_init: bool = False
     curriculum: str = None
+    multihop_share: float = None
 
     def record(self):
         """What a checkpoint records of its plan (and what a resumed state must match)."""
         out = dataclasses.asdict(self)
         out["config"] = self.config or MODEL_CONFIG
+        if self.multihop_share is None:  # plans from before it stay what they were
+            del out["multihop_share"]
         return out
-
-
-def _examples(task, n_pairs, gen):
-    p = task.sample(n_pairs, gen)
-    return torch.cat([p.clean, p.corrupt]), torch.cat([p.answer, p.wrong])
 
 
 @torch.no_grad()
 def accuracy(model, task, n_pairs, seed):
     model.eval()
-    ids, labels = _examples(task, n_pairs, torch.Generator().manual_seed(seed))
+    ids, labels = examples(task, n_pairs, torch.Generator().manual_seed(seed))
     pred = model(ids).logits[:, -1].argmax(-1)
     return float((pred == labels).float().mean())
 
 
 def train_task(task, *, progress=True, resume_path=None, stages=None, **plan):
     """Trains a model on ``task`` under ``TrainingPlan(**plan)``; returns (model, record).
-    ``stages``: a curriculum, [(training task, gate task)]: batches come from the current
-    stage's training task, and a stage ends at the evaluation where its gate task's
-    held-out accuracy reaches STAGE_GATE (the last stage runs to the target or the
-    budget); without it, batches come from ``task``. Accuracy and the target are always
-    on ``task``. ``resume_path``: the whole training state (the stage included) is saved
-    there at every evaluation and a run finding it continues from it (removed at the
-    end); a state saved under another plan is set aside, not continued."""
+    ``stages``: a curriculum (bench/curriculum.py), or one track of it, [(training task,
+    gate task)]: batches come from the current stages' training tasks, and a stage ends at
+    the evaluation where its gate task's held-out accuracy reaches STAGE_GATE (a last
+    stage runs to the target or the budget); without it, batches come from ``task``.
+    Accuracy and the target are always on ``task``. ``resume_path``: the whole training
+    state (the stages included) is saved there at every evaluation and a run finding it
+    continues from it (removed at the end); a state saved under another plan is set
+    aside, not continued."""
     plan = TrainingPlan(**plan)
+    if not isinstance(stages, Curriculum):
+        stages = Curriculum.single(task, stages)
     torch.set_flush_denormal(FLUSH_DENORMAL)
     try:
-        return _train(task, stages or [(task, None)], plan, progress, resume_path)
+        return _train(task, stages, plan, progress, resume_path)
     finally:
         torch.set_flush_denormal(False)  # the default: later work in the process unchanged
-
-
-def _next_stage(model, stages, where, step, seed):
-    """Moves ``where`` to the next stage when the current one's gate is passed."""
-    gate = stages[where["stage"]][1]
-    if gate is not None and where["stage"] + 1 < len(stages) and \
-            accuracy(model, gate, 500, EVAL_SEED + seed) >= STAGE_GATE:
-        where["stage"] += 1
-        where["stage_steps"].append(step)
 
 
 def _train(task, stages, plan, progress, resume_path):
@@ -100,19 +94,24 @@ def _train(task, stages, plan, progress, resume_path):
         return warm * max(0.1, 1 - s / plan.max_steps) if plan.decay else warm
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(TRAIN_SEED + plan.seed)
-    step, held_out, before, where = 0, 0.0, 0.0, {"stage": 0, "stage_steps": [0]}
+    step, held_out, before = 0, 0.0, 0.0
     parts = dict(model=model, opt=opt, sched=sched, gen=gen)
     identity = dict(plan.record(), task=task.name, seq_len=task.seq_len)
     if resume_path and os.path.exists(resume_path):
-        step, held_out, before, where = R.load_state(resume_path, plan=identity, extra=where,
-                                                     **parts)
+        step, held_out, before, where = R.load_state(resume_path, plan=identity,
+                                                     extra=stages.state(), **parts)
+        stages.load(where)
     t0 = time.time() - before
     bar = tqdm(total=plan.max_steps, initial=step, disable=not progress,
                desc=f"train {task.name}", leave=False)
     while step < plan.max_steps and not (step and held_out >= plan.target):
         model.train()
-        ids, labels = _examples(stages[where["stage"]][0], plan.batch_pairs, gen)
-        loss = torch.nn.functional.cross_entropy(model(ids).logits[:, -1], labels)
+        groups = stages.batch(plan.batch_pairs, gen)
+        rows = sum(len(labels) for _, labels in groups)
+        # each length's mean loss weighted by its rows: the mean over the batch (one group:
+        # exactly plain training's loss)
+        loss = sum(torch.nn.functional.cross_entropy(model(ids).logits[:, -1], labels)
+                   * (len(labels) / rows) for ids, labels in groups)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -121,19 +120,20 @@ def _train(task, stages, plan, progress, resume_path):
         bar.update(1)
         if step % plan.eval_every == 0:
             held_out = accuracy(model, task, 500, EVAL_SEED + plan.seed)
-            _next_stage(model, stages, where, step, plan.seed)
+            stages.advance(step, lambda gate: accuracy(model, gate, 500, EVAL_SEED + plan.seed))
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{held_out:.3f}",
-                            **({"stage": where["stage"]} if len(stages) > 1 else {}))
+                            **stages.progress())
             if resume_path:
                 R.save_state(resume_path, step=step, held_out=held_out,
-                             elapsed=time.time() - t0, plan=identity, extra=where, **parts)
+                             elapsed=time.time() - t0, plan=identity, extra=stages.state(),
+                             **parts)
     bar.close()
     test = accuracy(model, task, 2000, TEST_SEED + plan.seed)
     if resume_path and os.path.exists(resume_path):
         os.remove(resume_path)
     record = {k: v for k, v in plan.record().items() if k != "eval_every"}
     if plan.curriculum:  # when each stage began
-        record["stage_steps"] = where["stage_steps"]
+        record["stage_steps"] = stages.state()["stage_steps"]
     else:
         del record["curriculum"]  # records from before curricula stay comparable
     return model.eval(), dict(record, task=task.name, steps=step, held_out_accuracy=test,

@@ -179,7 +179,8 @@ def test_the_staged_hop_curriculum_adds_one_lookup_a_stage_and_evaluates_at_h(na
     stages = MH.hop_stages(name, task.hops, task.seq_len)
     first = 1 if name == "pointer" else 0  # a var task's 0 hops: recall the root's value
     # the deep recipe trains through these stages
-    assert [(m.seq_len, g and g.hops) for m, g in train.training_stages(name, "deep")] == \
+    assert [(m.seq_len, g and g.hops) for m, g in
+            train.training_stages(name, "deep").tracks[name]] == \
         [(m.seq_len, g and g.hops) for m, g in stages]
     *short, (last, none) = stages
     assert len(short) == task.hops + 1 - first and none is None
@@ -201,16 +202,6 @@ def test_the_staged_hop_curriculum_adds_one_lookup_a_stage_and_evaluates_at_h(na
     assert p.clean.shape[1] == task.seq_len
     assert {_hops_of(r, name) for r in p.clean} == set(range(first, task.hops + 1))
 
-
-def test_the_multitask_model_mixes_every_depth_and_the_standard_scale_has_no_curriculum():
-    from steerops.bench import train
-    mix = train.task_for("pointer", "multitask", training=True)
-    p = mix.sample(200, torch.Generator().manual_seed(2))
-    hops = collections.Counter(_hops_of(row[1:], "pointer") for row in p.clean)
-    assert set(hops) == set(range(1, 6))
-    assert (p.clean[:, 0] == train.task_for("pointer", "multitask").token).all()
-    assert train.training_stages("ioi", "standard") is None
-    assert train.training_stages("multitask", "multitask")[0][1] is None  # no gate
 
 
 def test_the_cli_keeps_a_scales_tasks_apart(capsys):

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
+from steerops.bench import curriculum
 from steerops.bench import multihop as MH
 from steerops.bench import reproducible as R
-from steerops.bench import trainer
 from steerops.bench import train
 from steerops.bench import model_store
 from steerops.bench.spread import VOCAB_STANDARD
@@ -86,10 +86,10 @@ def _train_staged(resume_path=None):
 
 
 def test_a_curriculum_moves_on_at_its_gate_and_resumes_in_its_stage(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "STAGE_GATE", 2.0)  # no gate can pass
+    monkeypatch.setattr(curriculum, "STAGE_GATE", 2.0)  # no gate can pass
     _, stays = _train_staged()
     assert stays["stage_steps"] == [0] and stays["curriculum"] == "hop-stages"
-    monkeypatch.setattr(trainer, "STAGE_GATE", -1.0)  # every gate passes at its first check
+    monkeypatch.setattr(curriculum, "STAGE_GATE", -1.0)  # every gate passes at its first check
     whole, info = _train_staged()
     # stages: 1 hop (short), 2 hops (short), every depth at full length; one per evaluation
     assert info["stage_steps"] == [0, 2, 4]
@@ -173,3 +173,36 @@ def test_a_state_saved_before_the_loop_kept_its_own_state_loads_with_the_default
     torch.save(state, path)
     assert R.load_state(path, plan={"lr": 1}, extra={"stage": 0}, **parts) == \
         (7, 0.5, 3.0, {"stage": 0})
+
+
+def _train_tracks(resume_path=None):
+    tracks = curriculum.Curriculum({"pointer": MH.hop_stages("pointer", 2, 24),
+                                    "var_chain": MH.hop_stages("var_chain", 1, 24)},
+                                   weights={"pointer": 1.0, "var_chain": 3.0})
+    return train.train_task(MH.multihop_task("pointer", 2, 24), seed=2, max_steps=6,
+                            batch_pairs=8, eval_every=2, target=2.0, progress=False,
+                            config=STAGED, seeded_init=True, resume_path=resume_path,
+                            curriculum="hop-stages", multihop_share=1.0, stages=tracks)
+
+
+def test_a_curriculum_of_many_tracks_trains_on_mixed_lengths_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(curriculum, "STAGE_GATE", -1.0)  # every gate passes at its first check
+    whole, info = _train_tracks()
+    # each track's stages, one per evaluation (var_chain 1 hop: 0, 1 hops, then full length)
+    assert info["stage_steps"] == {"pointer": [0, 2, 4], "var_chain": [0, 2, 4]}
+    assert info["multihop_share"] == 1.0
+    path = str(tmp_path / "state.pt")
+    real_save, saves = R.save_state, []
+
+    def save_then_die(*a, **kw):
+        real_save(*a, **kw)
+        saves.append(dict(kw["extra"]["stage"]))
+        if len(saves) == 1:
+            raise KeyboardInterrupt  # killed at step 2, both tracks in their second stage
+    monkeypatch.setattr(R, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _train_tracks(path)
+    monkeypatch.setattr(R, "save_state", real_save)
+    resumed, rinfo = _train_tracks(path)
+    assert saves == [{"pointer": 1, "var_chain": 1}] and rinfo["stage_steps"] == info["stage_steps"]
+    assert _digest(resumed) == _digest(whole)

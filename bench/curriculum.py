@@ -1,0 +1,98 @@
+"""Where a model's training stands in its curriculum (bench/trainer.py).
+
+A curriculum is one or more named tracks; a track is a list of stages, each a
+(training task, gate task) pair. Every batch draws its rows from each track's current
+stage, and a track moves to its next stage at the evaluation where its gate task's
+held-out accuracy reaches STAGE_GATE (a stage without a gate, the last one, stays).
+
+One track is the deep scale's staged hop curriculum (bench.multihop.hop_stages) or a
+task's plain training. Many tracks are the multitask scale: every task a track, each
+multi-hop task staged on its own gate, so a multi-hop task can train at its short
+lengths while the others train at theirs. A batch then holds prompts of several lengths:
+it comes as one group of rows per length, each run through the model on its own.
+"""
+import torch
+
+STAGE_GATE = 0.9  # a curriculum stage ends when its gate task's held-out accuracy reaches this
+
+
+def examples(task, n_pairs, gen):
+    """``n_pairs`` pairs of ``task`` as training rows: (clean then corrupt prompts, answers)."""
+    p = task.sample(n_pairs, gen)
+    return torch.cat([p.clean, p.corrupt]), torch.cat([p.answer, p.wrong])
+
+
+class Curriculum:
+    """``tracks``: {name: [(training task, gate task or None)]}. ``weights``: {name: a
+    track's share of the rows, relative} (default: equal shares)."""
+
+    def __init__(self, tracks, weights=None):
+        if not tracks or any(not stages for stages in tracks.values()):
+            raise ValueError("a curriculum needs at least one track, each with a stage")
+        self.tracks = {name: list(stages) for name, stages in tracks.items()}
+        self.weights = dict(weights) if weights else None
+        self.stage = {name: 0 for name in self.tracks}
+        self.stage_steps = {name: [0] for name in self.tracks}
+
+    @classmethod
+    def single(cls, task, stages=None):
+        """One track: ``stages``, or plain training on ``task``."""
+        return cls({task.name: stages or [(task, None)]})
+
+    def current(self, name):
+        """The training task track ``name`` draws from now."""
+        return self.tracks[name][self.stage[name]][0]
+
+    def batch(self, n_pairs, gen):
+        """A training batch of ``n_pairs`` pairs: [(rows, answers)], one group per prompt
+        length. One track draws exactly what plain training on its task draws."""
+        names = list(self.tracks)
+        if len(names) == 1:
+            return [examples(self.current(names[0]), n_pairs, gen)]
+        share = torch.tensor([float((self.weights or {}).get(n, 1.0)) for n in names],
+                             dtype=torch.float64)
+        which = torch.multinomial(share, n_pairs, replacement=True, generator=gen)
+        groups = {}
+        for k, name in enumerate(names):
+            count = int((which == k).sum())
+            if count:
+                ids, labels = examples(self.current(name), count, gen)
+                rows, answers = groups.setdefault(ids.shape[1], ([], []))
+                rows.append(ids)
+                answers.append(labels)
+        return [(torch.cat(rows), torch.cat(answers)) for rows, answers in groups.values()]
+
+    def advance(self, step, score):
+        """Moves every track whose gate passes to its next stage; ``score(task)`` is the
+        model's held-out accuracy on a task."""
+        for name, stages in self.tracks.items():
+            gate = stages[self.stage[name]][1]
+            if gate is not None and self.stage[name] + 1 < len(stages) and \
+                    score(gate) >= STAGE_GATE:
+                self.stage[name] += 1
+                self.stage_steps[name].append(step)
+
+    def progress(self):
+        """The stages, for a progress bar: the stage number of each track that has stages."""
+        staged = [name for name, stages in self.tracks.items() if len(stages) > 1]
+        if not staged:
+            return {}
+        return {"stage": "/".join(str(self.stage[n]) for n in staged)}
+
+    def state(self):
+        """Where training stands, as saved with a resumable state and recorded with a
+        model: one track's stage and the steps its stages began at; per track for many."""
+        if len(self.tracks) == 1:
+            (name,) = self.tracks
+            return {"stage": self.stage[name], "stage_steps": list(self.stage_steps[name])}
+        return {"stage": dict(self.stage), "stage_steps": {n: list(s) for n, s in
+                                                           self.stage_steps.items()}}
+
+    def load(self, state):
+        """Continues from what ``state()`` returned."""
+        if len(self.tracks) == 1:
+            (name,) = self.tracks
+            self.stage[name], self.stage_steps[name] = state["stage"], list(state["stage_steps"])
+        else:
+            self.stage = dict(state["stage"])
+            self.stage_steps = {n: list(s) for n, s in state["stage_steps"].items()}

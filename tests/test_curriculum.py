@@ -1,0 +1,80 @@
+"""Training curricula (bench/curriculum.py): one track draws exactly what plain training
+draws, many tracks share a batch by their weights and come back grouped by length, and
+each track moves on at its own gate."""
+import pytest
+import torch
+
+from steerops.bench import curriculum as C
+from steerops.bench import multihop as MH
+from steerops.bench import train
+from steerops.bench.spread import task_at
+
+
+def test_one_track_draws_what_plain_training_draws():
+    task = MH.multihop_task("pointer", 2, 24)
+    single = C.Curriculum.single(task)
+    (ids, labels), = single.batch(16, torch.Generator().manual_seed(5))
+    want_ids, want_labels = C.examples(task, 16, torch.Generator().manual_seed(5))
+    assert torch.equal(ids, want_ids) and torch.equal(labels, want_labels)
+    assert single.progress() == {} and single.state() == {"stage": 0, "stage_steps": [0]}
+
+
+def test_many_tracks_share_a_batch_by_weight_grouped_by_length():
+    short, long_ = task_at("ioi", 16), task_at("sorting", 24)
+    cur = C.Curriculum({"ioi": [(short, None)], "sorting": [(long_, None)]},
+                       weights={"ioi": 3.0, "sorting": 1.0})
+    groups = cur.batch(2000, torch.Generator().manual_seed(1))
+    by_len = {ids.shape[1]: (ids, labels) for ids, labels in groups}
+    assert sorted(by_len) == [16, 24]
+    n16, n24 = len(by_len[16][1]) // 2, len(by_len[24][1]) // 2  # clean and corrupt rows
+    assert n16 + n24 == 2000 and abs(n16 / 2000 - 0.75) < 0.04
+    for ids, labels in by_len.values():  # every row is its task's, answered by its rule
+        task = short if ids.shape[1] == 16 else long_
+        assert all(task.rule(ids[i]) == int(labels[i]) for i in range(0, len(ids), 37))
+
+
+def test_each_track_moves_on_at_its_own_gate_and_the_state_round_trips():
+    a = MH.hop_stages("pointer", 2, 24)
+    b = MH.hop_stages("var_chain", 1, 24)
+    cur = C.Curriculum({"pointer": a, "var_chain": b})
+    passing = {id(a[0][1])}  # only pointer's first gate passes
+    cur.advance(100, lambda gate: 1.0 if id(gate) in passing else 0.0)
+    assert cur.state() == {"stage": {"pointer": 1, "var_chain": 0},
+                           "stage_steps": {"pointer": [0, 100], "var_chain": [0]}}
+    assert cur.progress() == {"stage": "1/0"} and cur.current("pointer") is a[1][0]
+    cur.advance(200, lambda gate: 1.0)  # every gate passes; a last stage stays
+    cur.advance(300, lambda gate: 1.0)
+    assert cur.state()["stage"] == {"pointer": 2, "var_chain": 2}
+    again = C.Curriculum({"pointer": a, "var_chain": b})
+    again.load(cur.state())
+    assert again.state() == cur.state()
+    with pytest.raises(ValueError, match="at least one track"):
+        C.Curriculum({"pointer": []})
+
+
+def test_the_multitask_curriculum_stages_each_multihop_task_behind_its_token():
+    cur = train.training_stages("multitask", "multitask")
+    spec = train.SCALES["multitask"]
+    assert list(cur.tracks) == list(spec["tasks"])
+    for name, stages in cur.tracks.items():
+        token = train.task_token(name, "multitask")
+        if name not in MH.MULTIHOP:  # the 12: their own task at full length, from the start
+            (task, gate), = stages
+            assert gate is None and task.seq_len == 48 and task.token == token
+            continue
+        # the deep scale's stages, one position longer for the token, gated on their own
+        deep = MH.hop_stages(name, spec["hops"], 47)
+        assert [(t.seq_len, g and g.seq_len) for t, g in stages] == \
+            [(t.seq_len + 1, g and g.seq_len + 1) for t, g in deep]
+        assert all(t.token == token and (g is None or g.token == token) for t, g in stages)
+    hop = sum(w for n, w in cur.weights.items() if n in MH.MULTIHOP)
+    assert abs(hop - spec["multihop_share"]) < 1e-12 and abs(sum(cur.weights.values()) - 1) < 1e-12
+    groups = cur.batch(64, torch.Generator().manual_seed(0))
+    lengths = sorted(ids.shape[1] for ids, _ in groups)
+    assert lengths[-1] == 48 and lengths[0] < 20  # the multi-hop tasks start short
+    for ids, labels in groups:  # each row behind its task's token, answered by its rule
+        for i in range(0, len(ids), 11):
+            name = spec["tasks"][int(ids[i, 0]) - train.TASK_TOKEN0]
+            assert cur.current(name).rule(ids[i]) == int(labels[i])
+            assert train.task_for(name, "multitask").rule(ids[i]) == int(labels[i])
+    assert train.training_stages("ioi", "standard") is None
