@@ -1,0 +1,88 @@
+"""The deep and multitask scales end to end: from no model to results.json, through
+training (the scale's curriculum), the checkpoint's record and the attribution run, on
+tiny stand-ins for the scales' models (2 layers, 24 tokens, 2 hops, 3 steps; the real ones
+train for hours). A 3-step model gets no pair right, so here every pair counts as usable
+and the 95% rule is off: what is tested is the way through, not a verdict."""
+import pytest
+import torch
+
+from steerops.bench import attribution as A
+from steerops.bench import evaluate as E
+from steerops.bench import model_store, train
+from steerops.bench import reproducible as R
+from steerops.bench.multihop import MULTIHOP
+
+TINY_MODEL = dict(model_store.MODEL_CONFIG, hidden_size=32, intermediate_size=64,
+                  num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2,
+                  max_position_embeddings=24)
+SETTINGS = dict(n_fit=8, n_val=4, n_eval=6, s2_steps=2, n_boot=8, n_boot_hier=40, repeats=0,
+                split_seeds=1, realistic_pairs=1, realistic_pairs_1b=0)
+
+
+@pytest.fixture
+def tiny_scales(tmp_path, monkeypatch):
+    """The deep and multitask scales shrunk; trained in this process (pinned or not:
+    the pinned child would not see the shrunk scales); every model counts (95% rule off)."""
+    monkeypatch.setenv("STEEROPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(model_store, "CHECKPOINT_DIR", str(tmp_path / "shipped"))
+    monkeypatch.setattr(R, "is_pinned", lambda: True)
+    monkeypatch.setattr(A, "MIN_ACCURACY", 0.0)
+
+    def every_pair_usable(task, model, n_fit, n_val, n_eval, seed, device):
+        pool = task.sample(n_fit + n_val + n_eval, torch.Generator().manual_seed(seed))
+        cuts = [0, n_fit, n_fit + n_val, n_fit + n_val + n_eval]
+        return {name: pool.select(torch.arange(cuts[i], cuts[i + 1]))
+                for i, name in enumerate(("fit", "val", "eval"))}, 1.0
+    monkeypatch.setattr(E, "make_splits", every_pair_usable)
+    deep = train.SCALES["deep"]
+    monkeypatch.setitem(train.SCALES, "deep", dict(
+        deep, config=dict(TINY_MODEL, vocab_size=deep["config"]["vocab_size"]), seq_len=24,
+        hops=2, max_steps=3, batch_pairs=8, seeds=(0,)))
+    multi = train.SCALES["multitask"]
+    monkeypatch.setitem(train.SCALES, "multitask", dict(
+        multi, config=dict(TINY_MODEL, vocab_size=multi["config"]["vocab_size"]), seq_len=24,
+        hops=2, max_steps=3, batch_pairs=16, seeds=(0,)))
+    trained = []
+    real = train.train_and_save
+
+    def counted(name, scale, seed, path, **kw):
+        trained.append((name, scale))
+        return real(name, scale, seed, path, **kw)
+    monkeypatch.setattr(train, "train_and_save", counted)
+    return trained
+
+
+def test_the_deep_scale_trains_its_staged_models_and_runs_them(tiny_scales, tmp_path):
+    results, table = A.run(["pointer", "var_chain"], out_dir=str(tmp_path / "deep"),
+                           progress=False, with_realistic=False,
+                           settings=dict(SETTINGS, scale="deep"))
+    assert sorted(tiny_scales) == [("pointer", "deep"), ("var_chain", "deep")]
+    assert results["complete"] and results["runs_done"] == 2 and not results["partial"]
+    for r in results["runs"]:
+        assert r["scale"] == "deep" and r["model"]["config"]["num_hidden_layers"] == 2
+    assert set(results["tasks"]) == {"pointer", "var_chain"}
+    # both are multi-hop tasks: the family the verdict reads them in
+    assert sorted(results["families"]["multihop"]["tasks"]) == ["pointer", "var_chain"]
+    info = train.checkpoint_info("pointer", "deep", 0)
+    assert info["curriculum"] == "hop-stages" and info["stage_steps"] == [0]
+    assert sorted(info["depth_accuracy"]) == ["1", "2"]
+
+
+def test_the_multitask_scale_trains_one_model_and_runs_every_task_on_it(tiny_scales, tmp_path):
+    tasks = ["ioi", "pointer"]
+    results, _ = A.run(tasks, out_dir=str(tmp_path / "multi"), progress=False,
+                       with_realistic=False, settings=dict(SETTINGS, scale="multitask"))
+    assert tiny_scales == [("multitask", "multitask")]  # one model for every task
+    assert results["complete"] and results["runs_done"] == 2
+    hashes = {r["model"]["weights_sha256"] for r in results["runs"]}
+    assert len(hashes) == 1
+    info = train.checkpoint_info("multitask", "multitask", 0)
+    assert set(info["task_accuracy"]) == set(train.scale_tasks("multitask"))
+    assert info["multihop_share"] == train.SCALES["multitask"]["multihop_share"]
+    # every multi-hop task's stages recorded by name
+    assert set(MULTIHOP) <= set(info["stage_steps"])
+    run = {r["task"]: r for r in results["runs"]}
+    assert set(run) == set(tasks)
+    for r in run.values():  # the task token leads, never the contrast
+        assert r["seq_len"] == 24 and min(r["contrast_positions"]) >= 1
+    assert run["pointer"]["family"] == "multihop"
