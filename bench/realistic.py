@@ -110,7 +110,6 @@ def compute_curves(config, T, settings, contrast):
     """Analytic ratio (counted, against the floor) of each method against |S*| (the
     model's shape at longer prompts, p* a third of the way in) and against the number
     of eval pairs (the benchmark's T and p*)."""
-    L = _layers(config)
     curves = {"sites": [], "tokens": [], "pairs": [8, 16, 32, 64, 128, 256], "by_sites": {},
               "by_pairs": {}}
     for tokens in (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256):

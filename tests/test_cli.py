@@ -1,6 +1,5 @@
 """The ``steerops`` command answers every user error with one line and exit 2 (never a
 traceback), handles cut-short shards and concurrent runs, and starts fast."""
-import json
 import os
 import stat
 import subprocess
