@@ -250,8 +250,10 @@ def hop_stages(name, hops, seq_len):
     induction-like head) forms grows with the context length. Measured (standard size,
     two-pair key-value recall, lr 1e-3, 64 pairs): at 10 tokens it left chance at step 500
     and reached 0.93 by 800; at 24 tokens it sat at chance for 1300 steps, and 0-hop
-    var_chain (lr 3e-3) at 24 tokens for 1500. Rotary positions are relative, so a lookup
-    learned short should carry over to longer prompts (the last stage checks it)."""
+    var_chain (lr 3e-3) at 24 tokens for 1500. A lookup learned short does not simply carry
+    over (var_chain seed 0 in stage 3 had fallen back to chance on the earlier stages'
+    lengths): each stage relearns it at its length from what the earlier ones built, and
+    only the last stage's length counts (the target and the 95% rule are read there)."""
     first = first_depth(name)
     stages = []
     for k in range(first, hops + 1):
