@@ -13,13 +13,19 @@ it comes as one group of rows per length, each run through the model on its own.
 """
 import torch
 
+from .multitask import draw_grouped
+
 STAGE_GATE = 0.9  # a curriculum stage ends when its gate task's held-out accuracy reaches this
 
 
 def examples(task, n_pairs, gen):
     """``n_pairs`` pairs of ``task`` as training rows: (clean then corrupt prompts, answers)."""
-    p = task.sample(n_pairs, gen)
-    return torch.cat([p.clean, p.corrupt]), torch.cat([p.answer, p.wrong])
+    return rows(task.sample(n_pairs, gen))
+
+
+def rows(pairs):
+    """A set of pairs as model rows: (clean then corrupt prompts, their answers)."""
+    return torch.cat([pairs.clean, pairs.corrupt]), torch.cat([pairs.answer, pairs.wrong])
 
 
 class Curriculum:
@@ -49,18 +55,9 @@ class Curriculum:
         names = list(self.tracks)
         if len(names) == 1:
             return [examples(self.current(names[0]), n_pairs, gen)]
-        share = torch.tensor([float((self.weights or {}).get(n, 1.0)) for n in names],
-                             dtype=torch.float64)
-        which = torch.multinomial(share, n_pairs, replacement=True, generator=gen)
-        groups = {}
-        for k, name in enumerate(names):
-            count = int((which == k).sum())
-            if count:
-                ids, labels = examples(self.current(name), count, gen)
-                rows, answers = groups.setdefault(ids.shape[1], ([], []))
-                rows.append(ids)
-                answers.append(labels)
-        return [(torch.cat(rows), torch.cat(answers)) for rows, answers in groups.values()]
+        weights = [float((self.weights or {}).get(n, 1.0)) for n in names]
+        return [rows(p) for p in draw_grouped([self.current(n) for n in names], n_pairs, gen,
+                                              weights)]
 
     def advance(self, step, score):
         """Moves every track whose gate passes to its next stage; ``score(task)`` is the

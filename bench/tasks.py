@@ -48,6 +48,12 @@ class Pairs:
         return Pairs(self.clean[index], self.corrupt[index], self.answer[index],
                      self.wrong[index], self.contrast[index])
 
+    @staticmethod
+    def cat(parts):
+        """Several tasks' pairs of one length as one set, in order."""
+        return Pairs(*(torch.cat([getattr(p, f) for p in parts])
+                       for f in ("clean", "corrupt", "answer", "wrong", "contrast")))
+
 
 def _randint(gen, high, size):
     return torch.randint(0, high, size, generator=gen)
@@ -66,6 +72,11 @@ class Task:
 
     def sample(self, n, gen):
         raise NotImplementedError
+
+    def sample_groups(self, n, gen):
+        """``n`` pairs as [Pairs], one per prompt length: one here (a mixture of tasks of
+        several lengths has more)."""
+        return [self.sample(n, gen)]
 
     def rule(self, prompt):
         """The right answer for one prompt (1-D tensor), from the task's rule."""

@@ -81,11 +81,13 @@ SCALES["deep"] = dict(config=DEEP_CONFIG, seq_len=48, hops=5, seeds=(0, 1, 2), b
                       lr=1e-3, reproducible=True, max_steps=12000, target=0.98, decay=True,
                       curriculum="hop-stages", tasks=tuple(MULTIHOP))
 # `multitask` (docs/protocol.md v4): one 6-layer model per training seed on every task at
-# once (the 12 at 47 tokens, the multi-hop ones with h = 5), a task token first: 48 tokens;
-# every task is a track of one curriculum (bench/curriculum.py): the 12 train at 47 tokens
-# from the start, and each multi-hop task goes through the deep scale's stages on its own
-# gate (a stage gated on one task cannot bind a batch shared by 15, and the rows of every
-# depth mixed at 48 tokens never broke the two-chain plateau on the deep model). The three
+# once, each prompt behind its task token: the 12 as the standard scale lays them out (24
+# tokens: the same prompts as their own standard models, 25 with the token), the
+# multi-hop ones as the deep scale does (h = 5, 47 tokens, 48 with the token). Every task
+# is a track of one curriculum (bench/curriculum.py): the 12 train at their length from
+# the start, and each multi-hop task goes through the deep scale's stages on its own gate
+# (a stage gated on one task cannot bind a batch shared by 15, and the rows of every depth
+# mixed at 48 tokens never broke the two-chain plateau on the deep model). The three
 # multi-hop tasks draw half the rows between them (~21 pairs a step each, against 64 on
 # their own deep models: the 12 alone reached 95% in 1500-3000 steps of 64-128 pairs, the
 # multi-hop ones need thousands more), hence a 16000-step budget; lr 1e-3 as at deep (the
@@ -96,7 +98,8 @@ MULTITASK_CONFIG = dict(DEEP_CONFIG, vocab_size=VOCAB_STANDARD + len(MULTITASK_T
 SCALES["multitask"] = dict(config=MULTITASK_CONFIG, seq_len=48, hops=5, seeds=(0, 1, 2),
                            batch_pairs=128, lr=1e-3, reproducible=True, max_steps=16000,
                            target=0.98, decay=True, curriculum="hop-stages",
-                           multihop_share=0.5, tasks=MULTITASK_TASKS, shared=True)
+                           multihop_share=0.5, tasks=MULTITASK_TASKS, shared=True,
+                           standard_len=SCALES["standard"]["seq_len"])
 
 
 def scale_tasks(scale):
@@ -111,13 +114,15 @@ def task_for(name, scale):
     if spec.get("shared"):  # one model, every task behind its task token
         if name == "multitask":
             return Mixture([task_for(t, scale) for t in spec["tasks"]])
-        return TaskToken(_laid_out(name, _inner(spec)), task_token(name, scale))
+        return TaskToken(_laid_out(name, _inner(spec, name)), task_token(name, scale))
     return _laid_out(name, spec)
 
 
-def _inner(spec):
-    """A shared scale's task layout: one position shorter, for the task token."""
-    return dict(spec, seq_len=spec["seq_len"] - 1, shared=False)
+def _inner(spec, name):
+    """Task ``name``'s layout behind its token on a shared scale: a multi-hop task one
+    position shorter than the scale's length, the others at ``standard_len``."""
+    length = spec["seq_len"] - 1 if name in MULTIHOP else spec["standard_len"]
+    return dict(spec, seq_len=length, shared=False)
 
 
 def task_token(name, scale):
@@ -214,9 +219,9 @@ def training_stages(task_name, scale):
             return None
         return Curriculum.single(task_for(task_name, scale),
                                  hop_stages(task_name, spec["hops"], spec["seq_len"]))
-    tracks, inner = {}, _inner(spec)
+    tracks = {}
     for name in spec["tasks"]:
-        token = task_token(name, scale)
+        token, inner = task_token(name, scale), _inner(spec, name)
         stages = hop_stages(name, spec["hops"], inner["seq_len"]) if name in MULTIHOP else \
             [(_laid_out(name, inner), None)]
         tracks[name] = [(TaskToken(train, token), gate and TaskToken(gate, token))

@@ -13,7 +13,7 @@ import time
 import torch
 
 from . import reproducible as R
-from .curriculum import Curriculum, examples
+from .curriculum import Curriculum, rows
 from .model_store import MODEL_CONFIG, build_model
 
 TRAIN_SEED, EVAL_SEED, TEST_SEED = 0, 10_000, 20_000
@@ -56,9 +56,10 @@ class TrainingPlan:
 @torch.no_grad()
 def accuracy(model, task, n_pairs, seed):
     model.eval()
-    ids, labels = examples(task, n_pairs, torch.Generator().manual_seed(seed))
-    pred = model(ids).logits[:, -1].argmax(-1)
-    return float((pred == labels).float().mean())
+    # one group per prompt length (a shared model's tasks); the hits pooled over all rows
+    hits = [model(ids).logits[:, -1].argmax(-1) == labels for ids, labels in
+            map(rows, task.sample_groups(n_pairs, torch.Generator().manual_seed(seed)))]
+    return float(torch.cat(hits).float().mean())
 
 
 def train_task(task, *, progress=True, resume_path=None, stages=None, **plan):

@@ -58,9 +58,9 @@ def test_the_multitask_curriculum_stages_each_multihop_task_behind_its_token():
     assert list(cur.tracks) == list(spec["tasks"])
     for name, stages in cur.tracks.items():
         token = train.task_token(name, "multitask")
-        if name not in MH.MULTIHOP:  # the 12: their own task at full length, from the start
+        if name not in MH.MULTIHOP:  # the 12: the standard layout behind the token, from the start
             (task, gate), = stages
-            assert gate is None and task.seq_len == 48 and task.token == token
+            assert gate is None and task.seq_len == 25 and task.token == token
             continue
         # the deep scale's stages, one position longer for the token, gated on their own
         deep = MH.hop_stages(name, spec["hops"], 47)
@@ -71,10 +71,33 @@ def test_the_multitask_curriculum_stages_each_multihop_task_behind_its_token():
     assert abs(hop - spec["multihop_share"]) < 1e-12 and abs(sum(cur.weights.values()) - 1) < 1e-12
     groups = cur.batch(64, torch.Generator().manual_seed(0))
     lengths = sorted(ids.shape[1] for ids, _ in groups)
-    assert lengths[-1] == 48 and lengths[0] < 20  # the multi-hop tasks start short
+    assert 25 in lengths and lengths[0] < 20  # the multi-hop tasks start short
     for ids, labels in groups:  # each row behind its task's token, answered by its rule
         for i in range(0, len(ids), 11):
             name = spec["tasks"][int(ids[i, 0]) - train.TASK_TOKEN0]
             assert cur.current(name).rule(ids[i]) == int(labels[i])
             assert train.task_for(name, "multitask").rule(ids[i]) == int(labels[i])
     assert train.training_stages("ioi", "standard") is None
+
+
+def test_a_mixture_of_lengths_is_evaluated_over_all_its_rows():
+    from steerops.bench import model_store
+    from steerops.bench.multitask import Mixture
+    from steerops.bench.spread import VOCAB_STANDARD
+    from steerops.bench.trainer import accuracy
+    tasks = [task_at("ioi", 16), task_at("sorting", 24), task_at("successor", 16)]
+    mix = Mixture(tasks)
+    groups = mix.sample_groups(300, torch.Generator().manual_seed(3))
+    assert sorted(g.clean.shape[1] for g in groups) == [16, 24]
+    assert sum(len(g) for g in groups) == 300
+    model = model_store.build_model(dict(model_store.MODEL_CONFIG, hidden_size=32,
+                                         intermediate_size=64, num_attention_heads=2,
+                                         num_key_value_heads=2, vocab_size=VOCAB_STANDARD))
+    model.eval()
+    hits = total = 0
+    with torch.no_grad():
+        for g in mix.sample_groups(50, torch.Generator().manual_seed(9)):
+            ids, labels = C.rows(g)
+            hits += int((model(ids).logits[:, -1].argmax(-1) == labels).sum())
+            total += len(labels)
+    assert total == 100 and accuracy(model, mix, 50, 9) == pytest.approx(hits / total)

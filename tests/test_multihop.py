@@ -224,17 +224,29 @@ def test_the_multitask_scale_puts_every_task_behind_its_token_on_one_model(tmp_p
     names = train.scale_tasks("multitask")
     assert len(names) == 15 and set(MH.MULTIHOP) <= set(names)
     mix = train.task_for("multitask", "multitask")
-    p = mix.sample(600, torch.Generator().manual_seed(4))
-    assert p.clean.shape == (600, 48)
-    tokens = p.clean[:, 0]
+    # the 12 as the standard scale lays them out, the multi-hop ones as the deep scale
+    # does, each behind its token: one group of pairs per length
+    groups = mix.sample_groups(600, torch.Generator().manual_seed(4))
+    assert sorted(g.clean.shape[1] for g in groups) == [25, 48]
+    assert sum(len(g) for g in groups) == 600
+    with pytest.raises(ValueError, match="several lengths"):
+        mix.sample(4, torch.Generator())
+    ioi = train.task_for("ioi", "multitask")
+    assert ioi.task.seq_len == train.SCALES["standard"]["seq_len"] == 24
+    own = train.task_for("ioi", "standard").sample(3, torch.Generator().manual_seed(7))
+    behind = ioi.sample(3, torch.Generator().manual_seed(7))
+    assert torch.equal(behind.clean[:, 1:], own.clean)  # the standard prompts, token first
+    assert torch.equal(behind.contrast, own.contrast + 1)
+    tokens = torch.cat([g.clean[:, 0] for g in groups])
     assert set(tokens.tolist()) == set(range(train.TASK_TOKEN0, train.TASK_TOKEN0 + 15))
-    assert int(p.clean.max()) < train.MULTITASK_CONFIG["vocab_size"]
-    rows = torch.arange(600)
-    assert ((p.clean != p.corrupt).sum(1) == 1).all()
-    assert (p.clean[rows, p.contrast] != p.corrupt[rows, p.contrast]).all()
-    for i in range(0, 600, 13):  # each row follows its own task's rule
-        assert mix.rule(p.clean[i]) == int(p.answer[i])
-        assert mix.rule(p.corrupt[i]) == int(p.wrong[i])
+    for p in groups:
+        assert int(p.clean.max()) < train.MULTITASK_CONFIG["vocab_size"]
+        rows = torch.arange(len(p))
+        assert ((p.clean != p.corrupt).sum(1) == 1).all()
+        assert (p.clean[rows, p.contrast] != p.corrupt[rows, p.contrast]).all()
+        for i in range(0, len(p), 13):  # each row follows its own task's rule
+            assert mix.rule(p.clean[i]) == int(p.answer[i])
+            assert mix.rule(p.corrupt[i]) == int(p.wrong[i])
     one = train.task_for("pointer", "multitask")
     q = one.sample(5, torch.Generator().manual_seed(5))
     assert (q.clean[:, 0] == train.TASK_TOKEN0 + names.index("pointer")).all()

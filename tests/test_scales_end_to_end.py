@@ -14,7 +14,7 @@ from steerops.bench.multihop import MULTIHOP
 
 TINY_MODEL = dict(model_store.MODEL_CONFIG, hidden_size=32, intermediate_size=64,
                   num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2,
-                  max_position_embeddings=24)
+                  max_position_embeddings=32)
 SETTINGS = dict(n_fit=8, n_val=4, n_eval=6, s2_steps=2, n_boot=8, n_boot_hier=40, repeats=0,
                 split_seeds=1, realistic_pairs=1, realistic_pairs_1b=0)
 
@@ -83,6 +83,8 @@ def test_the_multitask_scale_trains_one_model_and_runs_every_task_on_it(tiny_sca
     assert set(MULTIHOP) <= set(info["stage_steps"])
     run = {r["task"]: r for r in results["runs"]}
     assert set(run) == set(tasks)
-    for r in run.values():  # the task token leads, never the contrast
-        assert r["seq_len"] == 24 and min(r["contrast_positions"]) >= 1
+    # the 12 at the standard layout and the multi-hop ones at the scale's length, each
+    # behind its token: the token leads, never the contrast
+    assert run["ioi"]["seq_len"] == 25 and run["pointer"]["seq_len"] == 24
+    assert all(min(r["contrast_positions"]) >= 1 for r in run.values())
     assert run["pointer"]["family"] == "multihop"
