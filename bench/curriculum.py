@@ -69,6 +69,13 @@ class Curriculum:
                 self.stage[name] += 1
                 self.stage_steps[name].append(step)
 
+    def last_stage_since(self):
+        """The step from which every track has been in its last stage (0 for a
+        curriculum of single stages), or None while one is still in an earlier one."""
+        if any(self.stage[n] + 1 < len(stages) for n, stages in self.tracks.items()):
+            return None
+        return max(steps[-1] for steps in self.stage_steps.values())
+
     def progress(self):
         """The stages, for a progress bar: the stage number of each track that has stages."""
         staged = [name for name, stages in self.tracks.items() if len(stages) > 1]

@@ -26,7 +26,10 @@ FLUSH_DENORMAL = True  # bump when the config, tasks or training recipe change
 class TrainingPlan:
     """One model's training. ``decay``: after the 100 warm-up steps the learning rate falls
     linearly to 10% at ``max_steps`` (the standard scale: a constant rate left models
-    oscillating a few points under the target until the budget ran out). ``seeded_init``:
+    oscillating a few points under the target until the budget ran out); "last-stage":
+    it stays constant through a curriculum's stages and falls from the step every track
+    reached its last stage (the deep runs: a rate falling from step 0 left the later
+    stages, which take longest, a fraction of it). ``seeded_init``:
     the benchmark's own initialisation (bench/reproducible.py) instead of the library's.
     ``curriculum``: None, or "hop-stages" (multi-hop tasks: one stage per lookup depth,
     bench.multihop.hop_stages; evaluation and the target stay at h). ``multihop_share``:
@@ -39,7 +42,7 @@ class TrainingPlan:
     target: float = 0.99
     eval_every: int = 250
     config: dict = None
-    decay: bool = False
+    decay: object = False  # False, True or "last-stage"
     seeded_init: bool = False
     curriculum: str = None
     multihop_share: float = None
@@ -92,7 +95,10 @@ def _train(task, stages, plan, progress, resume_path):
 
     def schedule(s):
         warm = min(1.0, (s + 1) / 100)
-        return warm * max(0.1, 1 - s / plan.max_steps) if plan.decay else warm
+        start = stages.last_stage_since() if plan.decay == "last-stage" else 0
+        if not plan.decay or start is None:
+            return warm
+        return warm * max(0.1, 1 - (s - start) / max(1, plan.max_steps - start))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(TRAIN_SEED + plan.seed)
     step, held_out, before = 0, 0.0, 0.0

@@ -43,8 +43,11 @@ def test_each_track_moves_on_at_its_own_gate_and_the_state_round_trips():
                            "stage_steps": {"pointer": [0, 100], "var_chain": [0]}}
     assert cur.progress() == {"stage": "1/0"} and cur.current("pointer") is a[1][0]
     cur.advance(200, lambda gate: 1.0)  # every gate passes; a last stage stays
+    assert cur.last_stage_since() is None  # var_chain is not in its last stage yet
     cur.advance(300, lambda gate: 1.0)
     assert cur.state()["stage"] == {"pointer": 2, "var_chain": 2}
+    assert cur.last_stage_since() == 300  # the step the last track got there
+    assert C.Curriculum.single(MH.multihop_task("pointer", 2, 24)).last_stage_since() == 0
     again = C.Curriculum({"pointer": a, "var_chain": b})
     again.load(cur.state())
     assert again.state() == cur.state()

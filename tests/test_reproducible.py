@@ -206,3 +206,40 @@ def test_a_curriculum_of_many_tracks_trains_on_mixed_lengths_and_resumes(tmp_pat
     resumed, rinfo = _train_tracks(path)
     assert saves == [{"pointer": 1, "var_chain": 1}] and rinfo["stage_steps"] == info["stage_steps"]
     assert _digest(resumed) == _digest(whole)
+
+
+@pytest.mark.parametrize("decay, want", [
+    # warm-up (s + 1) / 100 at steps 2, 4, 6, 8; the stages begin at steps 2 and 4
+    ("last-stage", [0.03, 0.05, 0.07 * 0.5, 0.09 * 0.1]),  # falls from step 4 on
+    (True, [0.03 * 0.75, 0.05 * 0.5, 0.07 * 0.25, 0.09 * 0.1])])  # falls from step 0 on
+def test_the_rate_falls_from_the_last_stage_on_and_resumes_exactly(decay, want, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(curriculum, "STAGE_GATE", -1.0)  # every gate passes at its first check
+    lrs = []
+    real_save = R.save_state
+
+    def recorded(*a, **kw):
+        real_save(*a, **kw)
+        lrs.append(kw["sched"].get_last_lr()[0])
+
+    def run(path=None):
+        return train.train_task(MH.multihop_task("pointer", 2, 24), seed=1, max_steps=8,
+                                batch_pairs=8, eval_every=2, target=2.0, progress=False,
+                                config=STAGED, seeded_init=True, resume_path=path, lr=1.0,
+                                decay=decay, curriculum="hop-stages",
+                                stages=MH.hop_stages("pointer", 2, 24))
+    monkeypatch.setattr(R, "save_state", recorded)
+    whole, info = run(str(tmp_path / "a.pt"))
+    assert info["stage_steps"] == [0, 2, 4] and info["decay"] == decay
+    assert lrs == pytest.approx(want)
+
+    def save_then_die(*a, **kw):
+        real_save(*a, **kw)
+        if kw["step"] == 4:
+            raise KeyboardInterrupt  # killed as the last stage begins
+    monkeypatch.setattr(R, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(str(tmp_path / "b.pt"))
+    monkeypatch.setattr(R, "save_state", real_save)
+    resumed, _ = run(str(tmp_path / "b.pt"))
+    assert _digest(resumed) == _digest(whole)
