@@ -46,6 +46,8 @@ class Mixture(Task):
         if not self.one_length:
             raise ValueError("the tasks of this mixture have several lengths: use "
                              "sample_groups, one set of pairs per length")
+        # its own draw, not draw_grouped's: the deep models' hop mixtures sample through
+        # here, and another draw would change their batches
         which = torch.randint(0, len(self.tasks), (n,), generator=gen)
         parts = [self.tasks[k].sample(int((which == k).sum()), gen)
                  for k in range(len(self.tasks))]
