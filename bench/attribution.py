@@ -35,8 +35,8 @@ from .reporting import markdown
 from .multihop import MULTIHOP
 from .tasks import TASKS
 from .model_store import checkpoint_path
-from .train import (SCALES, checkpoint_info, ensure_checkpoint, model_name, scale_tasks,
-                    task_accuracy, task_for)
+from .train import (MIN_ACCURACY, SCALES, checkpoint_info, ensure_checkpoint, model_name,
+                    scale_tasks, task_accuracy, task_for)
 
 PROTOCOL_DOC = "docs/protocol.md"
 # pairs per split, within-run bootstrap draws, hierarchical bootstrap draws, S2
@@ -51,7 +51,6 @@ FULL = dict(scale="standard", n_fit=64, n_val=32, n_eval=48, s2_steps=30, n_boot
             n_boot_hier=1000, repeats=3, split_seeds=3, realistic_pairs=4,
             realistic_pairs_1b=1)
 SEED = 1234
-MIN_ACCURACY = 0.95  # docs/protocol.md: a task model below this held-out accuracy is left out
 
 
 def model_record(info):

@@ -83,6 +83,16 @@ class Curriculum:
             return {}
         return {"stage": "/".join(str(self.stage[n]) for n in staged)}
 
+    def where(self):
+        """Each staged track's stage as text, "stage 3/6 since step 1900" (one track) or
+        "var_chain 3/6 since 1900, pointer 2/5 since 300" (many); "" when none is staged."""
+        staged = [n for n, stages in self.tracks.items() if len(stages) > 1]
+        parts = [(n, f"{self.stage[n] + 1}/{len(self.tracks[n])} since "
+                     f"{self.stage_steps[n][-1]}") for n in staged]
+        if len(self.tracks) == 1:
+            return "".join(f"stage {text.replace('since', 'since step')}" for _, text in parts)
+        return ", ".join(f"{n} {text}" for n, text in parts)
+
     def state(self):
         """Where training stands, as saved with a resumable state and recorded with a
         model: one track's stage and the steps its stages began at; per track for many."""

@@ -56,6 +56,11 @@ class TrainingPlan:
         return out
 
 
+def resume_identity(plan, task):
+    """What a resumable state is saved under (a state under another is set aside)."""
+    return dict(plan.record(), task=task.name, seq_len=task.seq_len)
+
+
 @torch.no_grad()
 def accuracy(model, task, n_pairs, seed):
     model.eval()
@@ -103,7 +108,7 @@ def _train(task, stages, plan, progress, resume_path):
     gen = torch.Generator().manual_seed(TRAIN_SEED + plan.seed)
     step, held_out, before = 0, 0.0, 0.0
     parts = dict(model=model, opt=opt, sched=sched, gen=gen)
-    identity = dict(plan.record(), task=task.name, seq_len=task.seq_len)
+    identity = resume_identity(plan, task)
     if resume_path and os.path.exists(resume_path):
         step, held_out, before, where = R.load_state(resume_path, plan=identity,
                                                      extra=stages.state(), **parts)

@@ -17,6 +17,10 @@ def test_one_track_draws_what_plain_training_draws():
     want_ids, want_labels = C.examples(task, 16, torch.Generator().manual_seed(5))
     assert torch.equal(ids, want_ids) and torch.equal(labels, want_labels)
     assert single.progress() == {} and single.state() == {"stage": 0, "stage_steps": [0]}
+    assert single.where() == ""  # nothing staged
+    staged = C.Curriculum.single(task, MH.hop_stages("pointer", 2, 24))
+    staged.advance(300, lambda gate: 1.0)
+    assert staged.where() == "stage 2/3 since step 300"
 
 
 def test_many_tracks_share_a_batch_by_weight_grouped_by_length():
@@ -42,6 +46,7 @@ def test_each_track_moves_on_at_its_own_gate_and_the_state_round_trips():
     assert cur.state() == {"stage": {"pointer": 1, "var_chain": 0},
                            "stage_steps": {"pointer": [0, 100], "var_chain": [0]}}
     assert cur.progress() == {"stage": "1/0"} and cur.current("pointer") is a[1][0]
+    assert cur.where() == f"pointer 2/{len(a)} since 100, var_chain 1/{len(b)} since 0"
     cur.advance(200, lambda gate: 1.0)  # every gate passes; a last stage stays
     assert cur.last_stage_since() is None  # var_chain is not in its last stage yet
     cur.advance(300, lambda gate: 1.0)

@@ -1,0 +1,96 @@
+"""`python -m steerops.bench.train --status`: where each model's training stands, read
+from the checkpoints, the resumable states and the trainers' claims, on a tiny stand-in
+for the deep scale (2 layers, 24 tokens, 2 hops, a 150-step budget saved every 100)."""
+import os
+
+import pytest
+
+from steerops.bench import curriculum, model_store, train
+from steerops.bench import reproducible as R
+from steerops.bench import training_status as S
+
+TINY_MODEL = dict(model_store.MODEL_CONFIG, hidden_size=32, intermediate_size=64,
+                  num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2,
+                  max_position_embeddings=32)
+
+
+@pytest.fixture
+def tiny_deep(tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "is_pinned", lambda: True)  # train here, on the shrunk scale
+    deep = train.SCALES["deep"]
+    monkeypatch.setitem(train.SCALES, "deep", dict(
+        deep, config=dict(TINY_MODEL, vocab_size=deep["config"]["vocab_size"]), seq_len=24,
+        hops=2, max_steps=150, batch_pairs=8, seeds=(0, 1)))
+    return str(tmp_path)
+
+
+def _path(folder, seed=0):
+    return os.path.join(folder, model_store.checkpoint_name("pointer", "deep", seed))
+
+
+def _cut_short(folder, monkeypatch):
+    """Trains pointer seed 0 until its first save (step 100), then dies."""
+    real = R.save_state
+
+    def save_then_die(*a, **kw):
+        real(*a, **kw)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(R, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_save("pointer", "deep", 0, _path(folder), progress=False)
+    monkeypatch.setattr(R, "save_state", real)
+
+
+def test_a_run_cut_short_is_stopped_then_training_under_a_live_claim(tiny_deep, monkeypatch):
+    monkeypatch.setattr(curriculum, "STAGE_GATE", 2.0)
+    _cut_short(tiny_deep, monkeypatch)
+    stopped = S.model_status("pointer", "deep", 0, tiny_deep)
+    assert (stopped.state, stopped.step, stopped.budget) == ("stopped", 100, 150)
+    assert stopped.stages == "stage 1/3 since step 0"  # no gate passes (STAGE_GATE 2)
+    assert 0.0 <= stopped.held_out <= 1.0 and stopped.seconds > 0
+    assert "continues on the next run" in stopped.note and "to the budget" in stopped.note
+    with open(_path(tiny_deep) + ".training", "w") as f:
+        f.write(str(os.getpid()))  # a live process holds the claim
+    training = S.model_status("pointer", "deep", 0, tiny_deep)
+    assert training.state == "training" and f"pid {os.getpid()}" in training.note
+    # a trainer given another budget would set this state aside
+    other = S.model_status("pointer", "deep", 0, tiny_deep, max_steps=300)
+    assert other.state == "other recipe" and "restarts from step 0" in other.note
+    assert S.model_status("pointer", "deep", 1, tiny_deep).state == "not started"
+
+
+def test_a_finished_model_is_trained_and_judged_by_the_95_percent_rule(tiny_deep, monkeypatch):
+    _cut_short(tiny_deep, monkeypatch)
+    info = train.train_and_save("pointer", "deep", 0, _path(tiny_deep), progress=False)
+    done = S.model_status("pointer", "deep", 0, tiny_deep)
+    assert (done.state, done.step, done.held_out) == ("trained", info["steps"],
+                                                     info["held_out_accuracy"])
+    assert done.note == ("passes the 95% rule" if info["held_out_accuracy"] >= 0.95
+                         else "BELOW 95%: excluded")
+    monkeypatch.setattr(S, "MIN_ACCURACY", 0.0)
+    assert S.model_status("pointer", "deep", 0, tiny_deep).note == "passes the 95% rule"
+    # under another recipe now, the checkpoint is retrained on the next run
+    monkeypatch.setitem(train.SCALES, "deep", dict(train.SCALES["deep"], lr=5e-4))
+    assert S.model_status("pointer", "deep", 0, tiny_deep).state == "other recipe"
+
+
+def test_a_shared_model_lists_the_tasks_below_95_percent():
+    info = {"task": "multitask", "held_out_accuracy": 0.97,
+            "task_accuracy": dict.fromkeys(train.SCALES["multitask"]["tasks"], 0.99)}
+    assert S._excluded(info, "multitask") == "passes the 95% rule"
+    info["task_accuracy"].update(pointer=0.4, ioi=0.9)
+    assert S._excluded(info, "multitask") == \
+        "BELOW 95% (excluded on this scale): ioi, pointer"
+
+
+def test_the_cli_shows_every_model_and_trains_nothing(tiny_deep, monkeypatch, capsys):
+    _cut_short(tiny_deep, monkeypatch)
+    monkeypatch.setattr(train, "train_and_save", lambda *a, **kw: pytest.fail("trained"))
+    before = sorted(os.listdir(tiny_deep))
+    train.main(["--scale", "deep", "--out", tiny_deep, "--status"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["task", "seed", "state", "step"]
+    rows = {tuple(line.split()[:3]) for line in lines[1:]}
+    assert ("pointer", "0", "stopped") in rows and ("var_chain", "1", "not") in rows
+    assert len(lines) == 1 + 2 * len(train.scale_tasks("deep"))
+    assert sorted(os.listdir(tiny_deep)) == before
