@@ -35,8 +35,8 @@ from .reporting import markdown
 from .multihop import MULTIHOP
 from .tasks import TASKS
 from .model_store import checkpoint_path
-from .train import (MIN_ACCURACY, SCALES, checkpoint_info, ensure_checkpoint, model_name,
-                    scale_tasks, task_accuracy, task_for)
+from .scales import MIN_ACCURACY, SCALES, model_name, scale_tasks, task_accuracy, task_for
+from .train import checkpoint_info, ensure_checkpoint
 
 PROTOCOL_DOC = "docs/protocol.md"
 # pairs per split, within-run bootstrap draws, hierarchical bootstrap draws, S2

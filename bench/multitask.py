@@ -1,7 +1,7 @@
 """Protocol v4's `multitask` scale (docs/protocol.md): one model per training seed trained
 on every task at once, each prompt led by its task's token, so that every task shares
 one residual stream and a steering vector has to find its task's direction among the
-others. The tasks keep their own lengths (bench/train.py lays them out).
+others. The tasks keep their own lengths (bench/scales.py lays them out).
 
 ``TaskToken(task, token)`` is ``task`` behind its task token (one position longer);
 ``Mixture(tasks)`` draws each row's task uniformly (the shared model's held-out set, one

@@ -26,7 +26,8 @@ def weights_digest(model):
 
 def train_small(steps=30):
     from .spread import VOCAB_STANDARD, task_at
-    from .train import STANDARD_CONFIG, train_task
+    from .scales import STANDARD_CONFIG
+    from .trainer import train_task
     config = dict(STANDARD_CONFIG, **SMALL, vocab_size=VOCAB_STANDARD)
     model, _ = train_task(task_at("sorting", 24), seed=0, max_steps=steps, batch_pairs=16,
                           eval_every=10_000, target=2.0, progress=False, config=config,

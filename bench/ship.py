@@ -19,8 +19,8 @@ from steerops.app.cli_args import Parser, existing_folder, nonnegative_int
 
 from .model_store import (build_model, cache_dir, checkpoint_name, read_info, shipped_dir,
                           weights_sha256)
-from .train import (SCALES, depth_record, model_name, scale_tasks, shared_task_accuracy,
-                    task_for)
+from .scales import SCALES, model_name, scale_tasks, task_for
+from .train import depth_record, shared_task_accuracy
 from .trainer import TEST_SEED, accuracy
 
 STORED_DTYPE = torch.float16

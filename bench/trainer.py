@@ -1,6 +1,6 @@
 """The training loop of the benchmark's task models: a ``TrainingPlan`` (what one model's
 training is) and ``train_task`` (run it, resumably). The scales and their recipes live in
-bench/train.py.
+bench/scales.py.
 
 The loss is on the answer token only; clean and corrupt prompts are both task instances.
 Held-out accuracy is checked every ``eval_every`` steps on prompts from a separate

@@ -13,8 +13,9 @@ import os
 import torch
 
 from .model_store import checkpoint_name, read_info
-from .train import (MIN_ACCURACY, SCALES, claim_pid, plan_settings, same_training,
-                    task_accuracy, task_for, training_stages)
+from .scales import (MIN_ACCURACY, SCALES, plan_settings, task_accuracy, task_for,
+                     training_stages)
+from .train import claim_pid, same_training
 from .trainer import TrainingPlan, resume_identity
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ import torch
 
 from steerops.bench import curriculum as C
 from steerops.bench import multihop as MH
-from steerops.bench import train
+from steerops.bench import scales
 from steerops.bench.spread import task_at
 
 
@@ -61,11 +61,11 @@ def test_each_track_moves_on_at_its_own_gate_and_the_state_round_trips():
 
 
 def test_the_multitask_curriculum_stages_each_multihop_task_behind_its_token():
-    cur = train.training_stages("multitask", "multitask")
-    spec = train.SCALES["multitask"]
+    cur = scales.training_stages("multitask", "multitask")
+    spec = scales.SCALES["multitask"]
     assert list(cur.tracks) == list(spec["tasks"])
     for name, stages in cur.tracks.items():
-        token = train.task_token(name, "multitask")
+        token = scales.task_token(name, "multitask")
         if name not in MH.MULTIHOP:  # the 12: the standard layout behind the token, from the start
             (task, gate), = stages
             assert gate is None and task.seq_len == 25 and task.token == token
@@ -82,10 +82,10 @@ def test_the_multitask_curriculum_stages_each_multihop_task_behind_its_token():
     assert 25 in lengths and lengths[0] < 20  # the multi-hop tasks start short
     for ids, labels in groups:  # each row behind its task's token, answered by its rule
         for i in range(0, len(ids), 11):
-            name = spec["tasks"][int(ids[i, 0]) - train.TASK_TOKEN0]
+            name = spec["tasks"][int(ids[i, 0]) - scales.TASK_TOKEN0]
             assert cur.current(name).rule(ids[i]) == int(labels[i])
-            assert train.task_for(name, "multitask").rule(ids[i]) == int(labels[i])
-    assert train.training_stages("ioi", "standard") is None
+            assert scales.task_for(name, "multitask").rule(ids[i]) == int(labels[i])
+    assert scales.training_stages("ioi", "standard") is None
 
 
 def test_a_mixture_of_lengths_is_evaluated_over_all_its_rows():

@@ -144,12 +144,12 @@ def test_increment_chain_answer_is_root_plus_hops():
 
 
 def test_the_deep_scale_lays_out_the_multihop_tasks_and_trains_them(tmp_path, monkeypatch):
-    from steerops.bench import train
-    assert train.scale_tasks("deep") == list(MH.MULTIHOP)
-    task = train.task_for("pointer", "deep")
-    assert task.seq_len == 48 and task.hops == train.DEEP_CONFIG["num_hidden_layers"] - 1
+    from steerops.bench import scales, train
+    assert scales.scale_tasks("deep") == list(MH.MULTIHOP)
+    task = scales.task_for("pointer", "deep")
+    assert task.seq_len == 48 and task.hops == scales.DEEP_CONFIG["num_hidden_layers"] - 1
     with pytest.raises(ValueError, match="runs at the deep scale"):
-        train.task_for("pointer", "standard")
+        scales.task_for("pointer", "standard")
     model, info = train.train_scale_task("var_chain", "deep", 0, max_steps=2, progress=False)
     assert model.config.num_hidden_layers == 6 and info["seq_len"] == 48
     assert info["seeded_init"] is True and info["curriculum"] == "hop-stages"
@@ -158,7 +158,7 @@ def test_the_deep_scale_lays_out_the_multihop_tasks_and_trains_them(tmp_path, mo
     assert all(0 <= a <= 1 for a in info["depth_accuracy"].values())
     # a model trained before the curriculum is not what the deep recipe trains now
     old = {k: v for k, v in info.items() if k != "curriculum"}
-    wanted = dict(train.recipe("var_chain", "deep"), max_steps=2)
+    wanted = dict(scales.recipe("var_chain", "deep"), max_steps=2)
     assert train.same_training(info, wanted) and not train.same_training(old, wanted)
 
 
@@ -174,13 +174,13 @@ def _hops_of(prompt, name):
 
 @pytest.mark.parametrize("name", list(MH.MULTIHOP))
 def test_the_staged_hop_curriculum_adds_one_lookup_a_stage_and_evaluates_at_h(name):
-    from steerops.bench import train
-    task = train.task_for(name, "deep")
+    from steerops.bench import scales
+    task = scales.task_for(name, "deep")
     stages = MH.hop_stages(name, task.hops, task.seq_len)
     first = 1 if name == "pointer" else 0  # a var task's 0 hops: recall the root's value
     # the deep recipe trains through these stages
     assert [(m.seq_len, g and g.hops) for m, g in
-            train.training_stages(name, "deep").tracks[name]] == \
+            scales.training_stages(name, "deep").tracks[name]] == \
         [(m.seq_len, g and g.hops) for m, g in stages]
     *short, (last, none) = stages
     assert len(short) == task.hops + 1 - first and none is None
@@ -220,10 +220,10 @@ def test_the_cli_keeps_a_scales_tasks_apart(capsys):
 
 def test_the_multitask_scale_puts_every_task_behind_its_token_on_one_model(tmp_path,
                                                                            monkeypatch):
-    from steerops.bench import train
-    names = train.scale_tasks("multitask")
+    from steerops.bench import scales, train
+    names = scales.scale_tasks("multitask")
     assert len(names) == 15 and set(MH.MULTIHOP) <= set(names)
-    mix = train.task_for("multitask", "multitask")
+    mix = scales.task_for("multitask", "multitask")
     # the 12 as the standard scale lays them out, the multi-hop ones as the deep scale
     # does, each behind its token: one group of pairs per length
     groups = mix.sample_groups(600, torch.Generator().manual_seed(4))
@@ -231,30 +231,30 @@ def test_the_multitask_scale_puts_every_task_behind_its_token_on_one_model(tmp_p
     assert sum(len(g) for g in groups) == 600
     with pytest.raises(ValueError, match="several lengths"):
         mix.sample(4, torch.Generator())
-    ioi = train.task_for("ioi", "multitask")
-    assert ioi.task.seq_len == train.SCALES["standard"]["seq_len"] == 24
-    own = train.task_for("ioi", "standard").sample(3, torch.Generator().manual_seed(7))
+    ioi = scales.task_for("ioi", "multitask")
+    assert ioi.task.seq_len == scales.SCALES["standard"]["seq_len"] == 24
+    own = scales.task_for("ioi", "standard").sample(3, torch.Generator().manual_seed(7))
     behind = ioi.sample(3, torch.Generator().manual_seed(7))
     assert torch.equal(behind.clean[:, 1:], own.clean)  # the standard prompts, token first
     assert torch.equal(behind.contrast, own.contrast + 1)
     tokens = torch.cat([g.clean[:, 0] for g in groups])
-    assert set(tokens.tolist()) == set(range(train.TASK_TOKEN0, train.TASK_TOKEN0 + 15))
+    assert set(tokens.tolist()) == set(range(scales.TASK_TOKEN0, scales.TASK_TOKEN0 + 15))
     for p in groups:
-        assert int(p.clean.max()) < train.MULTITASK_CONFIG["vocab_size"]
+        assert int(p.clean.max()) < scales.MULTITASK_CONFIG["vocab_size"]
         rows = torch.arange(len(p))
         assert ((p.clean != p.corrupt).sum(1) == 1).all()
         assert (p.clean[rows, p.contrast] != p.corrupt[rows, p.contrast]).all()
         for i in range(0, len(p), 13):  # each row follows its own task's rule
             assert mix.rule(p.clean[i]) == int(p.answer[i])
             assert mix.rule(p.corrupt[i]) == int(p.wrong[i])
-    one = train.task_for("pointer", "multitask")
+    one = scales.task_for("pointer", "multitask")
     q = one.sample(5, torch.Generator().manual_seed(5))
-    assert (q.clean[:, 0] == train.TASK_TOKEN0 + names.index("pointer")).all()
+    assert (q.clean[:, 0] == scales.TASK_TOKEN0 + names.index("pointer")).all()
     # every task of a seed gets the one shared model, its accuracy per task recorded
     monkeypatch.setenv("STEEROPS_CACHE", str(tmp_path))
-    assert train.model_name("ioi", "multitask") == "multitask"
+    assert scales.model_name("ioi", "multitask") == "multitask"
     model, info = train.train_scale_task("multitask", "multitask", 0, max_steps=1,
                                          progress=False)
-    assert model.config.vocab_size == train.MULTITASK_CONFIG["vocab_size"]
+    assert model.config.vocab_size == scales.MULTITASK_CONFIG["vocab_size"]
     assert set(info["task_accuracy"]) == set(names)
-    assert train.task_accuracy(info, "ioi") == info["task_accuracy"]["ioi"]
+    assert scales.task_accuracy(info, "ioi") == info["task_accuracy"]["ioi"]

@@ -17,7 +17,7 @@ from steerops.bench import attribution as A
 from steerops.bench import evaluate as E
 from steerops.bench import faithfulness as F
 from steerops.bench import methods as M
-from steerops.bench import train
+from steerops.bench import scales, train
 from steerops.bench import model_store
 from helpers import toy_steering_case
 from steerops.bench.spread import FILLER0, MIN_AFTER_CONTRAST, VOCAB_STANDARD, task_at
@@ -277,7 +277,7 @@ def test_standard_checkpoints_train_once_into_the_cache(tmp_path, monkeypatch):
     real = train._train_pinned
 
     # a 3-step budget: the recipe the cache is checked against
-    monkeypatch.setitem(train.SCALES, "standard", dict(train.SCALES["standard"], max_steps=3))
+    monkeypatch.setitem(scales.SCALES, "standard", dict(scales.SCALES["standard"], max_steps=3))
 
     def counted(name, scale, seed, path, max_steps, progress):
         calls.append((name, seed))
@@ -308,7 +308,7 @@ def test_standard_checkpoints_train_once_into_the_cache(tmp_path, monkeypatch):
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
     # a changed recipe (here a larger budget than the one this model ran out of) retrains
-    monkeypatch.setitem(train.SCALES, "standard", dict(train.SCALES["standard"], max_steps=4))
+    monkeypatch.setitem(scales.SCALES, "standard", dict(scales.SCALES["standard"], max_steps=4))
     _, info4 = train.ensure_checkpoint("successor", "standard", 1, progress=False)
     assert calls == [("successor", 1)] * 2 and info4["steps"] == 4 and info4["max_steps"] == 4
 

@@ -8,7 +8,7 @@ import torch
 
 from steerops.bench import attribution as A
 from steerops.bench import evaluate as E
-from steerops.bench import model_store, train
+from steerops.bench import model_store, scales, train
 from steerops.bench import reproducible as R
 from steerops.bench.multihop import MULTIHOP
 
@@ -34,12 +34,12 @@ def tiny_scales(tmp_path, monkeypatch):
         return {name: pool.select(torch.arange(cuts[i], cuts[i + 1]))
                 for i, name in enumerate(("fit", "val", "eval"))}, 1.0
     monkeypatch.setattr(E, "make_splits", every_pair_usable)
-    deep = train.SCALES["deep"]
-    monkeypatch.setitem(train.SCALES, "deep", dict(
+    deep = scales.SCALES["deep"]
+    monkeypatch.setitem(scales.SCALES, "deep", dict(
         deep, config=dict(TINY_MODEL, vocab_size=deep["config"]["vocab_size"]), seq_len=24,
         hops=2, max_steps=3, batch_pairs=8, seeds=(0,)))
-    multi = train.SCALES["multitask"]
-    monkeypatch.setitem(train.SCALES, "multitask", dict(
+    multi = scales.SCALES["multitask"]
+    monkeypatch.setitem(scales.SCALES, "multitask", dict(
         multi, config=dict(TINY_MODEL, vocab_size=multi["config"]["vocab_size"]), seq_len=24,
         hops=2, max_steps=3, batch_pairs=16, seeds=(0,)))
     trained = []
@@ -77,8 +77,8 @@ def test_the_multitask_scale_trains_one_model_and_runs_every_task_on_it(tiny_sca
     hashes = {r["model"]["weights_sha256"] for r in results["runs"]}
     assert len(hashes) == 1
     info = train.checkpoint_info("multitask", "multitask", 0)
-    assert set(info["task_accuracy"]) == set(train.scale_tasks("multitask"))
-    assert info["multihop_share"] == train.SCALES["multitask"]["multihop_share"]
+    assert set(info["task_accuracy"]) == set(scales.scale_tasks("multitask"))
+    assert info["multihop_share"] == scales.SCALES["multitask"]["multihop_share"]
     # every multi-hop task's stages recorded by name
     assert set(MULTIHOP) <= set(info["stage_steps"])
     run = {r["task"]: r for r in results["runs"]}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from steerops.bench import model_store, ship, train
+from steerops.bench import model_store, scales, ship, train
 
 
 @pytest.fixture
@@ -43,16 +43,16 @@ def test_a_shipped_model_is_the_model_the_benchmark_loads(folders, capsys):
         assert p.dtype == torch.float32
         assert torch.equal(p, stored[name].float())
         assert torch.equal(p, source[name].half().float())
-    assert train.task_accuracy(loaded, "successor") == info["held_out_accuracy"]
+    assert scales.task_accuracy(loaded, "successor") == info["held_out_accuracy"]
 
     # a shipped model is never retrained or removed, even when today's recipe differs
     os.remove(cached)
-    recipe = train.recipe
-    train.recipe = lambda *a: dict(recipe(*a), lr=1.0)
+    recipe = scales.recipe
+    scales.recipe = lambda *a: dict(recipe(*a), lr=1.0)
     try:
         again, _ = train.ensure_checkpoint("successor", "standard", 0, progress=False)
     finally:
-        train.recipe = recipe
+        scales.recipe = recipe
     assert os.path.exists(path) and not os.path.exists(cached)
     assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from steerops.bench import curriculum, model_store, train
+from steerops.bench import curriculum, model_store, scales, train
 from steerops.bench import reproducible as R
 from steerops.bench import training_status as S
 
@@ -17,8 +17,8 @@ TINY_MODEL = dict(model_store.MODEL_CONFIG, hidden_size=32, intermediate_size=64
 @pytest.fixture
 def tiny_deep(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "is_pinned", lambda: True)  # train here, on the shrunk scale
-    deep = train.SCALES["deep"]
-    monkeypatch.setitem(train.SCALES, "deep", dict(
+    deep = scales.SCALES["deep"]
+    monkeypatch.setitem(scales.SCALES, "deep", dict(
         deep, config=dict(TINY_MODEL, vocab_size=deep["config"]["vocab_size"]), seq_len=24,
         hops=2, max_steps=150, batch_pairs=8, seeds=(0, 1)))
     return str(tmp_path)
@@ -70,13 +70,13 @@ def test_a_finished_model_is_trained_and_judged_by_the_95_percent_rule(tiny_deep
     monkeypatch.setattr(S, "MIN_ACCURACY", 0.0)
     assert S.model_status("pointer", "deep", 0, tiny_deep).note == "passes the 95% rule"
     # under another recipe now, the checkpoint is retrained on the next run
-    monkeypatch.setitem(train.SCALES, "deep", dict(train.SCALES["deep"], lr=5e-4))
+    monkeypatch.setitem(scales.SCALES, "deep", dict(scales.SCALES["deep"], lr=5e-4))
     assert S.model_status("pointer", "deep", 0, tiny_deep).state == "other recipe"
 
 
 def test_a_shared_model_lists_the_tasks_below_95_percent():
     info = {"task": "multitask", "held_out_accuracy": 0.97,
-            "task_accuracy": dict.fromkeys(train.SCALES["multitask"]["tasks"], 0.99)}
+            "task_accuracy": dict.fromkeys(scales.SCALES["multitask"]["tasks"], 0.99)}
     assert S._excluded(info, "multitask") == "passes the 95% rule"
     info["task_accuracy"].update(pointer=0.4, ioi=0.9)
     assert S._excluded(info, "multitask") == \
@@ -92,5 +92,5 @@ def test_the_cli_shows_every_model_and_trains_nothing(tiny_deep, monkeypatch, ca
     assert lines[0].split()[:4] == ["task", "seed", "state", "step"]
     rows = {tuple(line.split()[:3]) for line in lines[1:]}
     assert ("pointer", "0", "stopped") in rows and ("var_chain", "1", "not") in rows
-    assert len(lines) == 1 + 2 * len(train.scale_tasks("deep"))
+    assert len(lines) == 1 + 2 * len(scales.scale_tasks("deep"))
     assert sorted(os.listdir(tiny_deep)) == before
