@@ -235,6 +235,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     # seed-major: an interrupted run has every task at the earlier seeds
     pending = [(name, seed) for seed in seeds for name in args.tasks]
+    announced = None
     while pending:
         # one trainer per model: a model another process is training is left for later
         # (several trainers on one folder share the work); when only such models are
@@ -242,6 +243,11 @@ def main(argv=None):
         name, seed = next((j for j in pending if not _claimed_elsewhere(
             os.path.join(args.out, checkpoint_name(j[0], args.scale, j[1])))), (None, None))
         if name is None:
+            if pending != announced:  # say why nothing moves (a run on demand waits here)
+                print(f"waiting for {', '.join(f'{n} seed {s}' for n, s in pending)}: "
+                      f"another process is training them in {args.out} (see --status)",
+                      file=sys.stderr, flush=True)
+                announced = list(pending)
             time.sleep(10)
             pending = [j for j in pending if not os.path.exists(
                 os.path.join(args.out, checkpoint_name(j[0], args.scale, j[1])))]

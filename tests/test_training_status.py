@@ -1,9 +1,13 @@
-"""`python -m steerops.bench.train --status`: where each model's training stands, read
-from the checkpoints, the resumable states and the trainers' claims, on a tiny stand-in
-for the deep scale (2 layers, 24 tokens, 2 hops, a 150-step budget saved every 100)."""
+"""Trainings that take hours, on a tiny stand-in for the deep scale (2 layers, 24 tokens,
+2 hops, a 150-step budget saved every 100): `python -m steerops.bench.train --status`
+(where each model's training stands, read from the checkpoints, the resumable states and
+the trainers' claims), and several trainers sharing one folder through their claims."""
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from steerops.bench import curriculum, model_store, scales, train
 from steerops.bench import reproducible as R
@@ -94,3 +98,52 @@ def test_the_cli_shows_every_model_and_trains_nothing(tiny_deep, monkeypatch, ca
     assert ("pointer", "0", "stopped") in rows and ("var_chain", "1", "not") in rows
     assert len(lines) == 1 + 2 * len(scales.scale_tasks("deep"))
     assert sorted(os.listdir(tiny_deep)) == before
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """train_and_save recording what it is asked to train, writing a stand-in file."""
+    trained = []
+
+    def fake(name, scale, seed, path, **kw):
+        trained.append((name, seed))
+        open(path, "w").close()
+        return {"held_out_accuracy": 1.0, "steps": 1, "train_seconds": 0.0}
+    monkeypatch.setattr(train, "train_and_save", fake)
+    threads = torch.get_num_threads()
+    yield trained
+    torch.set_num_threads(threads)  # main sets --threads
+
+
+def test_trainers_on_one_folder_skip_a_claimed_model_and_wait_for_it(tiny_deep, fake_training,
+                                                                      monkeypatch, capsys):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(_path(tiny_deep) + ".training", "w") as f:
+            f.write(str(other.pid))  # another live trainer holds pointer seed 0
+        waits = []
+
+        def sleep(seconds):  # the other trainer finishes while this one waits
+            waits.append(seconds)
+            open(_path(tiny_deep), "w").close()
+        monkeypatch.setattr(train.time, "sleep", sleep)
+        train.main(["--scale", "deep", "--out", tiny_deep, "--seeds", "0", "--no-progress"])
+    finally:
+        other.kill()
+        other.wait()
+    assert fake_training == [("var_chain", 0), ("increment_chain", 0)] and len(waits) == 1
+    err = capsys.readouterr().err
+    assert err.count("waiting for pointer seed 0: another process is training them") == 1
+    assert not any(f.endswith(".training") and "pointer" not in f
+                   for f in os.listdir(tiny_deep))  # this trainer's claims are gone
+
+
+def test_a_claim_whose_process_is_gone_is_taken_over(tiny_deep, fake_training):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with open(_path(tiny_deep) + ".training", "w") as f:
+        f.write(str(gone.pid))
+    train.main(["--scale", "deep", "--out", tiny_deep, "--seeds", "0", "--tasks", "pointer",
+                "--no-progress"])
+    assert fake_training == [("pointer", 0)]
+    assert not os.path.exists(_path(tiny_deep) + ".training")
