@@ -31,7 +31,7 @@ from .run_store import (PROTOCOL_VERSION, committed_hashes, compact, models_seen
                         record_path, set_aside_stale, shard_path)
 from .realistic import break_even_curves, compute_curves, realistic
 from .plots import plots
-from .reporting import markdown
+from .reporting import markdown, no_verdict_markdown
 from .multihop import MULTIHOP
 from .tasks import TASKS
 from .model_store import checkpoint_path
@@ -157,6 +157,16 @@ def _lock_output(out_dir, distributed, report_only):
     return lock or contextlib.nullcontext()  # ranks other than 0, and reports
 
 
+def excluded_model(task_name, train_seed, accuracy, scale, checkpoint_dir):
+    """A model the 95% rule left out, as results.json lists it: with how far along its
+    chains a multi-hop model got (test accuracy per depth) when its record has it."""
+    out = {"task": task_name, "train_seed": train_seed, "held_out_accuracy": accuracy}
+    info = checkpoint_info(task_name, scale, train_seed, checkpoint_dir) or {}
+    if "depth_accuracy" in info:
+        out["depth_accuracy"] = info["depth_accuracy"]
+    return out
+
+
 def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realistic, settings,
          train_seeds, distributed, report_only):
     settings = dict(settings or (QUICK if quick else FULL))
@@ -227,18 +237,23 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
         if info is not None and task_accuracy(info, t) < MIN_ACCURACY:
             excluded[(t, s)] = task_accuracy(info, t)
     missing = [m for m in missing if tuple(m[:2]) not in excluded]
-    if not runs and report_only:
+    if not runs and missing and report_only:
         raise UsageError(f"--report-only: no finished runs under {out_dir}/runs for these "
                          f"settings ({scale} scale); run without --report-only first")
-    if not runs:
-        raise RuntimeError(f"no finished runs under {out_dir}/runs: every task model was "
-                           f"excluded (held-out accuracy below {MIN_ACCURACY})")
+    if not runs and missing:
+        raise RuntimeError(f"no finished runs under {out_dir}/runs ({len(missing)} missing)")
     results.update(runs_done=len(runs), runs_resumed=len(runs) - ran,
                    run_seconds=round(time.time() - started, 1), partial=bool(missing),
                    missing_runs=missing,
                    runs_excluded=len(jobs) - len(runs) - len(missing),
-                   excluded_models=[{"task": t, "train_seed": s, "held_out_accuracy": a}
+                   excluded_models=[excluded_model(t, s, a, scale, checkpoint_dir)
                                     for (t, s), a in sorted(excluded.items())])
+    if not runs:  # every task model excluded: this scale has no verdict, and says why
+        results.update(complete=True, verdict=None)
+        table = no_verdict_markdown(results)
+        if main:
+            save_results(out_dir, "results", results, table)
+        return results, table
     # --report-only over a finished run: the run's own record (environment, timings, the
     # measured realistic stage), so results.json comes out as the run wrote it
     record = read_record(out_dir, settings, len(runs)) if report_only else None
@@ -339,7 +354,7 @@ def main(argv=None):
                 f"{', '.join(scale_tasks(scale))})")
     settings = None if scale in ("toy", "standard") else dict(FULL, scale=scale)
     dist.init_from_env()  # under torchrun: one process group, the work split over its ranks
-    _, table = run(args.tasks, quick=args.quick, settings=settings, device=args.device,
+    results, table = run(args.tasks, quick=args.quick, settings=settings, device=args.device,
                    out_dir=args.out,
                    progress=not args.no_progress, checkpoint_dir=args.checkpoints,
                    with_realistic=not args.no_realistic, threads=args.threads,
@@ -347,9 +362,13 @@ def main(argv=None):
     if not dist.is_main():
         return 0
     print(table)
+    if not results["runs_done"]:
+        print(f"\nwrote {args.out}/results.json, results.md (no verdict: every task model "
+              f"excluded)", file=sys.stderr)
+        return 0
     print(f"\nwrote {args.out}/results.json, results.md, plane.png, answer_column_share.png, "
-          f"break_even.png, plane_v3.png, cap_curves.png, compute_ratio.png, heatmaps/TASK.png (runs resumable under {args.out}/runs)",
-          file=sys.stderr)
+          f"break_even.png, plane_v3.png, cap_curves.png, compute_ratio.png, "
+          f"heatmaps/TASK.png (runs resumable under {args.out}/runs)", file=sys.stderr)
     return 0
 
 

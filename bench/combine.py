@@ -25,40 +25,50 @@ SCALE_FAMILY = "scale {}"  # the family that holds one scale's tasks
 
 
 def read_scale(folder):
-    """(scale, settings, runs) of one benchmark folder: its results.json names the
-    settings, and the runs are its shards for those settings."""
+    """(scale, settings, runs, excluded models) of one benchmark folder: its results.json
+    names the settings and the models the 95% rule left out, and the runs are its shards
+    for those settings (none when every model was left out)."""
     try:
         with open(os.path.join(folder, "results.json")) as f:
-            settings = json.load(f)["settings"]
+            record = json.load(f)
+        settings = record["settings"]
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{folder}: no readable results.json with the run's settings ({e}); "
                          f"give folders that steerops bench attribution wrote") from None
+    excluded = record.get("excluded_models", [])
     runs_dir = os.path.dirname(shard_path(folder, settings, "x", 0, 0))
     names = sorted(n for n in os.listdir(runs_dir) if n.endswith(".json.gz")) \
         if os.path.isdir(runs_dir) else []
-    if not names:
+    if not names and not (excluded and record.get("runs_done") == 0):
         raise UsageError(f"{folder}: no finished runs under {runs_dir}")
-    return settings["scale"], settings, [read_shard(os.path.join(runs_dir, n)) for n in names]
+    return (settings["scale"], settings, [read_shard(os.path.join(runs_dir, n)) for n in names],
+            excluded)
 
 
 def combine(folders, n_draws=None, seed=SEED):
     """Results over the runs of ``folders`` (one scale each): tasks named scale/task,
     families over every scale plus one family per scale."""
-    runs, scales, draws = [], [], []
+    runs, scales, draws, excluded = [], [], [], {}
     for folder in folders:
-        scale, settings, scale_runs = read_scale(folder)
+        scale, settings, scale_runs, excluded[scale] = read_scale(folder)
         if scale in scales:
             raise UsageError(f"{folder}: a second {scale}-scale folder; give one per scale")
         scales.append(scale)
         draws.append(settings["n_boot_hier"])
         runs += [dict(r, task=f"{scale}/{r['task']}", scale=scale) for r in scale_runs]
-    families = {fam: [f"{s}/{t}" for s in scales for t in members]
+    measured = [s for s in scales if any(r["scale"] == s for r in runs)]
+    if not measured:
+        raise UsageError("no finished runs in any folder: every task model of every scale "
+                         "was excluded")
+    families = {fam: [f"{s}/{t}" for s in measured for t in members]
                 for fam, members in FAMILIES.items()}
     families.update({SCALE_FAMILY.format(s): sorted({r["task"] for r in runs
-                                                     if r["scale"] == s}) for s in scales})
+                                                     if r["scale"] == s}) for s in measured})
     n_draws = n_draws or min(draws)
     results = {"scales": scales, "folders": list(folders), "runs_done": len(runs),
                "runs_per_scale": {s: sum(r["scale"] == s for r in runs) for s in scales},
+               "scales_without_verdict": [s for s in scales if s not in measured],
+               "excluded_models": {s: e for s, e in excluded.items() if e},
                "settings": {"n_boot_hier": n_draws, "seed": seed, "scale": " + ".join(scales)}}
     results.update(summarize(runs, n_draws, seed, families))
     return results
@@ -70,6 +80,13 @@ def markdown(results):
              + ", ".join(f"{s}: {n}" for s, n in results["runs_per_scale"].items())
              + "). Tasks are named scale/task; the family `scale S` is scale S alone, "
                "`all` is every scale together; one bootstrap for all of them.", ""]
+    for s in results.get("scales_without_verdict", []):
+        lines += [f"**No verdict at the {s} scale: every task model is below 95% held-out "
+                  f"accuracy**, so it adds no run here (listed below).", ""]
+    for s, models in results.get("excluded_models", {}).items():
+        lines += [f"Excluded at {s}: " + ", ".join(
+            f"{e['task']} seed {e['train_seed']} ({e['held_out_accuracy']:.3f})"
+            for e in models) + " (held-out accuracy < 0.95).", ""]
     return "\n".join(lines + v4_lines(results))
 
 

@@ -228,18 +228,42 @@ def compute_lines(results):
     return lines + [""]
 
 
+def _title(results):
+    return [f"# Attribution benchmark, protocol v{results['protocol']['version']} "
+            f"({results['protocol']['document']}), scale `{results['settings']['scale']}`", ""]
+
+
+def excluded_lines(results):
+    """One line per task model the 95% rule left out."""
+    out = []
+    for e in results.get("excluded_models", []):
+        depth = e.get("depth_accuracy")
+        reach = (f"; by depth, {min(depth, key=int)}-{max(depth, key=int)} hops: " + ", ".join(
+            f"{depth[k]:.2f}" for k in sorted(depth, key=int))) if depth else ""
+        out += [f"Excluded: {e['task']} training seed {e['train_seed']} (held-out accuracy "
+                f"{e['held_out_accuracy']:.3f} < 0.95{reach}; its runs are left out, not "
+                f"missing).", ""]
+    return out
+
+
+def no_verdict_markdown(results):
+    """results.md of a scale whose every task model is below 95%: no verdict, and which."""
+    n = len(results["excluded_models"])
+    return "\n".join(_title(results) + [
+        f"**No verdict at this scale: all {n} task models are below 95% held-out accuracy.** "
+        "The protocol leaves such a model out and lists it; nothing was measured on them, "
+        "so this scale adds no run to the verdict (per scale or together).", ""]
+        + excluded_lines(results))
+
+
 def markdown(results):
     env, st = results["environment"], results["settings"]
-    lines = [f"# Attribution benchmark, protocol v{results['protocol']['version']} "
-             f"({results['protocol']['document']}), scale `{st['scale']}`", ""]
+    lines = _title(results)
     if results.get("partial"):
         miss = results["missing_runs"]
         lines += [f"**Partial: {results['runs_done']} of {results['runs_total']} runs** "
                   f"(missing {len(miss)}; rerun the same command to complete them).", ""]
-    for e in results.get("excluded_models", []):
-        lines += [f"Excluded: {e['task']} training seed {e['train_seed']} (held-out accuracy "
-                  f"{e['held_out_accuracy']:.3f} < 0.95; its runs are left out, not missing).",
-                  ""]
+    lines += excluded_lines(results)
     if results.get("left_out_small_star"):
         lines += [("Left out of the headline (|S*| < 10): " if results["headline_rule_met"]
                    else "**No task reaches |S*| >= 10 at this scale; every number below is "

@@ -88,3 +88,43 @@ def test_the_multitask_scale_trains_one_model_and_runs_every_task_on_it(tiny_sca
     assert run["ioi"]["seq_len"] == 25 and run["pointer"]["seq_len"] == 24
     assert all(min(r["contrast_positions"]) >= 1 for r in run.values())
     assert run["pointer"]["family"] == "multihop"
+
+
+def test_a_scale_whose_every_model_is_excluded_reports_no_verdict_and_combines(
+        tiny_scales, tmp_path, monkeypatch, capsys):
+    import glob
+    import json
+    import os
+    import shutil
+
+    from steerops.bench import combine as C
+    from steerops.bench.run_store import COMMITTED, shard_path
+    monkeypatch.setattr(A, "MIN_ACCURACY", 0.95)  # the rule on: no 3-step model passes it
+    deep = str(tmp_path / "deep")
+    assert A.main(["--scale", "deep", "--tasks", "pointer", "--out", deep, "--no-realistic",
+                   "--no-progress", "--train-seeds", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "No verdict at this scale: all 1 task models are below 95%" in out
+    assert "Excluded: pointer training seed 0" in out and "no verdict" in err
+    record = json.load(open(os.path.join(deep, "results.json")))
+    assert record["runs_done"] == 0 and record["complete"] and record["verdict"] is None
+    assert [e["task"] for e in record["excluded_models"]] == ["pointer"]
+    assert sorted(record["excluded_models"][0]["depth_accuracy"]) == ["1", "2"]
+    assert "by depth, 1-2 hops: " in out  # how far along its chains it got
+    # combined with a scale that has runs (the committed standard ioi shards)
+    with open(COMMITTED) as f:
+        settings = json.load(f)["settings"]
+    standard = tmp_path / "standard"
+    runs_dir = os.path.dirname(shard_path(str(standard), settings, "x", 0, 0))
+    os.makedirs(runs_dir)
+    for p in glob.glob(os.path.join(os.path.dirname(shard_path(
+            os.path.dirname(COMMITTED), settings, "x", 0, 0)), "ioi-train0-*.json.gz")):
+        shutil.copy(p, runs_dir)
+    (standard / "results.json").write_text(json.dumps({"settings": settings}))
+    both = C.combine([str(standard), deep], n_draws=20)
+    assert both["scales_without_verdict"] == ["deep"] and both["runs_per_scale"]["deep"] == 0
+    assert "scale deep" not in both["v4"]["families"]
+    table = C.markdown(both)
+    assert "No verdict at the deep scale" in table and "Excluded at deep: pointer seed 0" in table
+    with pytest.raises(C.UsageError, match="every task model of every scale"):
+        C.combine([deep], n_draws=20)
