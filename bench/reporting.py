@@ -250,7 +250,7 @@ def no_verdict_markdown(results):
     """results.md of a scale whose every task model is below 95%: no verdict, and which."""
     n = len(results["excluded_models"])
     return "\n".join(_title(results) + [
-        f"**No verdict at this scale: all {n} task models are below 95% held-out accuracy.** "
+        f"**No verdict at this scale: every task model ({n}) is below 95% held-out accuracy.** "
         "The protocol leaves such a model out and lists it; nothing was measured on them, "
         "so this scale adds no run to the verdict (per scale or together).", ""]
         + excluded_lines(results))

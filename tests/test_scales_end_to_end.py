@@ -104,7 +104,7 @@ def test_a_scale_whose_every_model_is_excluded_reports_no_verdict_and_combines(
     assert A.main(["--scale", "deep", "--tasks", "pointer", "--out", deep, "--no-realistic",
                    "--no-progress", "--train-seeds", "0"]) == 0
     out, err = capsys.readouterr()
-    assert "No verdict at this scale: all 1 task models are below 95%" in out
+    assert "No verdict at this scale: every task model (1) is below 95%" in out
     assert "Excluded: pointer training seed 0" in out and "no verdict" in err
     record = json.load(open(os.path.join(deep, "results.json")))
     assert record["runs_done"] == 0 and record["complete"] and record["verdict"] is None
