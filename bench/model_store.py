@@ -1,7 +1,9 @@
 """The task models' architecture and checkpoint files: the config every scale starts
 from, building a model, where checkpoints live (the shipped toy ones, the cache for the
-trained scales), saving and loading them with their training record, and the hash that
-says which weights a result came from. Training is bench/train.py."""
+trained scales), saving and loading them with their training record, whether a cached one is what a
+recipe trains today, the trainers' claims on them (``NAME.training``: the pid training
+it), and the hash that says which weights a result came from. Training is
+bench/train.py."""
 import json
 import os
 
@@ -99,3 +101,31 @@ def checkpoint_path(task_name, scale="toy", seed=0, directory=None):
 def is_shipped(path):
     """Whether ``path`` is one of the repository's models (never retrained or removed)."""
     return os.path.abspath(os.path.dirname(path)).startswith(os.path.abspath(CHECKPOINT_DIR))
+
+
+def same_training(info, wanted):
+    """Whether a cached checkpoint is what ``wanted`` (a recipe) trains today.
+
+    Training is deterministic and stops at the accuracy target, so a model that
+    stopped at step s before its budget is also what any budget >= s gives; one
+    that ran out of budget is only the same under the same budget. Checkpoints
+    from before the budget was recorded ran under standard-v1's 2500."""
+    for key, default in (("lr", None), ("batch_pairs", None), ("target", 0.99),
+                         ("decay", False), ("curriculum", None), ("multihop_share", None)):
+        if info.get(key, default) != wanted.get(key, default):
+            return False
+    budget = info.get("max_steps", 2500)
+    if info["steps"] < budget:
+        return info["steps"] <= wanted["max_steps"]
+    return budget == wanted["max_steps"]
+
+
+def claim_pid(path):
+    """The pid of the live process holding ``path``'s training claim, else None."""
+    try:
+        with open(path + ".training") as f:
+            pid = int(f.read().strip() or 0)
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None

@@ -4,9 +4,8 @@
     python -m steerops.bench.train --scale deep --out DIR                # 3 seeds each
 
 Here: training one model of a scale (the scales, their model configs and recipes are
-bench/scales.py), which cached checkpoint is what a recipe trains today, the trainers'
-claims on a shared folder, and the command line. Each model is a small
-LlamaForCausalLM built from its scale's config,
+bench/scales.py), several trainers sharing a folder through their claims, and the
+command line. Each model is a small LlamaForCausalLM built from its scale's config,
 trained by bench/trainer.py (loss on the answer token only, until held-out accuracy
 reaches the target or the step budget runs out, resumable). The checkpoint is a
 safetensors file with the config, seed, steps and measured held-out accuracy in its
@@ -21,31 +20,15 @@ import torch
 from steerops.app.cli_args import Parser, nonnegative_int, output_folder, positive_int
 
 from . import reproducible as R
-from .model_store import (CHECKPOINT_DIR, checkpoint_name, checkpoint_path, is_shipped,
-                          load_checkpoint, read_info, save_checkpoint)
+from .model_store import (CHECKPOINT_DIR, checkpoint_name, checkpoint_path, claim_pid,
+                          is_shipped, load_checkpoint, read_info, same_training,
+                          save_checkpoint)
 from .multihop import MULTIHOP, first_depth, multihop_task
 from .scales import (MIN_ACCURACY, SCALES, model_name, plan_settings, recipe, scale_tasks,
                      task_for, training_stages)
 from .tasks import TASKS
 # the loop itself (train_task re-exported: tests train through here)
 from .trainer import TEST_SEED, accuracy, train_task
-
-
-def same_training(info, wanted):
-    """Whether a cached checkpoint is what ``wanted`` (a recipe) trains today.
-
-    Training is deterministic and stops at the accuracy target, so a model that
-    stopped at step s before its budget is also what any budget >= s gives; one
-    that ran out of budget is only the same under the same budget. Checkpoints
-    from before the budget was recorded ran under standard-v1's 2500."""
-    for key, default in (("lr", None), ("batch_pairs", None), ("target", 0.99),
-                         ("decay", False), ("curriculum", None), ("multihop_share", None)):
-        if info.get(key, default) != wanted.get(key, default):
-            return False
-    budget = info.get("max_steps", 2500)
-    if info["steps"] < budget:
-        return info["steps"] <= wanted["max_steps"]
-    return budget == wanted["max_steps"]
 
 
 def train_scale_task(task_name, scale, seed, *, max_steps=None, progress=True,
@@ -136,17 +119,6 @@ def ensure_checkpoint(task_name, scale="toy", seed=0, directory=None, device="cp
 
 
 DEFAULT_OUT = "checkpoints/attribution"
-
-
-def claim_pid(path):
-    """The pid of the live process holding ``path``'s training claim, else None."""
-    try:
-        with open(path + ".training") as f:
-            pid = int(f.read().strip() or 0)
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
 
 
 def _claimed_elsewhere(path):

@@ -12,10 +12,9 @@ import os
 
 import torch
 
-from .model_store import checkpoint_name, read_info
+from .model_store import checkpoint_name, claim_pid, read_info, same_training
 from .scales import (MIN_ACCURACY, SCALES, plan_settings, task_accuracy, task_for,
                      training_stages)
-from .train import claim_pid, same_training
 from .trainer import TrainingPlan, resume_identity
 
 @dataclasses.dataclass
