@@ -355,10 +355,10 @@ def main(argv=None):
     settings = None if scale in ("toy", "standard") else dict(FULL, scale=scale)
     dist.init_from_env()  # under torchrun: one process group, the work split over its ranks
     results, table = run(args.tasks, quick=args.quick, settings=settings, device=args.device,
-                   out_dir=args.out,
-                   progress=not args.no_progress, checkpoint_dir=args.checkpoints,
-                   with_realistic=not args.no_realistic, threads=args.threads,
-                   train_seeds=args.train_seeds, report_only=args.report_only)
+                         out_dir=args.out, progress=not args.no_progress,
+                         checkpoint_dir=args.checkpoints,
+                         with_realistic=not args.no_realistic, threads=args.threads,
+                         train_seeds=args.train_seeds, report_only=args.report_only)
     if not dist.is_main():
         return 0
     print(table)
