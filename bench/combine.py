@@ -32,11 +32,11 @@ def read_scale(folder):
         with open(os.path.join(folder, "results.json")) as f:
             record = json.load(f)
         settings = record["settings"]
+        runs_dir = os.path.dirname(shard_path(folder, settings, "x", 0, 0))
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{folder}: no readable results.json with the run's settings ({e}); "
                          f"give folders that steerops bench attribution wrote") from None
     excluded = record.get("excluded_models", [])
-    runs_dir = os.path.dirname(shard_path(folder, settings, "x", 0, 0))
     names = sorted(n for n in os.listdir(runs_dir) if n.endswith(".json.gz")) \
         if os.path.isdir(runs_dir) else []
     if not names and not (excluded and record.get("runs_done") == 0):

@@ -68,9 +68,13 @@ def test_combine_user_errors(tmp_path, committed, capsys):
     from steerops.app.cli import main
     settings, shards = committed
     one = _folder(tmp_path, "standard", settings, shards)
+    partial = tmp_path / "partial"  # a results.json whose settings lack the run's keys
+    partial.mkdir()
+    (partial / "results.json").write_text(json.dumps({"settings": {"scale": "deep"}}))
     for argv, needle in (([one], "at least two folders"),
                          ([one, one], "a second standard-scale folder"),
-                         ([one, str(tmp_path)], "no readable results.json")):
+                         ([one, str(tmp_path)], "no readable results.json"),
+                         ([one, str(partial)], "no readable results.json")):
         try:
             code = main(["bench", "combine", *argv, "--out", str(tmp_path / "o")])
         except SystemExit as e:  # argparse's own errors exit; the command's return 2
