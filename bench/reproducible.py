@@ -15,6 +15,7 @@ transformers release (docs/protocol.md, "Reproducible models"):
   evaluation, so a killed run resumes where it stopped and ends with the weights
   an uninterrupted run ends with.
 """
+import collections
 import json
 import os
 import sys
@@ -79,33 +80,39 @@ def seeded_init(model, seed):
 
 
 def save_state(path, *, model, opt, sched, gen, step, held_out, elapsed, plan=None,
-               extra=None):
+               extra=None, machines=None):
     """The whole training state, written atomically (a kill never leaves half a file),
-    with the ``plan`` (a dict) it was trained under and the loop's own ``extra`` state
-    (a JSON-able dict: a curriculum's stage)."""
+    with the ``plan`` (a dict) it was trained under, the loop's own ``extra`` state
+    (a JSON-able dict: a curriculum's stage) and the ``machines`` it has run on (a
+    training carried to another machine: bench/training_carry.py)."""
     tmp = path + ".tmp"
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                 "sched": sched.state_dict(), "gen": gen.get_state(), "step": step,
                 "held_out": held_out, "elapsed": elapsed,
-                "plan": json.dumps(plan, sort_keys=True), "extra": json.dumps(extra)}, tmp)
+                "plan": json.dumps(plan, sort_keys=True), "extra": json.dumps(extra),
+                "machines": json.dumps(machines or [])}, tmp)
     os.replace(tmp, path)
 
 
+Resumed = collections.namedtuple("Resumed", "step held_out elapsed extra machines")
+
+
 def load_state(path, *, model, opt, sched, gen, plan=None, extra=None):
-    """Restores what ``save_state`` wrote; returns (step, held_out, elapsed seconds, the
-    saved ``extra``; ``extra`` as given for a fresh start). A
-    state saved under another ``plan`` (or before plans were saved) is set aside as
-    ``path``.stale and training starts from step 0: continuing it would give a model that
-    no plan describes."""
+    """Restores what ``save_state`` wrote; returns a ``Resumed``: the step, held-out
+    accuracy, elapsed seconds, the saved ``extra`` (``extra`` as given for a fresh
+    start) and the machines it ran on. A state saved under another ``plan`` (or before
+    plans were saved) is set aside as ``path``.stale and training starts from step 0:
+    continuing it would give a model that no plan describes."""
     state = torch.load(path, weights_only=True)
     if state.get("plan") != json.dumps(plan, sort_keys=True):
         os.replace(path, path + ".stale")
         print(f"{path}: saved under another training plan; set aside as {path}.stale, "
               f"starting from step 0", file=sys.stderr)
-        return 0, 0.0, 0.0, extra
+        return Resumed(0, 0.0, 0.0, extra, [])
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     gen.set_state(state["gen"])
     saved = json.loads(state.get("extra", "null"))  # states from before ``extra``: none
-    return state["step"], state["held_out"], state["elapsed"], extra if saved is None else saved
+    return Resumed(state["step"], state["held_out"], state["elapsed"],
+                   extra if saved is None else saved, json.loads(state.get("machines", "[]")))

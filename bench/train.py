@@ -145,6 +145,34 @@ class _claim:
             pass
 
 
+def _carry(p, args, models):
+    """--save-progress (returns True: nothing more to do) and --resume-from
+    (bench/training_carry.py)."""
+    from . import training_carry as C
+    if args.save_progress is not None and (args.resume_from is not None or args.status):
+        p.error("--save-progress trains nothing: it goes without --resume-from and --status")
+
+    def trained(name, seed):
+        path = os.path.join(args.out, checkpoint_name(name, args.scale, seed))
+        return os.path.exists(path) and same_training(read_info(path), dict(
+            recipe(name, args.scale), **({"max_steps": args.max_steps} if args.max_steps else {})))
+    if args.save_progress is not None:
+        folder = args.save_progress or C.states_dir(args.scale)
+        for name, seed, what in C.save_progress(args.out, folder, args.scale, models, trained):
+            print(f"{name:18s} seed {seed}  {what}")
+        print(f"saved states: {folder}")
+        return True
+    if args.resume_from is not None:
+        folder = args.resume_from or C.states_dir(args.scale)
+        if not os.path.isdir(folder):
+            p.error(f"--resume-from {folder}: no such folder")
+        os.makedirs(args.out, exist_ok=True)
+        for name, seed, what in C.resume_from(folder, args.out, args.scale, models, trained):
+            if what.startswith("resumes"):  # (a pinned child process repeats this: quietly)
+                print(f"{name:18s} seed {seed}  {what}", file=sys.stderr, flush=True)
+    return False
+
+
 def main(argv=None):
     p = Parser(
         prog="python -m steerops.bench.train",
@@ -176,6 +204,14 @@ def main(argv=None):
     p.add_argument("--status", action="store_true",
                    help="train nothing: show where each model's training stands in --out "
                         "(trained, training now, stopped mid-way, not started)")
+    p.add_argument("--save-progress", nargs="?", const="", default=None, metavar="FOLDER",
+                   help="train nothing: copy each unfinished model's latest saved state from "
+                        "--out into FOLDER, to commit it or carry it to another machine "
+                        "(default FOLDER: the repository's bench/training_states/SCALE)")
+    p.add_argument("--resume-from", nargs="?", const="", default=None, metavar="FOLDER",
+                   help="first take from FOLDER every saved state that is further along than "
+                        "--out's, then train (or show --status) as usual (default FOLDER: "
+                        "bench/training_states/SCALE)")
     args = p.parse_args(argv)
     args.tasks = args.tasks or scale_tasks(args.scale)
     if SCALES[args.scale].get("shared"):  # one model for every task of the scale
@@ -186,6 +222,9 @@ def main(argv=None):
         p.error(f"--tasks {' '.join(wrong)}: not tasks of the {args.scale} scale (its tasks: "
                 f"{', '.join(scale_tasks(args.scale))})")
     seeds = args.seeds if args.seeds is not None else SCALES[args.scale]["seeds"]
+    models = [(name, seed) for seed in seeds for name in args.tasks]
+    if _carry(p, args, models):
+        return
     if args.status:
         from .training_status import model_status, status_table
         print(status_table([model_status(name, args.scale, seed, args.out, args.max_steps)
@@ -205,8 +244,7 @@ def main(argv=None):
         p.error("--out names the shipped checkpoints; add --overwrite-shipped to replace them")
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(args.threads)
-    # seed-major: an interrupted run has every task at the earlier seeds
-    pending = [(name, seed) for seed in seeds for name in args.tasks]
+    pending = list(models)  # seed-major: an interrupted run has every task at the earlier seeds
     announced = None
     while pending:
         # one trainer per model: a model another process is training is left for later

@@ -90,6 +90,16 @@ def train_task(task, *, progress=True, resume_path=None, stages=None, **plan):
         torch.set_flush_denormal(False)  # the default: later work in the process unchanged
 
 
+def _on_this_machine(machines, step):
+    """The machines a training has run on, this one added from ``step`` when it differs
+    from the last: pinned training is bit-exact on one kind of CPU only, so a model
+    carried to another kind says where it changed."""
+    here = {k: v for k, v in R.math_paths().items() if k in ("cpu", "cpu_capability")}
+    if machines and {k: machines[-1].get(k) for k in here} == here:
+        return machines
+    return machines + [dict(here, from_step=step)]
+
+
 def _train(task, stages, plan, progress, resume_path):
     from tqdm.auto import tqdm
     torch.manual_seed(plan.seed)
@@ -109,10 +119,12 @@ def _train(task, stages, plan, progress, resume_path):
     step, held_out, before = 0, 0.0, 0.0
     parts = dict(model=model, opt=opt, sched=sched, gen=gen)
     identity = resume_identity(plan, task)
+    machines = []
     if resume_path and os.path.exists(resume_path):
-        step, held_out, before, where = R.load_state(resume_path, plan=identity,
-                                                     extra=stages.state(), **parts)
+        step, held_out, before, where, machines = R.load_state(
+            resume_path, plan=identity, extra=stages.state(), **parts)
         stages.load(where)
+    machines = _on_this_machine(machines, step)
     t0 = time.time() - before
     bar = tqdm(total=plan.max_steps, initial=step, disable=not progress,
                desc=f"train {task.name}", leave=False)
@@ -138,7 +150,7 @@ def _train(task, stages, plan, progress, resume_path):
             if resume_path:
                 R.save_state(resume_path, step=step, held_out=held_out,
                              elapsed=time.time() - t0, plan=identity, extra=stages.state(),
-                             **parts)
+                             machines=machines, **parts)
     bar.close()
     test = accuracy(model, task, 2000, TEST_SEED + plan.seed)
     if resume_path and os.path.exists(resume_path):
@@ -148,6 +160,8 @@ def _train(task, stages, plan, progress, resume_path):
         record["stage_steps"] = stages.state()["stage_steps"]
     else:
         del record["curriculum"]  # records from before curricula stay comparable
+    if len(machines) > 1:  # carried between machines (bench/training_carry.py)
+        record["machines"] = machines
     return model.eval(), dict(record, task=task.name, steps=step, held_out_accuracy=test,
                               flush_denormal=FLUSH_DENORMAL, seq_len=task.seq_len,
                               threads=torch.get_num_threads(), math_paths=R.math_paths(),

@@ -172,7 +172,7 @@ def test_a_state_saved_before_the_loop_kept_its_own_state_loads_with_the_default
     del state["extra"]  # as written before save_state took ``extra``
     torch.save(state, path)
     assert R.load_state(path, plan={"lr": 1}, extra={"stage": 0}, **parts) == \
-        (7, 0.5, 3.0, {"stage": 0})
+        (7, 0.5, 3.0, {"stage": 0}, [])
 
 
 def _train_tracks(resume_path=None):

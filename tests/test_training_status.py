@@ -147,3 +147,69 @@ def test_a_claim_whose_process_is_gone_is_taken_over(tiny_deep, fake_training):
                 "--no-progress"])
     assert fake_training == [("pointer", 0)]
     assert not os.path.exists(_path(tiny_deep) + ".training")
+
+
+def _carry_cli(folder, *extra):
+    train.main(["--scale", "deep", "--out", folder, "--tasks", "pointer", "--seeds", "0",
+                "--no-progress", *extra])
+
+
+def test_a_training_carried_to_another_machine_ends_as_an_uninterrupted_one(
+        tiny_deep, tmp_path, monkeypatch, capsys):
+    first, second, kept, whole = (str(tmp_path / d) for d in ("first", "second", "kept", "whole"))
+    os.makedirs(first), os.makedirs(whole)
+    _cut_short(first, monkeypatch)
+    _carry_cli(first, "--save-progress", kept)
+    assert "pointer            seed 0  saved at step 100" in capsys.readouterr().out
+    _carry_cli(first, "--save-progress", kept)  # nothing newer: the saved state stays
+    assert "kept (step 100, here 100)" in capsys.readouterr().out
+    # another machine (another kind of CPU) takes the state up and trains to the end
+    _carry_cli(second, "--resume-from", kept, "--status")
+    assert "pointer            seed 0  resumes from step 100" in capsys.readouterr().err
+    assert S.model_status("pointer", "deep", 0, second).step == 100
+    real = R.math_paths
+    monkeypatch.setattr(R, "math_paths", lambda: dict(real(), cpu="Another CPU"))
+    carried = train.train_and_save("pointer", "deep", 0, _path(second), progress=False)
+    here = real()["cpu"]
+    assert [(m["cpu"], m["from_step"]) for m in carried["machines"]] == \
+        [(here, 0), ("Another CPU", 100)]
+    monkeypatch.setattr(R, "math_paths", real)
+    uninterrupted = train.train_and_save("pointer", "deep", 0, _path(whole), progress=False)
+    assert "machines" not in uninterrupted  # one machine: nothing to say
+    a, b = (model_store.load_checkpoint("pointer", folder, scale="deep")[0]
+            for folder in (second, whole))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values()))
+    # once the model is trained, its saved state leaves the carried folder
+    _carry_cli(second, "--save-progress", kept)
+    assert "trained: its saved state removed" in capsys.readouterr().out
+    assert os.listdir(kept) == []
+
+
+def test_resume_from_leaves_a_live_trainers_model_and_a_state_further_along(tiny_deep,
+                                                                             tmp_path, monkeypatch):
+    from steerops.bench import training_carry as C
+    here, kept = str(tmp_path / "here"), str(tmp_path / "kept")
+    os.makedirs(here)
+    _cut_short(here, monkeypatch)
+    C._copy(_path(here) + ".resume.pt", _path(kept) + ".resume.pt")
+    models, untrained = [("pointer", 0), ("var_chain", 0)], lambda name, seed: False
+    assert C.resume_from(kept, here, "deep", models, untrained) == \
+        [("pointer", 0, "this folder's state is as far (step 100)")]
+    with open(_path(here) + ".training", "w") as f:
+        f.write(str(os.getppid()))  # a live process (this one's parent) holds it
+    os.remove(_path(here) + ".resume.pt")
+    assert C.resume_from(kept, here, "deep", models, untrained) == \
+        [("pointer", 0, f"left alone: pid {os.getppid()} is training it")]
+    assert not os.path.exists(_path(here) + ".resume.pt")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--save-progress", "--status"], "--save-progress trains nothing"),
+    (["--resume-from", "/no/such/folder"], "--resume-from /no/such/folder: no such folder")])
+def test_carry_option_errors_are_one_line(tiny_deep, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        _carry_cli(tiny_deep, *extra)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "".join(err)
