@@ -111,7 +111,8 @@ def same_training(info, wanted):
     that ran out of budget is only the same under the same budget. Checkpoints
     from before the budget was recorded ran under standard-v1's 2500."""
     for key, default in (("lr", None), ("batch_pairs", None), ("target", 0.99),
-                         ("decay", False), ("curriculum", None), ("multihop_share", None)):
+                         ("decay", False), ("curriculum", None), ("multihop_share", None),
+                         ("compiled", False)):
         if info.get(key, default) != wanted.get(key, default):
             return False
     budget = info.get("max_steps", 2500)

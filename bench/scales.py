@@ -62,10 +62,17 @@ SCALES = {
 # So: the staged curriculum, lr 1e-3, 64 pairs, the rate constant through the stages and
 # falling over the last one, a 40000-step budget. Not yet shown to reach 95%: the 95%
 # rule decides.
+# Math paths: these models take 8-18 CPU hours each and are shipped (bench/ship.py: the
+# stored weights are the models), so they train on the CPU's own paths, compiled
+# (torch.compile), not the pinned AVX2 ones: one training step (48 tokens, 64 pairs, 1
+# thread) took 2.43 / 2.63 s pinned and eager, 1.59 / 1.79 default and eager, 1.16 /
+# 1.39 default and compiled (medians of 5, two alternating rounds on an Intel Xeon with
+# AVX-512, under load: docs/protocol.md). Seeded initialisation stays.
 DEEP_CONFIG = dict(STANDARD_CONFIG, num_hidden_layers=6, max_position_embeddings=48)
 SCALES["deep"] = dict(config=DEEP_CONFIG, seq_len=48, hops=5, seeds=(0, 1, 2), batch_pairs=64,
-                      lr=1e-3, reproducible=True, max_steps=40000, target=0.98,
-                      decay="last-stage", curriculum="hop-stages", tasks=tuple(MULTIHOP))
+                      lr=1e-3, reproducible=True, pinned=False, compiled=True,
+                      max_steps=40000, target=0.98, decay="last-stage",
+                      curriculum="hop-stages", tasks=tuple(MULTIHOP))
 # `multitask` (docs/protocol.md v4): one 6-layer model per training seed on every task at
 # once, each prompt behind its task token: the 12 as the standard scale lays them out (24
 # tokens: the same prompts as their own standard models, 25 with the token), the
@@ -82,7 +89,8 @@ MULTITASK_TASKS = tuple(TASKS) + tuple(MULTIHOP)
 TASK_TOKEN0 = VOCAB_STANDARD  # the task tokens follow the standard vocabulary
 MULTITASK_CONFIG = dict(DEEP_CONFIG, vocab_size=VOCAB_STANDARD + len(MULTITASK_TASKS))
 SCALES["multitask"] = dict(config=MULTITASK_CONFIG, seq_len=48, hops=5, seeds=(0, 1, 2),
-                           batch_pairs=128, lr=1e-3, reproducible=True, max_steps=40000,
+                           batch_pairs=128, lr=1e-3, reproducible=True, pinned=False,
+                           compiled=True, max_steps=40000,
                            target=0.98, decay="last-stage", curriculum="hop-stages",
                            multihop_share=0.5, tasks=MULTITASK_TASKS, shared=True,
                            standard_len=SCALES["standard"]["seq_len"])
@@ -142,8 +150,9 @@ def recipe(task_name, scale):
     out = dict(lr=spec.get("lr", 3e-3), batch_pairs=spec["batch_pairs"], max_steps=spec.get("max_steps", 6000),
                target=spec.get("target", 0.99), decay=spec.get("decay", False),
                curriculum=spec.get("curriculum"))
-    if "multihop_share" in spec:
-        out["multihop_share"] = spec["multihop_share"]
+    for key in ("multihop_share", "compiled"):
+        if spec.get(key):
+            out[key] = spec[key]
     out.update(spec.get("overrides", {}).get(task_name, {}))
     return out
 
@@ -155,6 +164,12 @@ def plan_settings(task_name, scale, seed, max_steps=None):
         r["max_steps"] = max_steps
     return dict(r, seed=seed, config=spec["config"], eval_every=250 if scale == "toy" else 100,
                 seeded_init=spec.get("reproducible", False))
+
+
+def pinned(scale):
+    """Whether ``scale`` trains on the pinned CPU math paths (bench/reproducible.py)."""
+    spec = SCALES[scale]
+    return bool(spec.get("reproducible")) and spec.get("pinned", True)
 
 
 def training_stages(task_name, scale):

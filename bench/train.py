@@ -24,8 +24,8 @@ from .model_store import (CHECKPOINT_DIR, checkpoint_name, checkpoint_path, clai
                           is_shipped, load_checkpoint, read_info, same_training,
                           save_checkpoint)
 from .multihop import MULTIHOP, first_depth, multihop_task
-from .scales import (MIN_ACCURACY, SCALES, model_name, plan_settings, recipe, scale_tasks,
-                     task_for, training_stages)
+from .scales import (MIN_ACCURACY, SCALES, model_name, pinned, plan_settings, recipe,
+                     scale_tasks, task_for, training_stages)
 from .tasks import TASKS
 # the loop itself (train_task re-exported: tests train through here)
 from .trainer import TEST_SEED, accuracy, train_task
@@ -71,10 +71,10 @@ def train_and_save(task_name, scale, seed, path, *, max_steps=None, progress=Tru
 
 
 def _train_pinned(task_name, scale, seed, path, max_steps, progress):
-    """A reproducible scale trains on the pinned CPU math paths: here when this process
+    """A pinned scale (scales.pinned) trains on the pinned CPU math paths: here when this process
     is pinned, else in a child process that is (bench/reproducible.py)."""
     import subprocess
-    if not SCALES[scale].get("reproducible") or R.is_pinned():
+    if not pinned(scale) or R.is_pinned():
         return train_and_save(task_name, scale, seed, path, max_steps=max_steps,
                               progress=progress)
     argv, env = R.pinned_command(
@@ -230,7 +230,7 @@ def main(argv=None):
         print(status_table([model_status(name, args.scale, seed, args.out, args.max_steps)
                             for seed in seeds for name in args.tasks]))
         return
-    if SCALES[args.scale].get("reproducible") and args.threads == 1 and not R.is_pinned():
+    if pinned(args.scale) and args.threads == 1 and not R.is_pinned():
         # the pinned math paths are read when torch loads: run again in a process that has them
         import subprocess
         cmd, env = R.pinned_command(["steerops.bench.train", *(argv if argv is not None

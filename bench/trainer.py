@@ -34,7 +34,8 @@ class TrainingPlan:
     ``curriculum``: None, or "hop-stages" (multi-hop tasks: one stage per lookup depth,
     bench.multihop.hop_stages; evaluation and the target stay at h). ``multihop_share``:
     on a shared model, the share of the rows the multi-hop tasks draw between them (the
-    curriculum given to train_task applies it; recorded here)."""
+    curriculum given to train_task applies it; recorded here). ``compiled``: the training
+    step runs through torch.compile (the deep and multitask scales: bench/scales.py)."""
     seed: int = 0
     max_steps: int = 6000
     batch_pairs: int = 128
@@ -46,13 +47,17 @@ class TrainingPlan:
     seeded_init: bool = False
     curriculum: str = None
     multihop_share: float = None
+    compiled: bool = False
 
     def record(self):
         """What a checkpoint records of its plan (and what a resumed state must match)."""
         out = dataclasses.asdict(self)
         out["config"] = self.config or MODEL_CONFIG
-        if self.multihop_share is None:  # plans from before it stay what they were
+        # plans from before these settings stay what they were
+        if self.multihop_share is None:
             del out["multihop_share"]
+        if not self.compiled:
+            del out["compiled"]
         return out
 
 
@@ -100,6 +105,27 @@ def _on_this_machine(machines, step):
     return machines + [dict(here, from_step=step)]
 
 
+def _compiled(model):
+    """``model``'s forward through torch.compile, for the training step. It shares the
+    model's parameters (evaluation and the saved state use the model itself). The rows
+    of a group vary (a shared model's tasks), its lengths are few (a curriculum's
+    stages): the batch dimension is dynamic, the length static, one graph per length
+    (compiled with a dynamic length, inductor's CPU code corrupted the heap: torch 2.13,
+    a 6-layer model at 12 tokens)."""
+    import torch._dynamo
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))  # the multitask stages: ~17 lengths
+    compiled = torch.compile(model)
+
+    def forward(ids):
+        if ids.shape[0] > 1:
+            torch._dynamo.mark_dynamic(ids, 0)
+        torch._dynamo.mark_static(ids, 1)
+        return compiled(ids)
+    return forward
+
+
 def _train(task, stages, plan, progress, resume_path):
     from tqdm.auto import tqdm
     torch.manual_seed(plan.seed)
@@ -107,6 +133,7 @@ def _train(task, stages, plan, progress, resume_path):
     if plan.seeded_init:
         R.seeded_init(model, plan.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=0.01)
+    forward = _compiled(model) if plan.compiled else model
 
     def schedule(s):
         warm = min(1.0, (s + 1) / 100)
@@ -134,7 +161,7 @@ def _train(task, stages, plan, progress, resume_path):
         rows = sum(len(labels) for _, labels in groups)
         # each length's mean loss weighted by its rows: the mean over the batch (one group:
         # exactly plain training's loss)
-        loss = sum(torch.nn.functional.cross_entropy(model(ids).logits[:, -1], labels)
+        loss = sum(torch.nn.functional.cross_entropy(forward(ids).logits[:, -1], labels)
                    * (len(labels) / rows) for ids, labels in groups)
         opt.zero_grad()
         loss.backward()

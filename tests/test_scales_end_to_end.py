@@ -37,11 +37,11 @@ def tiny_scales(tmp_path, monkeypatch):
     deep = scales.SCALES["deep"]
     monkeypatch.setitem(scales.SCALES, "deep", dict(
         deep, config=dict(TINY_MODEL, vocab_size=deep["config"]["vocab_size"]), seq_len=24,
-        hops=2, max_steps=3, batch_pairs=8, seeds=(0,)))
+        hops=2, max_steps=3, batch_pairs=8, seeds=(0,), compiled=False))
     multi = scales.SCALES["multitask"]
     monkeypatch.setitem(scales.SCALES, "multitask", dict(
         multi, config=dict(TINY_MODEL, vocab_size=multi["config"]["vocab_size"]), seq_len=24,
-        hops=2, max_steps=3, batch_pairs=16, seeds=(0,)))
+        hops=2, max_steps=3, batch_pairs=16, seeds=(0,), compiled=False))
     trained = []
     real = train.train_and_save
 

@@ -24,8 +24,8 @@ def tiny_deep(tmp_path, monkeypatch):
     deep = scales.SCALES["deep"]
     monkeypatch.setitem(scales.SCALES, "deep", dict(
         deep, config=dict(TINY_MODEL, vocab_size=deep["config"]["vocab_size"]), seq_len=24,
-        hops=2, max_steps=150, batch_pairs=8, seeds=(0, 1)))
-    return str(tmp_path)
+        hops=2, max_steps=150, batch_pairs=8, seeds=(0, 1), compiled=False))
+    return str(tmp_path)  # (compiled: test_a_compiled_training_resumes_...)
 
 
 def _path(folder, seed=0):
@@ -213,3 +213,33 @@ def test_carry_option_errors_are_one_line(tiny_deep, capsys, extra, message):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "".join(err)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_compiled_training_resumes_to_the_uninterrupted_weights(tiny_deep, tmp_path,
+                                                                 monkeypatch, one_thread):
+    """The deep and multitask scales train compiled, off the pinned paths (scales.py), on
+    one thread as the trainer does (compiled code on two threads resumed a few ulp off)."""
+    monkeypatch.setitem(scales.SCALES, "deep", dict(scales.SCALES["deep"], compiled=True))
+    monkeypatch.setattr(curriculum, "STAGE_GATE", 0.0)  # a new length (graph) at step 100
+    assert not scales.pinned("deep") and scales.pinned("standard")
+    whole = str(tmp_path / "whole")
+    os.makedirs(whole)
+    _cut_short(tiny_deep, monkeypatch)
+    resumed = train.train_and_save("pointer", "deep", 0, _path(tiny_deep), progress=False)
+    uninterrupted = train.train_and_save("pointer", "deep", 0, _path(whole), progress=False)
+    assert resumed["compiled"] is True and resumed["steps"] == uninterrupted["steps"] == 150
+    assert resumed["stage_steps"] == uninterrupted["stage_steps"] == [0, 100]
+    a, b = (model_store.load_checkpoint("pointer", folder, scale="deep")[0]
+            for folder in (tiny_deep, whole))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values()))
+    eager = dict(scales.plan_settings("pointer", "deep", 0), compiled=False)
+    assert not model_store.same_training(resumed, eager)  # another plan: retrained
