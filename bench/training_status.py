@@ -56,7 +56,15 @@ def model_status(task_name, scale, seed, directory, max_steps=None):
                            note=_excluded(info, scale))
     if pid:
         return ModelStatus(task_name, seed, "training", note=f"pid {pid}, before its first save")
-    return ModelStatus(task_name, seed, "not started")
+    return ModelStatus(task_name, seed, "not started", note=_carried(resume, scale))
+
+
+def _carried(resume, scale):
+    """Where the repository holds a state of a model this folder has not started."""
+    from .training_carry import saved_step, states_dir
+    step = saved_step(os.path.join(states_dir(scale), os.path.basename(resume)))
+    return "" if step is None else \
+        f"the repository holds its state at step {step}: train with --resume-from"
 
 
 def _resumable(task_name, scale, seed, resume, settings, pid):

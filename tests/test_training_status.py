@@ -243,3 +243,16 @@ def test_a_compiled_training_resumes_to_the_uninterrupted_weights(tiny_deep, tmp
                                                  b.state_dict().values()))
     eager = dict(scales.plan_settings("pointer", "deep", 0), compiled=False)
     assert not model_store.same_training(resumed, eager)  # another plan: retrained
+
+
+def test_status_points_to_a_state_the_repository_holds(tiny_deep, tmp_path, monkeypatch):
+    from steerops.bench import training_carry as C
+    monkeypatch.setattr(C, "STATES_DIR", str(tmp_path / "states"))
+    _cut_short(tiny_deep, monkeypatch)
+    C._copy(_path(tiny_deep) + ".resume.pt",
+            os.path.join(C.states_dir("deep"), os.path.basename(_path(tiny_deep)) + ".resume.pt"))
+    fresh = str(tmp_path / "fresh")
+    status = S.model_status("pointer", "deep", 0, fresh)
+    assert status.state == "not started" and status.note == \
+        "the repository holds its state at step 100: train with --resume-from"
+    assert S.model_status("pointer", "deep", 1, fresh).note == ""
