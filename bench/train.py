@@ -145,6 +145,14 @@ class _claim:
             pass
 
 
+def _trained_here(path, name, args):
+    """Whether ``path`` holds ``name``'s model trained as the command line's recipe
+    (the scale's, with --max-steps) trains it today."""
+    wanted = dict(recipe(name, args.scale), **(
+        {"max_steps": args.max_steps} if args.max_steps else {}))
+    return os.path.exists(path) and same_training(read_info(path), wanted)
+
+
 def _carry(p, args, models):
     """--save-progress (returns True: nothing more to do) and --resume-from
     (bench/training_carry.py)."""
@@ -153,9 +161,8 @@ def _carry(p, args, models):
         p.error("--save-progress trains nothing: it goes without --resume-from and --status")
 
     def trained(name, seed):
-        path = os.path.join(args.out, checkpoint_name(name, args.scale, seed))
-        return os.path.exists(path) and same_training(read_info(path), dict(
-            recipe(name, args.scale), **({"max_steps": args.max_steps} if args.max_steps else {})))
+        return _trained_here(os.path.join(args.out, checkpoint_name(name, args.scale, seed)),
+                             name, args)
     if args.save_progress is not None:
         folder = args.save_progress or C.states_dir(args.scale)
         for name, seed, what in C.save_progress(args.out, folder, args.scale, models, trained):
@@ -265,9 +272,7 @@ def main(argv=None):
         pending.remove((name, seed))
         path = os.path.join(args.out, checkpoint_name(name, args.scale, seed))
         with _claim(path):
-            wanted = dict(recipe(name, args.scale), **(
-                {"max_steps": args.max_steps} if args.max_steps else {}))
-            if os.path.exists(path) and same_training(read_info(path), wanted):
+            if _trained_here(path, name, args):
                 print(f"{name:18s} seed {seed} already trained: {path}", flush=True)
                 continue  # a rerun of a cut-short batch goes on where it stopped
             info = train_and_save(name, args.scale, seed, path, max_steps=args.max_steps,

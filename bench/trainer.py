@@ -97,8 +97,8 @@ def train_task(task, *, progress=True, resume_path=None, stages=None, **plan):
 
 def _on_this_machine(machines, step):
     """The machines a training has run on, this one added from ``step`` when it differs
-    from the last: pinned training is bit-exact on one kind of CPU only, so a model
-    carried to another kind says where it changed."""
+    from the last: training, pinned or not, is bit-exact on one kind of CPU only, so a
+    model carried to another kind says where it changed."""
     here = {k: v for k, v in R.math_paths().items() if k in ("cpu", "cpu_capability")}
     if machines and {k: machines[-1].get(k) for k in here} == here:
         return machines
