@@ -39,6 +39,9 @@ class Curriculum:
         self.weights = dict(weights) if weights else None
         self.stage = {name: 0 for name in self.tracks}
         self.stage_steps = {name: [0] for name in self.tracks}
+        # each staged track's gate accuracy at the last evaluation, while below the gate:
+        # whether a long stage is moving at all (shown, saved; it steers nothing)
+        self.gate_accuracy = {}
 
     @classmethod
     def single(cls, task, stages=None):
@@ -64,10 +67,15 @@ class Curriculum:
         model's held-out accuracy on a task."""
         for name, stages in self.tracks.items():
             gate = stages[self.stage[name]][1]
-            if gate is not None and self.stage[name] + 1 < len(stages) and \
-                    score(gate) >= STAGE_GATE:
+            if gate is None or self.stage[name] + 1 >= len(stages):
+                continue
+            accuracy = score(gate)
+            if accuracy >= STAGE_GATE:
                 self.stage[name] += 1
                 self.stage_steps[name].append(step)
+                self.gate_accuracy.pop(name, None)  # the next stage's gate is not measured yet
+            else:
+                self.gate_accuracy[name] = round(float(accuracy), 4)
 
     def last_stage_since(self):
         """The step from which every track has been in its last stage (0 for a
@@ -81,32 +89,50 @@ class Curriculum:
         staged = [name for name, stages in self.tracks.items() if len(stages) > 1]
         if not staged:
             return {}
-        return {"stage": "/".join(str(self.stage[n]) for n in staged)}
+        shown = {"stage": "/".join(str(self.stage[n]) for n in staged)}
+        if self.gate_accuracy:
+            shown["gate"] = "/".join(f"{self.gate_accuracy[n]:.2f}" if n in self.gate_accuracy
+                                     else "-" for n in staged)
+        return shown
 
     def where(self):
         """Each staged track's stage as text, "stage 3/6 since step 1900" (one track) or
-        "var_chain 3/6 since 1900, pointer 2/5 since 300" (many); "" when none is staged."""
+        "var_chain 3/6 since 1900, pointer 2/5 since 300" (many), each with its gate's last
+        accuracy when measured ("gate 0.41 of 0.90"); "" when none is staged."""
         staged = [n for n, stages in self.tracks.items() if len(stages) > 1]
         parts = [(n, f"{self.stage[n] + 1}/{len(self.tracks[n])} since "
-                     f"{self.stage_steps[n][-1]}") for n in staged]
+                     f"{self.stage_steps[n][-1]}" + self._gate_text(n)) for n in staged]
         if len(self.tracks) == 1:
             return "".join(f"stage {text.replace('since', 'since step')}" for _, text in parts)
         return ", ".join(f"{n} {text}" for n, text in parts)
 
+    def _gate_text(self, name):
+        if name not in self.gate_accuracy:
+            return ""
+        return f" (gate {self.gate_accuracy[name]:.2f} of {STAGE_GATE:.2f})"
+
     def state(self):
         """Where training stands, as saved with a resumable state and recorded with a
-        model: one track's stage and the steps its stages began at; per track for many."""
+        model: one track's stage and the steps its stages began at, and its gate's last
+        accuracy while one is measured below the gate; per track for many."""
         if len(self.tracks) == 1:
             (name,) = self.tracks
-            return {"stage": self.stage[name], "stage_steps": list(self.stage_steps[name])}
-        return {"stage": dict(self.stage), "stage_steps": {n: list(s) for n, s in
-                                                           self.stage_steps.items()}}
+            state = {"stage": self.stage[name], "stage_steps": list(self.stage_steps[name])}
+            gates = self.gate_accuracy.get(name)
+        else:
+            state = {"stage": dict(self.stage), "stage_steps": {n: list(s) for n, s in
+                                                                self.stage_steps.items()}}
+            gates = dict(self.gate_accuracy) or None
+        return state if gates is None else dict(state, gate_accuracy=gates)
 
     def load(self, state):
         """Continues from what ``state()`` returned."""
         if len(self.tracks) == 1:
             (name,) = self.tracks
             self.stage[name], self.stage_steps[name] = state["stage"], list(state["stage_steps"])
+            gates = {} if state.get("gate_accuracy") is None else {name: state["gate_accuracy"]}
         else:
             self.stage = dict(state["stage"])
             self.stage_steps = {n: list(s) for n, s in state["stage_steps"].items()}
+            gates = dict(state.get("gate_accuracy") or {})
+        self.gate_accuracy = gates  # states saved before the gate was kept have none

@@ -23,6 +23,23 @@ def test_one_track_draws_what_plain_training_draws():
     assert staged.where() == "stage 2/3 since step 300"
 
 
+def test_a_stage_below_its_gate_shows_how_far_it_got_and_keeps_it_when_saved():
+    task = MH.multihop_task("pointer", 2, 24)
+    staged = C.Curriculum.single(task, MH.hop_stages("pointer", 2, 24))
+    staged.advance(100, lambda gate: 0.4123)
+    assert staged.where() == "stage 1/3 since step 0 (gate 0.41 of 0.90)"
+    assert staged.progress() == {"stage": "0", "gate": "0.41"}
+    saved = staged.state()
+    assert saved == {"stage": 0, "stage_steps": [0], "gate_accuracy": 0.4123}
+    again = C.Curriculum.single(task, MH.hop_stages("pointer", 2, 24))
+    again.load(saved)
+    assert again.where() == staged.where()
+    staged.advance(200, lambda gate: 0.95)  # passes: the next gate is not measured yet
+    assert staged.where() == "stage 2/3 since step 200" and "gate" not in staged.state()
+    again.load({"stage": 1, "stage_steps": [0, 200]})  # saved before gates were kept
+    assert again.where() == "stage 2/3 since step 200" and again.progress() == {"stage": "1"}
+
+
 def test_many_tracks_share_a_batch_by_weight_grouped_by_length():
     short, long_ = task_at("ioi", 16), task_at("sorting", 24)
     cur = C.Curriculum({"ioi": [(short, None)], "sorting": [(long_, None)]},
@@ -44,9 +61,13 @@ def test_each_track_moves_on_at_its_own_gate_and_the_state_round_trips():
     passing = {id(a[0][1])}  # only pointer's first gate passes
     cur.advance(100, lambda gate: 1.0 if id(gate) in passing else 0.0)
     assert cur.state() == {"stage": {"pointer": 1, "var_chain": 0},
-                           "stage_steps": {"pointer": [0, 100], "var_chain": [0]}}
-    assert cur.progress() == {"stage": "1/0"} and cur.current("pointer") is a[1][0]
-    assert cur.where() == f"pointer 2/{len(a)} since 100, var_chain 1/{len(b)} since 0"
+                           "stage_steps": {"pointer": [0, 100], "var_chain": [0]},
+                           "gate_accuracy": {"var_chain": 0.0}}
+    assert cur.current("pointer") is a[1][0]
+    assert cur.where() == (f"pointer 2/{len(a)} since 100, var_chain 1/{len(b)} since 0 "
+                           "(gate 0.00 of 0.90)")
+    assert cur.progress() == {"stage": "1/0", "gate": "-/0.00"}  # pointer's new gate: unmeasured
+    assert cur.state()["gate_accuracy"] == {"var_chain": 0.0}
     cur.advance(200, lambda gate: 1.0)  # every gate passes; a last stage stays
     assert cur.last_stage_since() is None  # var_chain is not in its last stage yet
     cur.advance(300, lambda gate: 1.0)

@@ -3,6 +3,7 @@
 (where each model's training stands, read from the checkpoints, the resumable states and
 the trainers' claims), and several trainers sharing one folder through their claims."""
 import os
+import re
 import subprocess
 import sys
 
@@ -50,7 +51,8 @@ def test_a_run_cut_short_is_stopped_then_training_under_a_live_claim(tiny_deep, 
     _cut_short(tiny_deep, monkeypatch)
     stopped = S.model_status("pointer", "deep", 0, tiny_deep)
     assert (stopped.state, stopped.step, stopped.budget) == ("stopped", 100, 150)
-    assert stopped.stages == "stage 1/3 since step 0"  # no gate passes (STAGE_GATE 2)
+    # no gate passes (STAGE_GATE 2); the gate's last accuracy is shown
+    assert re.fullmatch(r"stage 1/3 since step 0 \(gate [01]\.\d\d of 2\.00\)", stopped.stages)
     assert 0.0 <= stopped.held_out <= 1.0 and stopped.seconds > 0
     assert "continues on the next run" in stopped.note and "to the budget" in stopped.note
     with open(_path(tiny_deep) + ".training", "w") as f:
