@@ -98,6 +98,16 @@ def checkpoint_path(task_name, scale="toy", seed=0, directory=None):
     return os.path.join(directory, name)
 
 
+def shipped_model(task_name, scale, seed):
+    """The path of the repository's model of ``task_name``, ``scale`` and ``seed`` (a
+    trained scale's, bench/checkpoints/SCALE), or None: a trainer leaves it be, since the
+    benchmark loads it before any trained copy."""
+    if scale == "toy":  # the toy models are the shipped defaults, retrained on request
+        return None
+    path = os.path.join(shipped_dir(scale), checkpoint_name(task_name, scale, seed))
+    return path if os.path.exists(path) else None
+
+
 def is_shipped(path):
     """Whether ``path`` is one of the repository's models (never retrained or removed)."""
     return os.path.abspath(os.path.dirname(path)).startswith(os.path.abspath(CHECKPOINT_DIR))

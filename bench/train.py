@@ -22,7 +22,7 @@ from steerops.app.cli_args import Parser, nonnegative_int, output_folder, positi
 from . import reproducible as R
 from .model_store import (CHECKPOINT_DIR, checkpoint_name, checkpoint_path, claim_pid,
                           is_shipped, load_checkpoint, read_info, same_training,
-                          save_checkpoint)
+                          save_checkpoint, shipped_model)
 from .multihop import MULTIHOP, first_depth, multihop_task
 from .scales import (MIN_ACCURACY, SCALES, model_name, pinned, plan_settings, recipe,
                      scale_tasks, task_for, training_stages)
@@ -161,8 +161,8 @@ def _carry(p, args, models):
         p.error("--save-progress trains nothing: it goes without --resume-from and --status")
 
     def trained(name, seed):
-        return _trained_here(os.path.join(args.out, checkpoint_name(name, args.scale, seed)),
-                             name, args)
+        return shipped_model(name, args.scale, seed) is not None or _trained_here(
+            os.path.join(args.out, checkpoint_name(name, args.scale, seed)), name, args)
     if args.save_progress is not None:
         folder = args.save_progress or C.states_dir(args.scale)
         for name, seed, what in C.save_progress(args.out, folder, args.scale, models, trained):
@@ -270,6 +270,10 @@ def main(argv=None):
                 os.path.join(args.out, checkpoint_name(j[0], args.scale, j[1])))]
             continue
         pending.remove((name, seed))
+        if shipped_model(name, args.scale, seed):
+            print(f"{name:18s} seed {seed} shipped: {shipped_model(name, args.scale, seed)}",
+                  flush=True)
+            continue  # the repository's model is the model (bench/ship.py)
         path = os.path.join(args.out, checkpoint_name(name, args.scale, seed))
         with _claim(path):
             if _trained_here(path, name, args):

@@ -12,15 +12,15 @@ import os
 
 import torch
 
-from .model_store import checkpoint_name, claim_pid, read_info, same_training
+from .model_store import checkpoint_name, claim_pid, read_info, same_training, shipped_model
 from .scales import (MIN_ACCURACY, SCALES, plan_settings, task_accuracy, task_for,
                      training_stages)
 from .trainer import TrainingPlan, resume_identity
 
 @dataclasses.dataclass
 class ModelStatus:
-    """One model's training, as ``model_status`` finds it. ``state``: "trained",
-    "training", "stopped", "not started" or "other recipe"."""
+    """One model's training, as ``model_status`` finds it. ``state``: "shipped",
+    "trained", "training", "stopped", "not started" or "other recipe"."""
     task: str
     seed: int
     state: str
@@ -44,6 +44,12 @@ def model_status(task_name, scale, seed, directory, max_steps=None):
     ``directory`` (``max_steps``: the budget the trainer was given, else the recipe's)."""
     path = os.path.join(directory, checkpoint_name(task_name, scale, seed))
     settings = plan_settings(task_name, scale, seed, max_steps)
+    shipped = shipped_model(task_name, scale, seed)
+    if shipped:  # the repository's model: no trainer trains it again
+        info = read_info(shipped)
+        return ModelStatus(task_name, seed, "shipped", info["steps"], info.get("max_steps"),
+                           info["held_out_accuracy"], info.get("train_seconds"),
+                           note=_excluded(info, scale) + "; in the repository")
     pid, resume = claim_pid(path), path + ".resume.pt"
     if os.path.exists(resume):
         return _resumable(task_name, scale, seed, resume, settings, pid)

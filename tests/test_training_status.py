@@ -22,6 +22,8 @@ TINY_MODEL = dict(model_store.MODEL_CONFIG, hidden_size=32, intermediate_size=64
 @pytest.fixture
 def tiny_deep(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "is_pinned", lambda: True)  # train here, on the shrunk scale
+    # the repository's own deep models stay out of it (test_a_shipped_model_...)
+    monkeypatch.setattr(model_store, "CHECKPOINT_DIR", str(tmp_path / "shipped"))
     deep = scales.SCALES["deep"]
     monkeypatch.setitem(scales.SCALES, "deep", dict(
         deep, config=dict(TINY_MODEL, vocab_size=deep["config"]["vocab_size"]), seq_len=24,
@@ -102,6 +104,17 @@ def test_the_cli_shows_every_model_and_trains_nothing(tiny_deep, monkeypatch, ca
     assert sorted(os.listdir(tiny_deep)) == before
 
 
+def _ship(name, seed, accuracy=0.97):
+    """A stand-in for a model bench/ship.py stored in the repository."""
+    path = os.path.join(model_store.shipped_dir("deep"),
+                        model_store.checkpoint_name(name, "deep", seed))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    model_store.save_checkpoint(model_store.build_model(scales.SCALES["deep"]["config"]), dict(
+        task=name, steps=1234, max_steps=150, held_out_accuracy=accuracy, train_seconds=60.0),
+        path)
+    return path
+
+
 @pytest.fixture
 def fake_training(monkeypatch):
     """train_and_save recording what it is asked to train, writing a stand-in file."""
@@ -138,6 +151,18 @@ def test_trainers_on_one_folder_skip_a_claimed_model_and_wait_for_it(tiny_deep, 
     assert err.count("waiting for pointer seed 0: another process is training them") == 1
     assert not any(f.endswith(".training") and "pointer" not in f
                    for f in os.listdir(tiny_deep))  # this trainer's claims are gone
+
+
+def test_a_shipped_model_is_never_trained_again_nor_carried(tiny_deep, fake_training, capsys):
+    shipped = _ship("var_chain", 0)
+    status = S.model_status("var_chain", "deep", 0, tiny_deep)
+    assert (status.state, status.step, status.held_out) == ("shipped", 1234, 0.97)
+    assert "passes the 95% rule" in status.note and "in the repository" in status.note
+    train.main(["--scale", "deep", "--out", tiny_deep, "--seeds", "0", "--no-progress"])
+    assert fake_training == [("pointer", 0), ("increment_chain", 0)]
+    assert f"var_chain          seed 0 shipped: {shipped}" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(tiny_deep, model_store.checkpoint_name(
+        "var_chain", "deep", 0)))
 
 
 def test_a_claim_whose_process_is_gone_is_taken_over(tiny_deep, fake_training):
