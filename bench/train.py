@@ -270,9 +270,9 @@ def main(argv=None):
                 os.path.join(args.out, checkpoint_name(j[0], args.scale, j[1])))]
             continue
         pending.remove((name, seed))
-        if shipped_model(name, args.scale, seed):
-            print(f"{name:18s} seed {seed} shipped: {shipped_model(name, args.scale, seed)}",
-                  flush=True)
+        shipped = shipped_model(name, args.scale, seed)
+        if shipped:
+            print(f"{name:18s} seed {seed} shipped: {shipped}", flush=True)
             continue  # the repository's model is the model (bench/ship.py)
         path = os.path.join(args.out, checkpoint_name(name, args.scale, seed))
         with _claim(path):
