@@ -92,9 +92,9 @@ def checkpoint_path(task_name, scale="toy", seed=0, directory=None):
     the repository has it (always for toy), else the cache (trained on first use)."""
     name = checkpoint_name(task_name, scale, seed)
     if directory is None:
-        shipped = os.path.join(shipped_dir(scale), name)
-        directory = shipped_dir(scale) if scale == "toy" or os.path.exists(shipped) \
-            else cache_dir()
+        if scale != "toy":
+            return shipped_model(task_name, scale, seed) or os.path.join(cache_dir(), name)
+        directory = shipped_dir(scale)
     return os.path.join(directory, name)
 
 

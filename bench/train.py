@@ -270,10 +270,13 @@ def main(argv=None):
                 os.path.join(args.out, checkpoint_name(j[0], args.scale, j[1])))]
             continue
         pending.remove((name, seed))
-        shipped = shipped_model(name, args.scale, seed)
+        # the repository's model is the model (bench/ship.py): a background trainer of an
+        # unpinned scale leaves it be; a pinned scale trains here what a caller that found
+        # none shipped asked for (ensure_checkpoint's child process)
+        shipped = None if pinned(args.scale) else shipped_model(name, args.scale, seed)
         if shipped:
             print(f"{name:18s} seed {seed} shipped: {shipped}", flush=True)
-            continue  # the repository's model is the model (bench/ship.py)
+            continue
         path = os.path.join(args.out, checkpoint_name(name, args.scale, seed))
         with _claim(path):
             if _trained_here(path, name, args):
