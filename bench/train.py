@@ -172,7 +172,12 @@ def _carry(p, args, models):
     if args.resume_from is not None:
         folder = args.resume_from or C.states_dir(args.scale)
         if not os.path.isdir(folder):
-            p.error(f"--resume-from {folder}: no such folder")
+            if args.resume_from:  # a folder the user named
+                p.error(f"--resume-from {folder}: no such folder")
+            # the repository holds no state of this scale yet: nothing to take up
+            print(f"--resume-from: no saved {args.scale} states in {folder}; "
+                  f"training starts from --out's own", file=sys.stderr)
+            return False
         os.makedirs(args.out, exist_ok=True)
         for name, seed, what in C.resume_from(folder, args.out, args.scale, models, trained):
             if what.startswith("resumes"):  # (a pinned child process repeats this: quietly)

@@ -283,3 +283,15 @@ def test_status_points_to_a_state_the_repository_holds(tiny_deep, tmp_path, monk
     assert status.state == "not started" and status.note == \
         "the repository holds its state at step 100: train with --resume-from"
     assert S.model_status("pointer", "deep", 1, fresh).note == ""
+
+
+def test_resume_from_without_saved_states_of_the_scale_trains_from_out(
+        tiny_deep, tmp_path, monkeypatch, capsys):
+    """The default folder (the repository's states of the scale) may not exist yet: the
+    first trainer of a scale starts from --out's own states, with a note, not an error."""
+    from steerops.bench import training_carry as C
+    monkeypatch.setattr(C, "STATES_DIR", str(tmp_path / "no_states_yet"))
+    _carry_cli(tiny_deep, "--resume-from", "--status")
+    captured = capsys.readouterr()
+    assert f"no saved deep states in {tmp_path / 'no_states_yet' / 'deep'}" in captured.err
+    assert re.search(r"pointer\s+0\s+not started", captured.out)
