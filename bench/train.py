@@ -185,6 +185,22 @@ def _carry(p, args, models):
     return False
 
 
+def _print_task_accuracy(args, seeds):
+    """--status --task-accuracy: every task's accuracy on each shared model."""
+    from .training_status import task_accuracies, task_accuracy_table
+    torch.set_num_threads(args.threads)
+    columns = []
+    for seed in seeds:
+        where, accuracy = task_accuracies(args.scale, seed, args.out)
+        if accuracy is not None:
+            columns.append((seed, where, accuracy))
+    if not columns:
+        print("\nno model of this scale is trained or saved yet: no task accuracy to show")
+        return
+    print("\nheld-out accuracy per task (500 test pairs each; <95%: below the rule)")
+    print(task_accuracy_table(args.scale, columns))
+
+
 def main(argv=None):
     p = Parser(
         prog="python -m steerops.bench.train",
@@ -216,6 +232,10 @@ def main(argv=None):
     p.add_argument("--status", action="store_true",
                    help="train nothing: show where each model's training stands in --out "
                         "(trained, training now, stopped mid-way, not started)")
+    p.add_argument("--task-accuracy", action="store_true",
+                   help="with --status, on the multitask scale: every task's held-out "
+                        "accuracy on each shared model (its latest saved state, measured "
+                        "now: a minute or two a model), beside the 95%% rule")
     p.add_argument("--save-progress", nargs="?", const="", default=None, metavar="FOLDER",
                    help="train nothing: copy each unfinished model's latest saved state from "
                         "--out into FOLDER, to commit it or carry it to another machine "
@@ -235,12 +255,17 @@ def main(argv=None):
                 f"{', '.join(scale_tasks(args.scale))})")
     seeds = args.seeds if args.seeds is not None else SCALES[args.scale]["seeds"]
     models = [(name, seed) for seed in seeds for name in args.tasks]
+    if args.task_accuracy and not (args.status and SCALES[args.scale].get("shared")):
+        p.error("--task-accuracy goes with --status on the multitask scale (a one-task "
+                "model's held-out accuracy is its task's: --status shows it)")
     if _carry(p, args, models):
         return
     if args.status:
         from .training_status import model_status, status_table
         print(status_table([model_status(name, args.scale, seed, args.out, args.max_steps)
                             for seed in seeds for name in args.tasks]))
+        if args.task_accuracy:
+            _print_task_accuracy(args, seeds)
         return
     if pinned(args.scale) and args.threads == 1 and not R.is_pinned():
         # the pinned math paths are read when torch loads: run again in a process that has them

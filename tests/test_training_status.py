@@ -295,3 +295,61 @@ def test_resume_from_without_saved_states_of_the_scale_trains_from_out(
     captured = capsys.readouterr()
     assert f"no saved deep states in {tmp_path / 'no_states_yet' / 'deep'}" in captured.err
     assert re.search(r"pointer\s+0\s+not started", captured.out)
+
+
+@pytest.fixture
+def tiny_multitask(tmp_path, monkeypatch):
+    """The multitask scale shrunk like the deep one above (2 hops, 24 tokens, 150 steps)."""
+    monkeypatch.setattr(R, "is_pinned", lambda: True)
+    monkeypatch.setattr(model_store, "CHECKPOINT_DIR", str(tmp_path / "shipped"))
+    multi = scales.SCALES["multitask"]
+    monkeypatch.setitem(scales.SCALES, "multitask", dict(
+        multi, config=dict(TINY_MODEL, vocab_size=multi["config"]["vocab_size"]), seq_len=24,
+        hops=2, max_steps=150, batch_pairs=16, seeds=(0, 1), compiled=False))
+    return str(tmp_path)
+
+
+def _task_accuracy_cli(folder, *extra):
+    train.main(["--scale", "multitask", "--out", folder, "--no-progress", "--status",
+                "--task-accuracy", *extra])
+
+
+def test_status_shows_each_task_of_a_shared_model_on_its_latest_state(tiny_multitask,
+                                                                      monkeypatch, capsys):
+    from steerops.bench.model_store import build_model
+    real = R.save_state
+
+    def save_then_die(*a, **kw):
+        real(*a, **kw)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(R, "save_state", save_then_die)
+    path = os.path.join(tiny_multitask, model_store.checkpoint_name("multitask", "multitask", 0))
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_save("multitask", "multitask", 0, path, progress=False)
+    monkeypatch.setattr(R, "save_state", real)
+    _task_accuracy_cli(tiny_multitask)
+    out = capsys.readouterr().out
+    table = out.split("held-out accuracy per task")[1].strip().splitlines()[1:]
+    assert table[0].split() == ["task", "seed", "0", "(saved", "state,", "step", "100)"]
+    # what the state's model scores on each task, as a trained model's record measures it
+    state = torch.load(path + ".resume.pt", weights_only=True)
+    model = build_model(scales.SCALES["multitask"]["config"])
+    model.load_state_dict(state["model"])
+    expected = train.shared_task_accuracy(model.eval(), "multitask", 0)
+    rows = {line.split()[0]: line.split()[1:] for line in table[1:]}
+    assert list(rows) == list(scales.scale_tasks("multitask"))  # seed 1 has no column
+    for task, acc in expected.items():
+        assert rows[task][0] == f"{acc:.3f}"
+        assert (rows[task][1:] == ["<95%"]) == (acc < scales.MIN_ACCURACY)
+
+
+def test_task_accuracy_with_no_model_and_its_errors(tiny_multitask, tiny_deep, capsys):
+    _task_accuracy_cli(tiny_multitask)
+    assert "no model of this scale is trained or saved yet" in capsys.readouterr().out
+    for argv in (["--scale", "deep", "--status", "--task-accuracy"],
+                 ["--scale", "multitask", "--task-accuracy"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + ["--out", tiny_deep])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "--task-accuracy goes with --status on the multitask scale" in err[-1]
