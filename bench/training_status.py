@@ -119,27 +119,6 @@ def status_table(statuses):
                      for r in rows)
 
 
-def task_accuracies(scale, seed, directory):
-    """(where, {task: held-out accuracy}) of a shared model: its record's, once it is
-    trained or shipped; else measured now on its latest saved state (500 test pairs a
-    task, as the trained model's record measures them; a minute or two on one CPU
-    thread), so that a training of many hours shows which tasks already pass the 95%
-    rule. (None, None) when there is neither."""
-    from .model_store import build_model
-    from .train import shared_task_accuracy
-    path = os.path.join(directory, checkpoint_name("multitask", scale, seed))
-    done = shipped_model("multitask", scale, seed) or (path if os.path.exists(path) else None)
-    if done:
-        info = read_info(done)
-        return f"trained, step {info['steps']}", info["task_accuracy"]
-    if not os.path.exists(path + ".resume.pt"):
-        return None, None
-    state = torch.load(path + ".resume.pt", weights_only=True)
-    model = build_model(json.loads(state["plan"])["config"])
-    model.load_state_dict(state["model"])
-    return f"saved state, step {state['step']}", shared_task_accuracy(model.eval(), scale, seed)
-
-
 def task_accuracy_table(scale, columns):
     """``columns``: [(seed, where, {task: accuracy})] as an aligned text table, each
     task below the 95% rule marked."""
