@@ -114,9 +114,13 @@ def status_table(statuses):
     """The statuses as an aligned text table."""
     rows = [["task", "seed", "state", "step", "stage", "held-out", "time", "note"]]
     rows += [s.row() for s in statuses]
+    return "\n".join(_aligned(rows))
+
+
+def _aligned(rows):
+    """Text rows of ``rows`` (lists of cells), every column but the last padded."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]
-                     for r in rows)
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
 
 
 def task_accuracy_table(scale, columns):
@@ -125,5 +129,4 @@ def task_accuracy_table(scale, columns):
     rows = [["task"] + [f"seed {seed} ({where})" for seed, where, _ in columns]]
     rows += [[t] + [f"{acc[t]:.3f}" + (" <95%" if acc[t] < MIN_ACCURACY else "")
                     for _, _, acc in columns] for t in SCALES[scale]["tasks"]]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join(line.rstrip() for line in _aligned(rows))
