@@ -8,6 +8,7 @@ from .headline import BASELINES, COMPUTE_LIMIT, PAPER_R, READINGS
 
 FORM_LABELS = {"floor": "patching at its floor", "naive_batched": "naive-batched patching"}
 LEGEND_INCHES = 2.6  # the shared legend's column, right of the panels
+PLANE_COLUMNS = 4  # families per row: the together plane has 7+, too narrow on one row
 CURVE_METHODS = ("S1-proj", "S1-lin", "S1-exact", "S1-exact-odd", "S2", "AtP", "norm")
 
 
@@ -34,10 +35,16 @@ def plot_plane_v4(results, path):
     colours = _colours(READINGS + BASELINES)
     prior_styles = {"prior-answer": ("k", "--"), "prior-path": ("tab:brown", "-."),
                     "random": ("gray", ":")}
-    width = 5.0 * len(fams) + LEGEND_INCHES
-    fig, axes = plt.subplots(2, len(fams), figsize=(width, 8.6), squeeze=False)
-    for row, form in enumerate(("floor", "naive_batched")):
-        for ax, (fam, f) in zip(axes[row], fams.items()):
+    cols = min(PLANE_COLUMNS, len(fams))
+    per_form = -(-len(fams) // cols)  # rows of panels that one form takes
+    width = 5.0 * cols + LEGEND_INCHES
+    fig, grid = plt.subplots(2 * per_form, cols, figsize=(width, 4.3 * 2 * per_form),
+                             squeeze=False)
+    for block, form in enumerate(("floor", "naive_batched")):
+        panels = list(grid[block * per_form:(block + 1) * per_form].flat)
+        for ax in panels[len(fams):]:
+            ax.set_visible(False)  # the last row of a form's block may be part-filled
+        for ax, (fam, f) in zip(panels, fams.items()):
             rows = f["rows"]
             for m in READINGS + BASELINES:
                 x = (rows[m].get("compute") or {}).get(f"ratio_{form}")
@@ -56,10 +63,14 @@ def plot_plane_v4(results, path):
             ax.axvline(COMPUTE_LIMIT, color="tab:red", lw=0.6, ls=(0, (1, 1)),
                        label="compute 0.05")
             ax.set(xscale="log", xlabel=f"compute / {FORM_LABELS[form]} (FLOPs, fit counted)",
-                   ylabel="R_pair", title=f"{fam} ({len(f['tasks'])} tasks), vs {form}",
+                   ylabel="R_pair", title=f"{fam} ({_count(len(f['tasks']), 'task')}), vs {form}",
                    ylim=(min(0.0, ax.get_ylim()[0]), 1.05))
             ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks collide
-    _legend_and_save(fig, axes, path, right=1 - LEGEND_INCHES / width)
+    _legend_and_save(fig, grid, path, right=1 - LEGEND_INCHES / width)
+
+
+def _count(n, noun):
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _point(ax, x, e, colour, marker, label):
@@ -83,27 +94,42 @@ def _legend_and_save(fig, axes, path, right=0.82):
 
 def plot_shares(results, path):
     """Per task: the answer-column share and the top-3 share of Σ|g| over S*, with
-    prior-answer's R_pair; discriminative tasks (prior-answer < 0.8) marked."""
+    prior-answer's R_pair; discriminative tasks (prior-answer < 0.8) marked. Tasks named
+    scale/task (a combined run) get one row of bars per scale, so that the pooled chart
+    of three scales stays as wide as its largest scale."""
     import matplotlib.pyplot as plt
     tasks = results["tasks"]
-    names = list(tasks)
+    groups = {s: [] for s in results.get("scales", [None])}  # in the command's order
+    for name in tasks:
+        groups[name.split("/")[0] if "scales" in results else None].append(name)
+    groups = {s: names for s, names in groups.items() if names}
+    widest = max(len(names) for names in groups.values())
+    fig, axes = plt.subplots(len(groups), 1, squeeze=False, figsize=(
+        max(6.0, 0.75 * widest + 2) + 3.2, 4.4 + 3.4 * (len(groups) - 1)))
+    for ax, (scale, names) in zip(axes[:, 0], groups.items()):
+        _share_bars(ax, tasks, names, widest)
+        title = results["settings"]["scale"] if scale is None else f"{scale} scale"
+        ax.set_title(f"How positional is each task's ground truth ({title})")
+    axes[0, 0].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _share_bars(ax, tasks, names, slots):
     col = [tasks[n]["v4"]["answer_column_share"] for n in names]
     top3 = [tasks[n]["v4"]["top3_share"] for n in names]
     prior = [tasks[n]["v4"]["rows"]["prior-answer"]["R_pair"] for n in names]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(names) + 2) + 3.2, 4.4))
     ax.bar(x - 0.2, col, 0.4, label="answer-column share of Σ|g| (S*)", color="tab:blue")
     ax.bar(x + 0.2, top3, 0.4, label="top-3 share of Σ|g| (S*)", color="tab:orange")
     ax.plot(x, prior, "kD", mfc="none", label="prior-answer R_pair")
     ax.axhline(0.8, color="k", ls=":", lw=0.8, label="discriminative below 0.8 (prior-answer)")
-    labels = [n + ("\n(discr.)" if tasks[n]["v4"]["discriminative"] else "") for n in names]
+    labels = [n.split("/")[-1] + ("\n(discr.)" if tasks[n]["v4"]["discriminative"] else "")
+              for n in names]  # a combined run's row names its scale in the title
     ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
-    ax.set(ylim=(0, 1.05), ylabel="share / R_pair",
-           title=f"How positional is each task's ground truth ({results['settings']['scale']})")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    # every scale's row has the same slots, so a bar is as wide in each
+    ax.set(xlim=(-0.6, slots - 0.4), ylim=(0, 1.05), ylabel="share / R_pair")
 
 
 def plot_break_even(results, path):

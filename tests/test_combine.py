@@ -64,6 +64,31 @@ def test_each_scale_alone_equals_its_own_summary_and_together_pools_them(tmp_pat
         assert (tmp_path / "both" / png).stat().st_size > 10_000
 
 
+def test_the_together_charts_wrap_onto_rows(tmp_path, committed, monkeypatch):
+    """Together, the plane has the families plus one per scale (7 with all three scales):
+    it wraps them onto rows of at most PLANE_COLUMNS panels per form instead of one row
+    too wide to read. Here 4 families on rows of 3: two rows per form, four in all. The
+    answer-column share chart has one row of bars per scale, as wide as one scale's."""
+    from PIL import Image
+
+    from steerops.bench import plots_v4
+    settings, shards = committed
+    folders = [_folder(tmp_path, s, settings, shards) for s in ("standard", "deep")]
+    both = C.combine(folders, n_draws=50)
+    assert len(both["v4"]["families"]) == 4
+    monkeypatch.setattr(plots_v4, "PLANE_COLUMNS", 3)
+    plots_v4.plot_plane_v4(both, tmp_path / "plane.png")
+    width, height = Image.open(tmp_path / "plane.png").size
+    assert width == pytest.approx((5.0 * 3 + plots_v4.LEGEND_INCHES) * 110, abs=2)
+    assert height == pytest.approx(4 * 4.3 * 110, abs=2)
+    plots_v4.plot_shares(both, tmp_path / "shares.png")
+    alone = dict(both, tasks={t: r for t, r in both["tasks"].items() if t.startswith("deep/")})
+    plots_v4.plot_shares(alone, tmp_path / "one_scale.png")
+    (width, height), (width_1, height_1) = (Image.open(tmp_path / p).size
+                                            for p in ("shares.png", "one_scale.png"))
+    assert width == pytest.approx(width_1, abs=40) and height > 1.6 * height_1
+
+
 def test_combine_user_errors(tmp_path, committed, capsys):
     from steerops.app.cli import main
     settings, shards = committed
