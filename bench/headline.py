@@ -153,3 +153,8 @@ def summarize_v4(tasks, families, seed):
                               "discriminative: prior-answer's R_pair >= 0.8 on each)",
             "families": per_family,
             "verdict": {fam: verdict(f) for fam, f in per_family.items()}}
+
+
+def counted(n, noun):
+    """'1 task', '4 tasks': a count as the report and the plots write it."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -4,7 +4,7 @@ reading's compute ratio over depth and prompt length."""
 import numpy as np
 
 from .controls import PRIORS, TWINS
-from .headline import BASELINES, COMPUTE_LIMIT, PAPER_R, READINGS
+from .headline import BASELINES, COMPUTE_LIMIT, PAPER_R, READINGS, counted
 
 FORM_LABELS = {"floor": "patching at its floor", "naive_batched": "naive-batched patching"}
 LEGEND_INCHES = 2.6  # the shared legend's column, right of the panels
@@ -63,14 +63,10 @@ def plot_plane_v4(results, path):
             ax.axvline(COMPUTE_LIMIT, color="tab:red", lw=0.6, ls=(0, (1, 1)),
                        label="compute 0.05")
             ax.set(xscale="log", xlabel=f"compute / {FORM_LABELS[form]} (FLOPs, fit counted)",
-                   ylabel="R_pair", title=f"{fam} ({_count(len(f['tasks']), 'task')}), vs {form}",
+                   ylabel="R_pair", title=f"{fam} ({counted(len(f['tasks']), 'task')}), vs {form}",
                    ylim=(min(0.0, ax.get_ylim()[0]), 1.05))
             ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks collide
     _legend_and_save(fig, grid, path, right=1 - LEGEND_INCHES / width)
-
-
-def _count(n, noun):
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _point(ax, x, e, colour, marker, label):

@@ -5,7 +5,7 @@ answer-column share, the priors and the twins, then every point outside its inte
 import numpy as np
 
 from .controls import PRIORS, TWINS
-from .headline import BASELINES, DISCRIMINATIVE_BELOW, READINGS
+from .headline import BASELINES, DISCRIMINATIVE_BELOW, READINGS, counted
 
 
 def _f(x, digits=3):
@@ -129,7 +129,7 @@ def v4_lines(results):
     v4 = results["v4"]
     fam = v4["families"]["all"]
     lines = ["## Verdict (protocol v4)", "",
-             f"Headline basis: {v4['headline_basis']} ({len(fam['tasks'])} tasks: "
+             f"Headline basis: {v4['headline_basis']} ({counted(len(fam['tasks']), 'task')}: "
              f"{', '.join(fam['tasks'])}). R_pair = mean over eval pairs of R on each pair's "
              "own map; intervals: hierarchical bootstrap (training seeds → nested split seeds "
              "→ eval pairs), and one that also resamples tasks. A reading reproduces the "
