@@ -368,7 +368,8 @@ def main(argv=None):
         return 0
     print(f"\nwrote {args.out}/results.json, results.md, plane.png, answer_column_share.png, "
           f"break_even.png, plane_v3.png, cap_curves.png, compute_ratio.png, "
-          f"heatmaps/TASK.png (runs resumable under {args.out}/runs)", file=sys.stderr)
+          f"heatmaps/TASK.png, TASK-pair.png (runs resumable under {args.out}/runs)",
+          file=sys.stderr)
     return 0
 
 

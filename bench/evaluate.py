@@ -288,6 +288,10 @@ def run_one(task, model, settings, split_seed, device, timing_repeats=0, splits=
                 "flops_amortised", c["flops"]) / (fwd * n_ev)
     v4 = version4(per_pair, twin, raw, m_clean, m_corrupt, diffs, star, ev.contrast.numpy(),
                   g)
+    # the first eval pair's tokens: its own g and scores drawn over its prompt (the mean
+    # maps mix pairs whose layouts differ, as the multi-hop tasks' do)
+    v4["per_pair"]["example"] = {"clean": ev.clean[0].tolist(),
+                                 "corrupt": ev.corrupt[0].tolist()}
     draws = bootstrap(per_pair, raw, m_clean, m_corrupt, star, settings["n_boot"], split_seed,
                       v4.pop("pair_R"))
     return {

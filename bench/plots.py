@@ -184,6 +184,57 @@ def plot_task_heatmaps(run, path):
     plt.close(fig)
 
 
+PAIR_PANELS = ("effects", "S1-lin", "S1-exact", "AtP", "S1-proj")  # g, then the readings
+
+
+def plot_pair_heatmap(run, path):
+    """One eval pair (the run's first) over layer x its own prompt's tokens: its own g and
+    the readings' scores, each panel its own colour scale; sites outside this pair's S*
+    grey; p* labelled clean→corrupt. A mean map mixes pairs whose layouts differ (every
+    multi-hop prompt has its own), so where a chain's value travels shows per pair."""
+    import matplotlib.pyplot as plt
+
+    from .vocabulary import token_text
+    pp = run["v4"]["per_pair"]
+    star = np.asarray(run["star"], bool)
+    L1, T = star.shape
+    k = int(star.sum())
+    own = np.zeros_like(star)
+    own[star] = np.asarray(pp["pair_star"][:k], bool)  # pair 0's own S*, within S*
+    clean, corrupt = pp["example"]["clean"], pp["example"]["corrupt"]
+    labels = [token_text(c) if c == x else f"{token_text(c)}→{token_text(x)}"
+              for c, x in zip(clean, corrupt)]
+    keys = [key for key in PAIR_PANELS if key == "effects" or key in pp["scores"]]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(max(8.0, 0.24 * T + 2), 2.3 * len(keys)),
+                             squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        m = np.full((L1, T), np.nan)
+        m[star] = np.asarray(pp["g"] if key == "effects" else pp["scores"][key], float)[:k]
+        vals = np.where(own, m, np.nan)
+        vmax = float(np.nanmax(np.abs(vals))) if np.isfinite(vals).any() else 1.0
+        im = ax.imshow(np.ma.masked_invalid(vals), aspect="auto", cmap="RdBu_r",
+                       vmin=-(vmax or 1.0), vmax=vmax or 1.0, origin="lower",
+                       interpolation="nearest")
+        ax.imshow(np.ma.masked_where(own, np.ones_like(m)), aspect="auto", cmap="Greys",
+                  vmin=0, vmax=4, origin="lower", interpolation="nearest")
+        ax.set_title("patching g (this pair)" if key == "effects" else key, fontsize=9)
+        ax.set_yticks(range(L1))
+        ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
+        for tick, c, x in zip(ax.get_xticklabels(), clean, corrupt):
+            if c != x:
+                tick.set_color("tab:red")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+        cb = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+        cb.ax.tick_params(labelsize=6)
+    fig.suptitle(f"{run['task']}, one eval pair (training seed {run.get('train_seed', 0)}, "
+                 f"split {run['split_seed']}): its clean tokens, p* in red as clean→corrupt; "
+                 f"colour scale per panel; grey = outside this pair's S*", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plots(results, out_dir):
     import matplotlib
     matplotlib.use("Agg")
@@ -200,3 +251,5 @@ def plots(results, out_dir):
         first.setdefault(r["task"], r)
     for task, run in first.items():
         plot_task_heatmaps(run, os.path.join(folder, f"{task}.png"))
+        if "example" in run.get("v4", {}).get("per_pair", {}):  # runs from before 2026-12-04
+            plot_pair_heatmap(run, os.path.join(folder, f"{task}-pair.png"))  # lack it

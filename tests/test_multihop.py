@@ -258,3 +258,22 @@ def test_the_multitask_scale_puts_every_task_behind_its_token_on_one_model(tmp_p
     assert model.config.vocab_size == scales.MULTITASK_CONFIG["vocab_size"]
     assert set(info["task_accuracy"]) == set(names)
     assert scales.task_accuracy(info, "ioi") == info["task_accuracy"]["ioi"]
+
+
+def test_every_token_of_every_scale_has_text_for_the_pictures():
+    """The per-pair heatmap labels positions with their tokens: every id a model of any
+    scale can see has short text, the words the generators use read as such, and an id
+    outside the vocabulary is an error, not a blank label."""
+    from steerops.bench.scales import SCALES, task_token
+    from steerops.bench.tasks import SYM0
+    from steerops.bench.vocabulary import token_text
+    size = SCALES["multitask"]["config"]["vocab_size"]
+    texts = [token_text(i) for i in range(size)]
+    assert all(texts) and len(set(texts[:FILLER0])) == FILLER0  # distinct below filler
+    assert (token_text(NUM0 + 7), token_text(MH.LET), token_text(MH.START), token_text(QUERY),
+            token_text(SYM0 + 3), token_text(FILLER0)) == ("7", "let", "START", "?", "s3", "·")
+    assert token_text(task_token("var_chain", "multitask")) == "[var_chain]"
+    assert size == VOCAB_STANDARD + len(SCALES["multitask"]["tasks"])
+    with pytest.raises(ValueError, match="outside"):
+        token_text(size)
+

@@ -214,6 +214,11 @@ def test_the_benchmark_writes_every_v4_field_and_report_only_rebuilds_it_exactly
     pp = run["v4"]["per_pair"]
     n, k = pp["pairs"], pp["star_sites"]
     assert len(pp["g"]) == n * k and len(pp["scores"]["S1-lin"]) == n * k
+    # the first eval pair's tokens, drawn per pair over its prompt (heatmaps/TASK-pair.png)
+    clean, corrupt = pp["example"]["clean"], pp["example"]["corrupt"]
+    assert len(clean) == len(corrupt) == run["seq_len"]
+    assert sum(c != x for c, x in zip(clean, corrupt)) >= 1
+    assert os.path.getsize(os.path.join(out, "heatmaps", "pronoun-pair.png")) > 10_000
     # every reading's R_pair can be recomputed from the shard alone (to its 6 digits)
     g = np.array(pp["g"]).reshape(n, 1, k)
     stars = np.array(pp["pair_star"], bool).reshape(n, 1, k)
