@@ -193,7 +193,12 @@ def _run(tasks, *, quick, device, out_dir, progress, checkpoint_dir, with_realis
                "checkpoints": checkpoint_dir or ("shipped" if scale == "toy" else
                                                  "shipped where bench/checkpoints/" + scale
                                                  + " has them, else the cache"),
-               "complete": False, "stages_done": [], "runs_done": 0, "runs_total": len(jobs)}
+               "complete": False, "stages_done": [], "runs_done": 0, "runs_total": len(jobs),
+               # what this run was asked for beside the scale's whole run: a folder of a
+               # subset says so (reporting.scope_lines)
+               "scope": {"tasks": list(tasks), "train_seeds": seeds,
+                         "scale_tasks": scale_tasks(scale),
+                         "scale_train_seeds": list(SCALES[scale]["seeds"])}}
     # read before this run rewrites results.json: when --out is the committed folder,
     # the file it overwrites is the record its models are compared with
     committed = committed_hashes(scale)

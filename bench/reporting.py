@@ -256,6 +256,20 @@ def no_verdict_markdown(results):
         + excluded_lines(results))
 
 
+def scope_lines(results):
+    """A run of some of a scale's tasks or training seeds says so first: its numbers are
+    that subset's, not the scale's verdict."""
+    sc = results.get("scope")
+    if not sc or (set(sc["tasks"]) == set(sc["scale_tasks"])
+                  and set(sc["train_seeds"]) == set(sc["scale_train_seeds"])):
+        return []
+    return [f"**Scope: a subset of the {results['settings']['scale']} scale's run**: tasks "
+            f"{', '.join(sc['tasks'])} of {', '.join(sc['scale_tasks'])}; training seeds "
+            f"{', '.join(map(str, sc['train_seeds']))} of "
+            f"{', '.join(map(str, sc['scale_train_seeds']))}. These numbers are that "
+            f"subset's, not the scale's verdict.", ""]
+
+
 def markdown(results):
     env, st = results["environment"], results["settings"]
     lines = _title(results)
@@ -263,7 +277,7 @@ def markdown(results):
         miss = results["missing_runs"]
         lines += [f"**Partial: {results['runs_done']} of {results['runs_total']} runs** "
                   f"(missing {len(miss)}; rerun the same command to complete them).", ""]
-    lines += excluded_lines(results)
+    lines += scope_lines(results) + excluded_lines(results)
     if results.get("left_out_small_star"):
         lines += [("Left out of the headline (|S*| < 10): " if results["headline_rule_met"]
                    else "**No task reaches |S*| >= 10 at this scale; every number below is "

@@ -15,6 +15,7 @@ from steerops.bench import bootstrap as B
 from steerops.bench import controls as C
 from steerops.bench import faithfulness as F
 from steerops.bench import headline as H
+from steerops.bench import reporting
 from steerops.bench.provenance import read_shard
 
 
@@ -199,6 +200,11 @@ def test_the_benchmark_writes_every_v4_field_and_report_only_rebuilds_it_exactly
     be = results["break_even"]
     assert len(be["by_layers"]["S1-proj"]["floor"]) == len(be["layers"])
     assert "## Verdict (protocol v4)" in table and "outside their own 95% interval" in table
+    # two of the scale's 12 tasks: the report says first that this is a subset
+    assert "**Scope: a subset of the toy scale's run**: tasks successor, pronoun of " in table
+    assert table.index("**Scope") < table.index("## Verdict")
+    full = dict(results, scope=dict(results["scope"], tasks=results["scope"]["scale_tasks"]))
+    assert reporting.scope_lines(full) == [] and "Scope" not in reporting.markdown(full)
     for png in ("plane.png", "answer_column_share.png", "break_even.png", "plane_v3.png"):
         assert os.path.getsize(os.path.join(out, png)) > 10_000
     # the shards are compressed and hold per-pair g and every reading's per-pair scores
