@@ -249,7 +249,7 @@ def excluded_lines(results):
 def no_verdict_markdown(results):
     """results.md of a scale whose every task model is below 95%: no verdict, and which."""
     n = len(results["excluded_models"])
-    return "\n".join(_title(results) + [
+    return "\n".join(_title(results) + scope_lines(results) + [
         f"**No verdict at this scale: every task model ({n}) is below 95% held-out accuracy.** "
         "The protocol leaves such a model out and lists it; nothing was measured on them, "
         "so this scale adds no run to the verdict (per scale or together).", ""]

@@ -105,6 +105,9 @@ def test_a_scale_whose_every_model_is_excluded_reports_no_verdict_and_combines(
                    "--no-progress", "--train-seeds", "0"]) == 0
     out, err = capsys.readouterr()
     assert "No verdict at this scale: every task model (1) is below 95%" in out
+    # one task and one seed of the deep scale's run: said before the no-verdict line
+    assert out.index("**Scope: a subset of the deep scale's run**: tasks pointer of ") < \
+        out.index("No verdict at this scale")
     assert "Excluded: pointer training seed 0" in out and "no verdict" in err
     record = json.load(open(os.path.join(deep, "results.json")))
     assert record["runs_done"] == 0 and record["complete"] and record["verdict"] is None
