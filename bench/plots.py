@@ -145,6 +145,19 @@ def plot_compute(results, path):
     _legend_right(fig, axes[None, :], path, below=True)
 
 
+def _heat(ax, m, shown):
+    """``m`` (layer x position) on a colour scale symmetric about 0, its own; sites
+    outside ``shown`` grey. Returns the image, for its colourbar."""
+    vals = np.where(shown, m, np.nan)
+    vmax = float(np.nanmax(np.abs(vals))) if np.isfinite(vals).any() else 1.0
+    vmax = vmax or 1.0
+    im = ax.imshow(np.ma.masked_invalid(vals), aspect="auto", cmap="RdBu_r", vmin=-vmax,
+                   vmax=vmax, origin="lower", interpolation="nearest")
+    ax.imshow(np.ma.masked_where(shown, np.ones_like(m)), aspect="auto", cmap="Greys",
+              vmin=0, vmax=4, origin="lower", interpolation="nearest")
+    return im
+
+
 def plot_task_heatmaps(run, path):
     """One task's first run: g and every method's mean scores over layer x position,
     each panel its own colour scale and labelled colourbar; sites outside S* grey."""
@@ -157,13 +170,7 @@ def plot_task_heatmaps(run, path):
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.5 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         m = np.asarray(run["effects"] if key == "effects" else run["scores"][key], float)
-        vals = np.where(star, m, np.nan)
-        vmax = float(np.nanmax(np.abs(vals))) if np.isfinite(vals).any() else 1.0
-        vmax = vmax or 1.0
-        im = ax.imshow(np.ma.masked_invalid(vals), aspect="auto", cmap="RdBu_r", vmin=-vmax,
-                       vmax=vmax, origin="lower", interpolation="nearest")
-        ax.imshow(np.ma.masked_where(star, np.ones_like(m)), aspect="auto", cmap="Greys",
-                  vmin=0, vmax=4, origin="lower", interpolation="nearest")
+        im = _heat(ax, m, star)
         ax.set_title("patching g" if key == "effects" else key, fontsize=9)
         ax.set_yticks(range(L1))
         step = max(1, T // 8)
@@ -210,13 +217,7 @@ def plot_pair_heatmap(run, path):
     for ax, key in zip(axes[:, 0], keys):
         m = np.full((L1, T), np.nan)
         m[star] = np.asarray(pp["g"] if key == "effects" else pp["scores"][key], float)[:k]
-        vals = np.where(own, m, np.nan)
-        vmax = float(np.nanmax(np.abs(vals))) if np.isfinite(vals).any() else 1.0
-        im = ax.imshow(np.ma.masked_invalid(vals), aspect="auto", cmap="RdBu_r",
-                       vmin=-(vmax or 1.0), vmax=vmax or 1.0, origin="lower",
-                       interpolation="nearest")
-        ax.imshow(np.ma.masked_where(own, np.ones_like(m)), aspect="auto", cmap="Greys",
-                  vmin=0, vmax=4, origin="lower", interpolation="nearest")
+        im = _heat(ax, m, own)
         ax.set_title("patching g (this pair)" if key == "effects" else key, fontsize=9)
         ax.set_yticks(range(L1))
         ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
