@@ -16,8 +16,9 @@ from steerops.app.cli_args import (Parser, UsageError, existing_folder, output_f
 
 from .aggregate import summarize
 from .attribution import SEED
+from .controls import TWINS
 from .provenance import read_shard, save_results
-from .report_v4 import v4_lines
+from .report_v4 import _ci, _diff, _f, v4_lines
 from .run_store import compact, shard_path
 from .tasks import FAMILIES
 
@@ -87,7 +88,70 @@ def markdown(results):
         lines += [f"Excluded at {s}: " + ", ".join(
             f"{e['task']} seed {e['train_seed']} ({e['held_out_accuracy']:.3f})"
             for e in models) + " (held-out accuracy < 0.95).", ""]
-    return "\n".join(lines + v4_lines(results))
+    return "\n".join(lines + v4_lines(results) + same_task_lines(results))
+
+
+SAME_TASK_READINGS = ("S1-lin", "AtP")  # a steering reading beside the gradient baseline
+
+
+def same_task_lines(results):
+    """One task trained on its own model and again on the shared multitask model (or on
+    two scales at all): the evidence for what changes between them, side by side. The
+    two are different models, bootstrapped apart, so each row carries its own interval;
+    a difference is only read where the intervals do not overlap."""
+    by_task = {}
+    for name, t in results["tasks"].items():
+        scale, task = name.split("/", 1)
+        by_task.setdefault(task, {})[scale] = t
+    shared = {task: {s: scales[s] for s in results["scales"] if s in scales}
+              for task, scales in by_task.items() if len(scales) > 1}  # in the command's order
+    if not shared:
+        return []
+    head = [f"{m} [95% CI]" + (f" | {m} − twin" if m in TWINS else "")
+            for m in SAME_TASK_READINGS]
+    lines = ["## The same task on several scales", "",
+             "Each task below was trained on a model of its own on one scale and again on "
+             "another (on `multitask`: one shared model for all 15 tasks). Rows are separate "
+             "models with separate intervals. Answer-column share: the share of Σ|g| over S* "
+             "in the answer column.", "",
+             "| task | scale | runs | \\|S*\\| | answer-column share | prior-answer | "
+             + " | ".join(head) + " |",
+             "|---|---|---|---|---|---|" + "---|" * sum(1 + (m in TWINS)
+                                                         for m in SAME_TASK_READINGS)]
+    for task, scales in sorted(shared.items()):
+        for scale, t in scales.items():
+            r = t["v4"]["rows"]
+            cells = [f"{_f(r[m]['R_pair'])}{_ci(r[m])}" + (
+                f" | {_diff(r[m].get('vs_twin'))}" if m in TWINS else "")
+                for m in SAME_TASK_READINGS]
+            lines.append(f"| {task} | {scale} | {t['runs']} | {t['informative_sites']:.0f} "
+                         f"| {_f(t['v4']['answer_column_share'])} "
+                         f"| {_f(r['prior-answer']['R_pair'])} | " + " | ".join(cells) + " |")
+    return lines + [""] + apart_lines(shared)
+
+
+def _apart(a, b):
+    """Whether two rows' 95% intervals do not overlap."""
+    (lo_a, hi_a), (lo_b, hi_b) = a.get("ci95") or (None, None), b.get("ci95") or (None, None)
+    return None not in (lo_a, lo_b) and (hi_a < lo_b or hi_b < lo_a)
+
+
+def apart_lines(shared):
+    """Per reading, the tasks whose intervals on two scales do not overlap, with both
+    values: the differences between the scales that the intervals alone support."""
+    out = []
+    for m in SAME_TASK_READINGS:
+        found = []
+        for task, scales in sorted(shared.items()):
+            names = list(scales)
+            for i, s in enumerate(names):
+                for u in names[i + 1:]:
+                    a, b = scales[s]["v4"]["rows"][m], scales[u]["v4"]["rows"][m]
+                    if _apart(a, b):
+                        found.append(f"{task} ({s} {_f(a['R_pair'])}, {u} {_f(b['R_pair'])})")
+        out.append(f"{m}: " + (", ".join(found) or "none") + ".")
+    return ["Intervals apart between scales (the same task, non-overlapping 95% intervals): "
+            + " ".join(out), ""]
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@ several benchmark folders' shards, tasks named scale/task, one family per scale.
 import glob
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -87,6 +88,39 @@ def test_the_together_charts_wrap_onto_rows(tmp_path, committed, monkeypatch):
     (width, height), (width_1, height_1) = (Image.open(tmp_path / p).size
                                             for p in ("shares.png", "one_scale.png"))
     assert width == pytest.approx(width_1, abs=40) and height > 1.6 * height_1
+
+
+def test_the_same_task_on_two_scales_is_set_side_by_side(tmp_path, committed):
+    """A task on two scales (here the same runs standing in for both) gets one row per
+    scale with that scale's own values, in the command's order; identical runs give
+    identical rows and no interval apart. A task on one scale only has no row."""
+    settings, shards = committed
+    standard, multitask = (_folder(tmp_path, s, settings, shards)
+                           for s in ("standard", "multitask"))
+    only_deep = _folder(tmp_path, "deep", settings, [p for p in shards if "/ioi-" in p])
+    both = C.combine([multitask, standard, only_deep], n_draws=50)
+    lines = C.same_task_lines(both)
+    rows = [ln for ln in lines if ln.startswith("| agreement") or ln.startswith("| ioi")]
+    assert [r.split(" | ")[:2] for r in rows] == [
+        ["| agreement", "multitask"], ["| agreement", "standard"],
+        ["| ioi", "multitask"], ["| ioi", "standard"], ["| ioi", "deep"]]
+    points = [re.sub(r" \[[^]]*\]", "", r).split(" | ")[2:] for r in rows]
+    for a, b in ((0, 1), (2, 3), (3, 4)):  # the same runs: the same values (each task's
+        assert points[a] == points[b]      # bootstrap draws its own, so not its intervals)
+    share = both["tasks"]["standard/agreement"]["v4"]["answer_column_share"]
+    assert f"| {share:.3f} |" in rows[1]
+    assert lines[-2].endswith("S1-lin: none. AtP: none.")
+    # two different tasks' rows standing in for one task: agreement's and ioi's S1-lin
+    # intervals do not overlap, and the line names them with both values
+    apart = {"x": {"standard": both["tasks"]["standard/agreement"],
+                   "multitask": both["tasks"]["multitask/ioi"]}}
+    a, b = (apart["x"][s]["v4"]["rows"]["S1-lin"] for s in ("standard", "multitask"))
+    assert C._apart(a, b) == (a["ci95"][1] < b["ci95"][0] or b["ci95"][1] < a["ci95"][0])
+    text = C.apart_lines(apart)[0]
+    assert (f"x (standard {a['R_pair']:.3f}, multitask {b['R_pair']:.3f})" in text) \
+        == C._apart(a, b)
+    assert C.same_task_lines(C.combine([standard, only_deep], n_draws=50))[0] \
+        == "## The same task on several scales"
 
 
 def test_combine_user_errors(tmp_path, committed, capsys):
