@@ -55,7 +55,8 @@ def sentence(v4):
                   and r["vs_twin"] and (r["vs_twin"]["ci95"][0] or -1) > 0]
     beats_prior = [r["method"] for r in rows
                    if r["vs_prior"] and (r["vs_prior"]["ci95"][0] or -1) > 0]
-    out = [("The paper's pair holds for: " + ", ".join(f"{m} (vs {f})" for m, f in holds))
+    out = [("The paper's pair holds for: " + ", ".join(f"{m} (vs {f})" for m, f in holds)
+            + ".")
            if holds else "**The paper's pair holds for no reading against any form of "
                          "patching** under v4's rule.",
            "Steering readings whose R_pair beats their random twin (interval above 0): "

@@ -146,6 +146,17 @@ def test_the_verdict_holds_only_when_every_condition_does(R_pair, twin_lo, prior
         atp["fails_ratio_floor"])
 
 
+def test_the_verdict_sentence_names_each_reading_and_form_it_holds_for():
+    from steerops.bench.report_v4 import sentence
+    rows = H.verdict(_family(0.95, 0.01, 0.01, 0.03))
+    text = sentence({"verdict": {"all": rows}})[0]
+    assert text.startswith("The paper's pair holds for: S1-proj (vs floor), ")
+    assert "S1-lin (vs naive_batched), " in text and "AtP" not in text.split(".")[0]
+    assert "(vs naive_batched). Steering readings whose R_pair beats" in text
+    none = sentence({"verdict": {"all": H.verdict(_family(0.87, 0.01, 0.01, 0.03))}})[0]
+    assert none.startswith("**The paper's pair holds for no reading")
+
+
 def test_task_resampled_draws_mix_tasks():
     draws = {"a": np.zeros(400), "b": np.ones(400)}
     d = H.task_resampled(draws, 400, 0)
