@@ -18,6 +18,7 @@ from .aggregate import summarize
 from .attribution import SEED
 from .controls import TWINS
 from .provenance import read_shard, save_results
+from .reporting import is_subset, subset_text
 from .report_v4 import _ci, _diff, _f, v4_lines
 from .run_store import compact, shard_path
 from .tasks import FAMILIES
@@ -26,9 +27,10 @@ SCALE_FAMILY = "scale {}"  # the family that holds one scale's tasks
 
 
 def read_scale(folder):
-    """(scale, settings, runs, excluded models) of one benchmark folder: its results.json
-    names the settings and the models the 95% rule left out, and the runs are its shards
-    for those settings (none when every model was left out)."""
+    """(scale, settings, runs, excluded models, record) of one benchmark folder: its
+    results.json names the settings, the models the 95% rule left out and the run's
+    scope, and the runs are its shards for those settings (none when every model was
+    left out)."""
     try:
         with open(os.path.join(folder, "results.json")) as f:
             record = json.load(f)
@@ -43,15 +45,19 @@ def read_scale(folder):
     if not names and not (excluded and record.get("runs_done") == 0):
         raise UsageError(f"{folder}: no finished runs under {runs_dir}")
     return (settings["scale"], settings, [read_shard(os.path.join(runs_dir, n)) for n in names],
-            excluded)
+            excluded, record)
 
 
 def combine(folders, n_draws=None, seed=SEED):
     """Results over the runs of ``folders`` (one scale each): tasks named scale/task,
     families over every scale plus one family per scale."""
-    runs, scales, draws, excluded = [], [], [], {}
+    runs, scales, draws, excluded, subsets, partial = [], [], [], {}, {}, {}
     for folder in folders:
-        scale, settings, scale_runs, excluded[scale] = read_scale(folder)
+        scale, settings, scale_runs, excluded[scale], record = read_scale(folder)
+        if is_subset(record.get("scope")):
+            subsets[scale] = record["scope"]
+        if record.get("partial"):
+            partial[scale] = [record["runs_done"], record["runs_total"]]
         if scale in scales:
             raise UsageError(f"{folder}: a second {scale}-scale folder; give one per scale")
         scales.append(scale)
@@ -70,6 +76,9 @@ def combine(folders, n_draws=None, seed=SEED):
                "runs_per_scale": {s: sum(r["scale"] == s for r in runs) for s in scales},
                "scales_without_verdict": [s for s in scales if s not in measured],
                "excluded_models": {s: e for s, e in excluded.items() if e},
+               # a folder of some of its scale's tasks or seeds, or one with runs still
+               # missing: the combination is over what they hold and says so
+               "subsets": subsets, "partial_scales": partial,
                "settings": {"n_boot_hier": n_draws, "seed": seed, "scale": " + ".join(scales)}}
     results.update(summarize(runs, n_draws, seed, families))
     return results
@@ -81,6 +90,13 @@ def markdown(results):
              + ", ".join(f"{s}: {n}" for s, n in results["runs_per_scale"].items())
              + "). Tasks are named scale/task; the family `scale S` is scale S alone, "
                "`all` is every scale together; one bootstrap for all of them.", ""]
+    for s, scope in results.get("subsets", {}).items():
+        lines += [f"**Scope: the {s} folder holds a subset of its scale's run**: "
+                  f"{subset_text(s, scope)}. Its numbers, alone and in every family it adds "
+                  f"to, are that subset's, not the scale's verdict.", ""]
+    for s, (done, total) in results.get("partial_scales", {}).items():
+        lines += [f"**Partial: the {s} folder has {done} of its {total} runs**; the "
+                  f"combination is over those.", ""]
     for s in results.get("scales_without_verdict", []):
         lines += [f"**No verdict at the {s} scale: every task model is below 95% held-out "
                   f"accuracy**, so it adds no run here (listed below).", ""]

@@ -256,18 +256,28 @@ def no_verdict_markdown(results):
         + excluded_lines(results))
 
 
+def is_subset(scope):
+    """Whether a run's scope (results.json "scope") is less than its scale's whole run."""
+    return bool(scope) and not (set(scope["tasks"]) == set(scope["scale_tasks"]) and set(
+        scope["train_seeds"]) == set(scope["scale_train_seeds"]))
+
+
+def subset_text(scale, scope):
+    """What a subset of ``scale``'s run holds: tasks and training seeds of the whole."""
+    return (f"tasks {', '.join(scope['tasks'])} of {', '.join(scope['scale_tasks'])}; "
+            f"training seeds {', '.join(map(str, scope['train_seeds']))} of "
+            f"{', '.join(map(str, scope['scale_train_seeds']))}")
+
+
 def scope_lines(results):
     """A run of some of a scale's tasks or training seeds says so first: its numbers are
     that subset's, not the scale's verdict."""
     sc = results.get("scope")
-    if not sc or (set(sc["tasks"]) == set(sc["scale_tasks"])
-                  and set(sc["train_seeds"]) == set(sc["scale_train_seeds"])):
+    if not is_subset(sc):
         return []
-    return [f"**Scope: a subset of the {results['settings']['scale']} scale's run**: tasks "
-            f"{', '.join(sc['tasks'])} of {', '.join(sc['scale_tasks'])}; training seeds "
-            f"{', '.join(map(str, sc['train_seeds']))} of "
-            f"{', '.join(map(str, sc['scale_train_seeds']))}. These numbers are that "
-            f"subset's, not the scale's verdict.", ""]
+    scale = results["settings"]["scale"]
+    return [f"**Scope: a subset of the {scale} scale's run**: {subset_text(scale, sc)}. "
+            f"These numbers are that subset's, not the scale's verdict.", ""]
 
 
 def markdown(results):

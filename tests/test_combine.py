@@ -123,6 +123,28 @@ def test_the_same_task_on_two_scales_is_set_side_by_side(tmp_path, committed):
         == "## The same task on several scales"
 
 
+def test_a_subset_or_partial_folder_is_named_as_such(tmp_path, committed):
+    """A folder of some of its scale's tasks or seeds (results.json "scope"), or with runs
+    missing, makes the combination say so per scale; a whole scale's folder adds no line."""
+    settings, shards = committed
+    standard, deep = (_folder(tmp_path, s, settings, shards) for s in ("standard", "deep"))
+    record = json.load(open(os.path.join(deep, "results.json")))
+    record.update(scope={"tasks": list(TASKS), "train_seeds": [0], "scale_tasks": [
+        "agreement", "ioi", "pointer"], "scale_train_seeds": [0, 1, 2]},
+        partial=True, runs_done=6, runs_total=9)
+    (tmp_path / "deep" / "results.json").write_text(json.dumps(record))
+    whole = dict(record["scope"], tasks=record["scope"]["scale_tasks"], train_seeds=[0, 1, 2])
+    (tmp_path / "standard" / "results.json").write_text(json.dumps(
+        {"settings": dict(settings, scale="standard"), "scope": whole}))
+    both = C.combine([standard, deep], n_draws=50)
+    assert list(both["subsets"]) == ["deep"] and both["partial_scales"] == {"deep": [6, 9]}
+    text = C.markdown(both)
+    assert ("**Scope: the deep folder holds a subset of its scale's run**: tasks agreement, "
+            "ioi of agreement, ioi, pointer; training seeds 0 of 0, 1, 2.") in text
+    assert "**Partial: the deep folder has 6 of its 9 runs**" in text
+    assert "the standard folder" not in text
+
+
 def test_combine_user_errors(tmp_path, committed, capsys):
     from steerops.app.cli import main
     settings, shards = committed
