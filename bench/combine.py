@@ -10,6 +10,7 @@ bootstrap gives the verdict together and per scale with the same rule.
 """
 import json
 import os
+from itertools import combinations
 
 from steerops.app.cli_args import (Parser, UsageError, existing_folder, output_folder,
                                    positive_int)
@@ -92,7 +93,7 @@ def markdown(results):
                "`all` is every scale together; one bootstrap for all of them.", ""]
     for s, scope in results.get("subsets", {}).items():
         lines += [f"**Scope: the {s} folder holds a subset of its scale's run**: "
-                  f"{subset_text(s, scope)}. Its numbers, alone and in every family it adds "
+                  f"{subset_text(scope)}. Its numbers, alone and in every family it adds "
                   f"to, are that subset's, not the scale's verdict.", ""]
     for s, (done, total) in results.get("partial_scales", {}).items():
         lines += [f"**Partial: the {s} folder has {done} of its {total} runs**; the "
@@ -159,12 +160,10 @@ def apart_lines(shared):
     for m in SAME_TASK_READINGS:
         found = []
         for task, scales in sorted(shared.items()):
-            names = list(scales)
-            for i, s in enumerate(names):
-                for u in names[i + 1:]:
-                    a, b = scales[s]["v4"]["rows"][m], scales[u]["v4"]["rows"][m]
-                    if _apart(a, b):
-                        found.append(f"{task} ({s} {_f(a['R_pair'])}, {u} {_f(b['R_pair'])})")
+            for s, u in combinations(scales, 2):  # every pair of scales, in the given order
+                a, b = scales[s]["v4"]["rows"][m], scales[u]["v4"]["rows"][m]
+                if _apart(a, b):
+                    found.append(f"{task} ({s} {_f(a['R_pair'])}, {u} {_f(b['R_pair'])})")
         out.append(f"{m}: " + (", ".join(found) or "none") + ".")
     return ["Intervals apart between scales (the same task, non-overlapping 95% intervals): "
             + " ".join(out), ""]

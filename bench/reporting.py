@@ -262,8 +262,8 @@ def is_subset(scope):
         scope["train_seeds"]) == set(scope["scale_train_seeds"]))
 
 
-def subset_text(scale, scope):
-    """What a subset of ``scale``'s run holds: tasks and training seeds of the whole."""
+def subset_text(scope):
+    """What a subset of a scale's run holds: its tasks and training seeds of the whole."""
     return (f"tasks {', '.join(scope['tasks'])} of {', '.join(scope['scale_tasks'])}; "
             f"training seeds {', '.join(map(str, scope['train_seeds']))} of "
             f"{', '.join(map(str, scope['scale_train_seeds']))}")
@@ -276,7 +276,7 @@ def scope_lines(results):
     if not is_subset(sc):
         return []
     scale = results["settings"]["scale"]
-    return [f"**Scope: a subset of the {scale} scale's run**: {subset_text(scale, sc)}. "
+    return [f"**Scope: a subset of the {scale} scale's run**: {subset_text(sc)}. "
             f"These numbers are that subset's, not the scale's verdict.", ""]
 
 
