@@ -183,7 +183,14 @@ def _steer_case(N, D, dtype, K):
 
 
 def _compiled(fn, autotune):
-    """torch.compile providers of the same eager function: default, and max-autotune."""
+    """torch.compile providers of the same eager function: default, and max-autotune.
+
+    Dynamo is reset first: every case's eager function shares one code object, so
+    without a reset the ninth case would pass dynamo's recompile limit and the
+    "compile" row would silently time eager code, and a shape seen after another
+    would be compiled with dynamic shapes instead of for itself."""
+    import torch._dynamo
+    torch._dynamo.reset()
     out = {"compile": torch.compile(fn)}
     if autotune:
         out["compile_max_autotune"] = torch.compile(fn, mode="max-autotune")
@@ -246,6 +253,14 @@ def run(ops, modes, dtypes, Ns, Ds, Ms, Ks, steer_modes, out_dir, autotune=False
     os.makedirs(out_dir, exist_ok=True)
     copy = copy_bandwidth(do_bench)
     rows = []
+    result = {"device": torch.cuda.get_device_name(), "driver": torch.version.cuda,
+              "torch": torch.__version__, "triton": triton.__version__,
+              "commit": git_commit(), "copy_GBps": copy, "rows": rows, "complete": False}
+
+    def measured(new_rows):
+        # written after every case: a run stopped by a time limit keeps what it measured
+        rows.extend(new_rows)
+        save_results(out_dir, "kernels", result, _markdown(result))
     for dname in dtypes:
         dtype = DTYPES[dname]
         for N in Ns:
@@ -258,19 +273,18 @@ def run(ops, modes, dtypes, Ns, Ds, Ms, Ks, steer_modes, out_dir, autotune=False
                             for which in modes:
                                 providers, nbytes = steer_cases(N, D, dtype, mode, K, which,
                                                                 autotune)
-                                rows += _measure(do_bench, providers, nbytes, copy, op="steer",
-                                                 mode=mode, pass_=which, dtype=dname, N=N, D=D,
-                                                 K=K)
+                                measured(_measure(do_bench, providers, nbytes, copy,
+                                                  op="steer", mode=mode, pass_=which,
+                                                  dtype=dname, N=N, D=D, K=K))
                 if "patch" in ops and "fwd" in modes:
                     for M in Ms:
                         if M > N:
                             continue
                         providers, nbytes = patch_cases(N, D, M, dtype, autotune)
-                        rows += _measure(do_bench, providers, nbytes, copy, op="patch_",
-                                         mode="full", pass_="fwd", dtype=dname, N=N, D=D, M=M)
-    result = {"device": torch.cuda.get_device_name(), "driver": torch.version.cuda,
-              "torch": torch.__version__, "triton": triton.__version__,
-              "commit": git_commit(), "copy_GBps": copy, "rows": rows}
+                        measured(_measure(do_bench, providers, nbytes, copy, op="patch_",
+                                          mode="full", pass_="fwd", dtype=dname, N=N, D=D,
+                                          M=M))
+    result["complete"] = True
     table = _markdown(result)
     save_results(out_dir, "kernels", result, table)
     _plot(result, out_dir)
@@ -294,7 +308,9 @@ def _measure(do_bench, providers, nbytes, copy, **case):
 def _markdown(result):
     lines = [f"Device {result['device']} (CUDA {result['driver']}), torch {result['torch']}, "
              f"triton {result['triton']}, commit {result['commit']}; copy bandwidth "
-             f"{result['copy_GBps']:.0f} GB/s (read + write).", "",
+             f"{result['copy_GBps']:.0f} GB/s (read + write)."
+             + ("" if result.get("complete", True) else
+                " PARTIAL: the run stopped before its grid ended."), "",
              "| op | mode | pass | dtype | N | D | K/M | provider | us | predicted us | GB/s "
              "| % copy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -19,7 +19,9 @@ def repo_relative(path):
 def git_commit():
     """Short commit hash, with "+dirty" when the working tree has uncommitted
     changes (the result then did not come from that commit alone). Committed result
-    files (bench/results/) are outputs, not code: rewriting them does not count."""
+    files (bench/results/) are outputs, not code: rewriting them does not count.
+    Where there is no git checkout (a copy of the tree sent to a GPU machine), the
+    commit named by STEEROPS_COMMIT, else None."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here,
@@ -29,7 +31,7 @@ def git_commit():
                                         cwd=os.path.dirname(here),
                                         stderr=subprocess.DEVNULL).decode().strip()
     except Exception:
-        return None
+        return os.environ.get("STEEROPS_COMMIT")
     return commit + ("+dirty" if dirty else "")
 
 

@@ -173,6 +173,23 @@ def test_kernel_benchmark_providers_run_and_count_bytes(monkeypatch):
     assert table.count("\n| steer |") == 9 and "| patch_ |" in table
 
 
+def test_kernel_benchmark_compiles_every_case_for_itself(monkeypatch):
+    """Each case's eager function shares one code object; past dynamo's recompile limit
+    the "compile" provider would time uncompiled code unless each case starts afresh."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from steerops.bench import kernels
+    monkeypatch.setattr(kernels, "DEVICE", "cpu")
+    config = torch._dynamo.config
+    monkeypatch.setattr(config, "recompile_limit" if hasattr(config, "recompile_limit")
+                        else "cache_size_limit", 1)
+    before = counters["stats"]["unique_graphs"]
+    for N in (3, 5, 7):
+        providers, _ = kernels.steer_cases(N, 16, torch.float32, "add", 1, "fwd")
+        providers["compile"]()
+    assert counters["stats"]["unique_graphs"] - before == 3
+
+
 def test_realistic_stage_prices_and_times_every_method():
     """GPT-2-small / 1.1B: every method priced by the benchmark's rules (FLOPs with fake
     tensors on every transformers release), the benchmark's own run timed on GPT-2-small,
@@ -209,3 +226,19 @@ def test_results_are_written_after_each_stage(tmp_path, monkeypatch):
     assert data["complete"] is False
     assert data["stages_done"] == ["runs", "curves"]
     assert "successor" in data["tasks"] and "curves" in data
+
+
+def test_commit_outside_a_git_checkout_comes_from_steerops_commit(monkeypatch):
+    """A copy of the tree sent to a GPU machine has no .git: results name the commit
+    the sender gave in STEEROPS_COMMIT, or none, never a wrong one."""
+    from steerops.bench import provenance
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+    here = provenance.git_commit()
+    assert here and here.split("+")[0] != "abc1234"
+    monkeypatch.setattr(provenance.subprocess, "check_output", no_git)
+    monkeypatch.delenv("STEEROPS_COMMIT", raising=False)
+    assert provenance.git_commit() is None
+    monkeypatch.setenv("STEEROPS_COMMIT", "abc1234")
+    assert provenance.git_commit() == "abc1234"
