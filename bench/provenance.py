@@ -20,8 +20,10 @@ def git_commit():
     """Short commit hash, with "+dirty" when the working tree has uncommitted
     changes (the result then did not come from that commit alone). Committed result
     files (bench/results/) are outputs, not code: rewriting them does not count.
-    Where there is no git checkout (a copy of the tree sent to a GPU machine), the
-    commit named by STEEROPS_COMMIT, else None."""
+    STEEROPS_COMMIT, when set, wins: a copy of the tree sent to a GPU machine has no
+    git checkout of its own, or a stale one (seen: an older commit, not marked dirty)."""
+    if os.environ.get("STEEROPS_COMMIT"):
+        return os.environ["STEEROPS_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here,
@@ -31,7 +33,7 @@ def git_commit():
                                         cwd=os.path.dirname(here),
                                         stderr=subprocess.DEVNULL).decode().strip()
     except Exception:
-        return os.environ.get("STEEROPS_COMMIT")
+        return None
     return commit + ("+dirty" if dirty else "")
 
 

@@ -39,9 +39,19 @@ STEER_BAD = [
 ]
 
 
+def _on_default_device(over):
+    """The bad inputs are built at import, on the CPU; on a GPU machine the `backend`
+    fixture makes CUDA the default device, where each case must meet its own check, not
+    the device-mismatch one. Meta tensors stay: they test the device check."""
+    here = torch.empty(0).device
+    return {k: v.to(here) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
+            for k, v in over.items()}
+
+
 @pytest.mark.parametrize("over,exc,text", STEER_BAD)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_steer_rejects(backend, over, exc, text, inplace):
+    over = _on_default_device(over)
     hidden, vector = _good()
     kw = dict(hidden=hidden, vector=vector, alpha=1.0, mode="add")
     kw.update(over)
@@ -92,7 +102,7 @@ PATCH_BAD = [
 @pytest.mark.parametrize("inplace", [False, True])
 def test_patch_rejects(backend, over, exc, text, inplace):
     kw = _patch_args()
-    kw.update(over)
+    kw.update(_on_default_device(over))
     hidden = kw.pop("hidden")
     before = hidden.clone()
     fn = steerops.patch_ if inplace else steerops.patch
@@ -119,7 +129,7 @@ INTERVENE_BAD = [
 def test_intervene_rejects(backend, over, exc, text):
     kw = dict(hidden=torch.randn(N, D), source=torch.randn(4, D),
               patch_src=torch.tensor([0, -1, 3, -1, -1, 0]), vector=torch.randn(D))
-    kw.update(over)
+    kw.update(_on_default_device(over))
     with pytest.raises(exc, match=text):
         steerops.intervene(**kw)
 
