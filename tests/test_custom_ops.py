@@ -85,11 +85,14 @@ def test_compile_fullgraph_forward_backward(backend):
 def test_compile_inductor_inplace(backend):
     """In-place ops under inductor (functionalised), the hook-path shape."""
     torch._dynamo.reset()
+    # built outside the compiled function: dynamo does not apply the default device
+    # (CUDA on a GPU machine) to a torch.tensor it traces
+    dst, src_rows = torch.tensor([1]), torch.tensor([0])
 
     def f(h, v, src):
         h = h * 2
         steerops.steer_(h, v, 0.5, mode="clamp")
-        steerops.patch_(h, src, torch.tensor([1]), torch.tensor([0]))
+        steerops.patch_(h, src, dst, src_rows)
         return h
 
     h, v, src = torch.randn(4, D), torch.randn(D), torch.randn(2, D)
