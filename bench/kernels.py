@@ -340,6 +340,15 @@ def _markdown(result):
     return "\n".join(lines)
 
 
+PLOT_PROVIDERS = {
+    "steerops": "steerops.steer (validated: one host sync)",
+    "steerops_unchecked": "steerops.steer under unchecked()",
+    "steerops_launch": "steerops kernel launch alone",
+    "eager": "eager PyTorch",
+    "compile": "torch.compile",
+}
+
+
 def _plot(result, out_dir):
     import matplotlib
     matplotlib.use("Agg")
@@ -349,15 +358,17 @@ def _plot(result, out_dir):
                 x["N"] for x in result["rows"] if x["op"] == "steer")]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for prov in ("steerops", "eager", "compile"):
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    for prov, label in PLOT_PROVIDERS.items():
         pts = sorted((r["D"], r["GBps"]) for r in rows if r["provider"] == prov
-                     and r["mode"] == rows[0]["mode"])
+                     and r["mode"] == rows[0]["mode"] and r.get("K", 1) == rows[0].get("K", 1))
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=prov)
+            ax.plot(*zip(*pts), marker="o", label=label)
     ax.axhline(result["copy_GBps"], color="gray", ls="--", label="copy")
-    ax.set(xlabel="D", ylabel="GB/s", title=f"steer fwd {rows[0]['mode']} bf16, N={rows[0]['N']}")
-    ax.legend()
+    ax.set(xlabel="D", ylabel="GB/s (bytes read + written)",
+           title=f"steer fwd {rows[0]['mode']} bf16, N={rows[0]['N']}, K={rows[0].get('K', 1)}"
+                 f" ({result['device']})")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "kernels_steer_fwd.png"), dpi=120)
     plt.close(fig)

@@ -180,6 +180,62 @@ def decode_hook_cost(hidden=256, layers=4, batch=1, new_tokens=32, repeats=3, co
     return out
 
 
+def op_call_cost(N=64, D=4096, mode="norm_scaled", device="cpu", dtype=torch.float32,
+                 calls=2000, repeats=3):
+    """Host wall clock per call (us) of one steering op, taken apart: eager PyTorch (the
+    reference), the op's launch on arguments validated once, the validation alone (its
+    one host sync included), the validated op, the op under ``unchecked()``. Each round
+    times every variant over ``calls`` calls after a warm-up, synchronising the device
+    before and after; the rounds are interleaved."""
+    import steerops
+    from steerops.ops import _steer_call
+    from steerops.ops import reference as R
+    from steerops.ops.custom_ops import intervene_impl
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(N, D, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(D, generator=gen).to(device)
+    alpha = torch.rand(N, generator=gen).to(device)
+    x, args = _steer_call(h, v, alpha, mode, None, None, None)
+
+    def unchecked():
+        with steerops.unchecked():
+            steerops.steer(h, v, alpha, mode=mode)
+    variants = {
+        "eager": lambda: R.intervene_forward(h, vector=v, alpha=alpha, mode=mode),
+        "launch": lambda: intervene_impl(x, *args, None),
+        "validation": lambda: _steer_call(h, v, alpha, mode, None, None, None),
+        "validated": lambda: steerops.steer(h, v, alpha, mode=mode),
+        "unchecked": unchecked,
+    }
+
+    def per_call_us(fn):
+        def loop(n):
+            for _ in range(n):  # each output dropped at once: no n outputs held together
+                fn()
+        loop(max(1, calls // 40))
+        return timed(lambda: loop(calls), device)[1] / calls * 1e6
+    rounds = {name: [] for name in variants}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                rounds[name].append(per_call_us(fn))
+    return {"N": N, "D": D, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
+            "calls": calls, "us_per_call": rounds}
+
+
+def op_call_markdown(rows):
+    names = list(rows[0]["us_per_call"])
+    lines = ["Host wall clock per op call, us (each cell: the rounds, interleaved)", "",
+             "| N x D | mode | dtype | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [" / ".join(f"{t:.0f}" for t in r["us_per_call"][n]) for n in names]
+        lines.append(f"| {r['N']} x {r['D']} | {r['mode']} | {r['dtype']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def build_parser():
     p = Parser(prog="steerops bench overhead",
                description=__doc__.splitlines()[0])
@@ -192,6 +248,12 @@ def build_parser():
     p.add_argument("--repeats", type=positive_int, default=30, help="timed forwards (default: 30)")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads, set explicitly and recorded (default: 1)")
+    p.add_argument("--op-call", action="store_true",
+                   help="instead: where one steering op call's time goes (eager, kernel launch, "
+                        "validation, validated call, unchecked call) at N x D = 64 x 4096 and "
+                        "16384 x 5120 (bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--calls", type=positive_int, default=2000,
+                   help="with --op-call: calls per timed round (default: 2000)")
     p.add_argument("--no-compile", action="store_true",
                    help="skip the torch.compile decode measurement (it compiles for ~1 min)")
     p.add_argument("--out", type=output_folder, default=os.path.join(
@@ -205,6 +267,18 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.op_call:
+        cuda = torch.device(args.device).type == "cuda"
+        shapes = ((64, 4096), (16384, 5120)) if cuda else ((64, 4096),)
+        rows = [op_call_cost(N, D, device=args.device, calls=args.calls,
+                             dtype=torch.bfloat16 if cuda else torch.float32)
+                for N, D in shapes]
+        result = {"environment": environment(), "threads": torch.get_num_threads(),
+                  "op_call": rows}
+        table = op_call_markdown(rows)
+        save_results(args.out, "op_call", result, table)
+        print(table)
+        return result
     result = {"environment": environment(), "threads": torch.get_num_threads(),
               "forward": measure(args.hidden, args.layers, args.batch, args.seq,
                                  repeats=args.repeats, device=args.device)}

@@ -246,3 +246,16 @@ def test_commit_named_by_steerops_commit_wins(monkeypatch):
     assert provenance.git_commit() == "abc1234"
     monkeypatch.delenv("STEEROPS_COMMIT")
     assert provenance.git_commit() is None
+
+
+def test_op_call_breakdown_times_every_variant_and_they_compute_the_op(tmp_path):
+    """`steerops bench overhead --op-call`: every way of calling the op (eager, launch,
+    validation, validated, unchecked) is timed, in interleaved rounds, and saved."""
+    from steerops.bench import overhead
+    r = overhead.op_call_cost(N=3, D=7, calls=4, repeats=2)
+    assert list(r["us_per_call"]) == ["eager", "launch", "validation", "validated", "unchecked"]
+    assert all(len(t) == 2 and all(x > 0 for x in t) for t in r["us_per_call"].values())
+    table = overhead.op_call_markdown([r])
+    assert "| 3 x 7 | norm_scaled | float32 |" in table
+    out = overhead.main(["--op-call", "--device", "cpu", "--calls", "3", "--out", str(tmp_path)])
+    assert out["op_call"][0]["N"] == 64 and (tmp_path / "op_call.json").exists()
