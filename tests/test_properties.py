@@ -280,3 +280,69 @@ def test_the_strategies_reach_every_flag():
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+# ----------------------------------------------------------------------------- value checks
+
+SPECIALS = (float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, 0.5, -1e-30)
+
+
+def _judged(add_check, *args):
+    """True when the value check raises (its one host sync run at once)."""
+    from steerops.ops import validation
+    checks = validation.ValueChecks()
+    checks.enabled = True
+    add_check(checks, *args)
+    try:
+        checks.run()
+    except ValueError:
+        return True
+    return False
+
+
+@PROFILE
+@given(dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+       rows=st.integers(1, 4), cols=st.integers(1, 9),
+       specials=st.lists(st.tuples(st.integers(0, 35), st.sampled_from(SPECIALS)), max_size=4),
+       huge=st.booleans(), zero_row=st.booleans())
+def test_value_checks_flag_exactly_what_elementwise_math_flags(dtype, rows, cols, specials, huge,
+                                                               zero_row):
+    """The checks read a few statistics (a float64 sum, row max-abs, min and max), not
+    an elementwise mask: each must flag exactly what the elementwise definition does, at
+    the dtype's largest finite values too."""
+    from steerops.ops import validation
+    gen = torch.Generator().manual_seed(rows * 100 + cols)
+    t = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    if huge:  # entries at the dtype's largest finite value: their sum must stay finite
+        t = t.sign() * torch.finfo(dtype).max
+    t = t.to(dtype)
+    if zero_row:
+        t[0] = 0
+    flat = t.view(-1)
+    for i, value in specials:
+        flat[i % flat.numel()] = value
+    nonfinite = not bool(torch.isfinite(t).all())
+    assert _judged(validation.check_finite, "t", t) == nonfinite
+    zero = bool((t.double().abs().amax(dim=-1) == 0).any())
+    assert _judged(validation.check_nonzero_rows, "t", t, "test") == zero
+    w = flat.to(torch.float32)
+    outside = nonfinite or bool((w < 0).any() or (w > 1).any())
+    assert _judged(validation.check_unit_range, "w", w) == outside
+    index = (flat.double().nan_to_num(0, 7, -7) * 3).round().long()
+    low, high = -2, 3
+    assert _judged(validation.check_range, "i", index, low, high, "test") == bool(
+        (index < low).any() or (index >= high).any())
+
+
+def test_value_checks_together_keep_indices_exact():
+    """All checks of a call travel to the host in one tensor: an index's max beside a
+    bfloat16 weight's must not be rounded to bfloat16 (1025 -> 1024 would pass a
+    range check that must fail, and a kernel would write past the last row)."""
+    from steerops.ops import validation
+    for weight_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        checks = validation.ValueChecks()
+        checks.enabled = True
+        validation.check_unit_range(checks, "weight", torch.tensor([0.25, 0.5], dtype=weight_dtype))
+        validation.check_range(checks, "dst_index", torch.tensor([3, 1025]), 0, 1025, "test")
+        with pytest.raises(ValueError, match="dst_index out of range"):
+            checks.run()

@@ -23,7 +23,13 @@ def _is_tracing():
 
 
 class ValueChecks:
-    """Deferred checks on tensor values, evaluated with one host sync."""
+    """Deferred checks on tensor values, evaluated with one host sync.
+
+    Each check leaves a few numbers on the device: a flag (``add``) or statistics that
+    a host predicate judges (``add_stats``: a range check's min and max, a float64 sum
+    that is finite exactly when every entry is). Few small kernels per check, then
+    one copy of them all to the host: on a GPU each kernel launch costs host time, and
+    a validated call's checks cost more than its kernel (docs/ops.md section 4)."""
 
     def __init__(self):
         self._items = []
@@ -33,7 +39,14 @@ class ValueChecks:
         """``bad``: callable giving a 0-d bool tensor (not evaluated when checks are off);
         ``message``: str or callable giving one."""
         if self.enabled:
-            self._items.append((bad(), exc_type, message))
+            self._items.append((bad(), None, exc_type, message))
+
+    def add_stats(self, stats, bad, exc_type, message):
+        """``stats``: callable giving a small tensor (or a tuple of them) of numbers on the
+        device; ``bad``: predicate on their host values (one list, in order), true when
+        the input is bad."""
+        if self.enabled:
+            self._items.append((stats(), bad, exc_type, message))
 
     def run(self):
         if not self._items:
@@ -43,9 +56,20 @@ class ValueChecks:
                 "steerops: value checks (index ranges, norms, weights) need a host sync and "
                 "cannot run inside torch.compile or CUDA-graph capture; validate the inputs once, "
                 "then run the traced code under `with steerops.unchecked():`")
-        flags = torch.stack([b.reshape(()) for b, _, _ in self._items]).tolist()
-        for flag, (_, exc_type, message) in zip(flags, self._items):
-            if flag:
+        # one cat and one copy. cat promotes to a common type, and an index's min and max
+        # beside a bfloat16 statistic would be rounded to bfloat16 (1025 -> 1024): floating
+        # statistics go to float64 first, so integers (exact below 2**53) and flags stay exact
+        parts = [[t.reshape(-1) if not t.is_floating_point() or t.dtype == torch.float64
+                  else t.reshape(-1).to(torch.float64)
+                  for t in (got if isinstance(got, tuple) else (got,))]
+                 for got, _, _, _ in self._items]
+        values = torch.cat([t for ts in parts for t in ts]).tolist()
+        start = 0
+        for ts, (_, bad, exc_type, message) in zip(parts, self._items):
+            size = sum(t.numel() for t in ts)
+            mine = values[start:start + size]
+            start += size
+            if (bad(mine) if bad is not None else mine[0] != 0):
                 raise exc_type(message() if callable(message) else message)
 
 
@@ -108,25 +132,40 @@ def check_range(checks, name, index, low, high, what):
     """Values of ``index`` must lie in [low, high)."""
     if index.numel() == 0:
         return
-    checks.add(lambda: (index.min().long() < low) | (index.max().long() >= high), ValueError, lambda: (
-        f"{name} out of range: values must be in [{low}, {high}) ({what}), "
-        f"got min {int(index.min())} max {int(index.max())}"))
+    checks.add_stats(lambda: tuple(torch.aminmax(index)),
+                     lambda lo_hi: lo_hi[0] < low or lo_hi[1] >= high, ValueError, lambda: (
+                         f"{name} out of range: values must be in [{low}, {high}) ({what}), "
+                         f"got min {int(index.min())} max {int(index.max())}"))
 
 
 def check_unit_range(checks, name, w):
-    checks.add(lambda: ~torch.isfinite(w).all() | (w < 0).any() | (w > 1).any(), ValueError,
-               f"{name} must be finite and in [0, 1]")
+    # aminmax propagates NaN, and a NaN fails both comparisons: one kernel for all three
+    checks.add_stats(lambda: tuple(torch.aminmax(w)),
+                     lambda lo_hi: not (lo_hi[0] >= 0 and lo_hi[1] <= 1), ValueError,
+                     f"{name} must be finite and in [0, 1]")
+
+
+def _finite_sum(t):
+    """One number that is finite exactly when every entry of ``t`` is: the float64 sum of
+    a tensor of at most 32-bit floats cannot overflow (|entry| <= 3.4e38) and turns
+    NaN for NaN or opposite infinities. float64 entries could overflow it: for those,
+    a 0/1 count of non-finite entries."""
+    if t.dtype == torch.float64:
+        return (~torch.isfinite(t)).any()
+    return t.sum(dtype=torch.float64)
 
 
 def check_finite(checks, name, t):
-    checks.add(lambda: ~torch.isfinite(t).all(), ValueError,
-               f"{name} has NaN or Inf entries; the output would be NaN/Inf")
+    checks.add_stats(lambda: _finite_sum(t),
+                     lambda v: (v[0] != 0) if t.dtype == torch.float64 else not math.isfinite(v[0]),
+                     ValueError, f"{name} has NaN or Inf entries; the output would be NaN/Inf")
 
 
 def check_nonzero_rows(checks, name, v, why):
-    checks.add(lambda: (v.to(torch.float32 if v.dtype != torch.float64 else v.dtype)
-                        .norm(dim=-1) == 0).any(),
-               ValueError, f"{name} has a zero-norm row, which {why}")
+    # the smallest row max-abs is 0 exactly when some row is all zeros (a NaN row is
+    # check_finite's)
+    checks.add_stats(lambda: torch.linalg.vector_norm(v, ord=math.inf, dim=-1).amin(),
+                     lambda m: m[0] == 0, ValueError, f"{name} has a zero-norm row, which {why}")
 
 
 def check_mode(mode):
