@@ -169,8 +169,9 @@ def test_kernel_benchmark_providers_run_and_count_bytes(monkeypatch):
     fwd = rows[0]
     assert fwd["bytes"] == 2 * 8 * 16 * 4 + 3 * 16 * 4 + 8 * 4 + 8 * 8
     assert fwd["GBps"] == pytest.approx(fwd["bytes"] / 0.5e-3 / 1e9)
-    table = kernels._markdown({"device": "cpu-test", "driver": None, "torch": "x",
-                               "triton": "y", "commit": None, "copy_GBps": 100.0, "rows": rows})
+    from steerops.bench.kernels_report import markdown
+    table = markdown({"device": "cpu-test", "driver": None, "torch": "x", "triton": "y",
+                      "commit": None, "copy_GBps": 100.0, "rows": rows})
     assert table.count("\n| steer |") == 5 + 4 + 4 and table.count("| patch_ |") == 4
 
 
