@@ -83,6 +83,9 @@ def compile_one(entry, cc):
         "spill_stores": len(re.findall(r"\bSTL\b", sass)),
         "spill_loads": len(re.findall(r"\bLDL\b", sass)),
         "global_accesses": lds + sts, "vector128_accesses": vec,
+        # LDGSTS: cp.async global-to-shared copies, what Triton's software pipeliner
+        # emits for loads it issues stages ahead
+        "async_copies": len(re.findall(r"\bLDGSTS\b", sass)),
         "programs_per_sm": occupancy(regs, warps, shared, cc),
         "compile_seconds": round(seconds, 2),
     }
@@ -145,7 +148,9 @@ def _init_worker(settings):
     """Each compile process enumerates the specializations once (JIT functions
     do not pickle; the enumeration is deterministic)."""
     global _worker_entries
+    from steerops.kernels import config
     os.environ.pop("TRITON_INTERPRET", None)
+    config.BWD_ROW_STAGES = settings.get("bwd_row_stages", config.BWD_ROW_STAGES)
     # FP fusion on, as the Triton releases that run these kernels default to (newer
     # releases warn that their default will change)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -165,9 +170,9 @@ def _work(job):
                 "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
 
 
-def run(subset="ci", out_dir=None, workers=2, progress=True):
+def run(subset="ci", out_dir=None, workers=2, progress=True, bwd_row_stages=1):
     from tqdm.auto import tqdm
-    settings = SUBSETS[subset]
+    settings = dict(SUBSETS[subset], bwd_row_stages=bwd_row_stages)
     _init_worker(settings)
     jobs = [(i, t) for t in settings["targets"] for i in range(len(_worker_entries[t]))]
     desc = "compiling for " + "/".join(settings["targets"])
@@ -180,11 +185,13 @@ def run(subset="ci", out_dir=None, workers=2, progress=True):
                                 disable=not progress, desc=desc))
     else:
         records = [_work(j) for j in tqdm(jobs, disable=not progress, desc=desc)]
-    result = {"subset": subset, "settings": {k: list(v) for k, v in settings.items()},
+    result = {"subset": subset,
+              "settings": {k: v if isinstance(v, int) else list(v) for k, v in settings.items()},
               "environment": _environment(), "records": records, "summary": summary(records)}
     if out_dir:
         from .provenance import save_results
-        save_results(out_dir, f"compile_{subset}", result, markdown(result))
+        stages = "" if bwd_row_stages == 1 else f"_bwd_stages{bwd_row_stages}"
+        save_results(out_dir, f"compile_{subset}{stages}", result, markdown(result))
     return result
 
 
@@ -217,6 +224,7 @@ def summary(records):
         out[kernel] = {"max_registers": max(r["registers"] for r in rs),
                        "min_programs_per_sm": min(r["programs_per_sm"] for r in rs),
                        "spilling": sum(1 for r in rs if uses_local_memory(r)),
+                       "pipelined": sum(1 for r in rs if r.get("async_copies", 0)),
                        "vector128_fraction": round(
                            sum(r["vector128_accesses"] for r in rs)
                            / max(1, sum(r["global_accesses"] for r in rs)), 3)}
@@ -228,14 +236,16 @@ def markdown(result):
     lines = [f"# Kernel resources, compiled ahead of time ({result['subset']} grid)", "",
              f"triton {result['environment']['triton']}, commit {result['environment']['commit']}; "
              f"{s['specializations']} specializations, {s['failed']} failed to compile, "
-             f"{s['spilling']} spill; max registers {s['max_registers']}. "
+             f"{s['spilling']} spill; max registers {s['max_registers']}; backward row "
+             f"stages {result['settings'].get('bwd_row_stages', 1)}. "
              f"Compile-time figures (no GPU run).", "",
-             "| kernel | max regs | min programs/SM | spilling | 128-bit access fraction |",
-             "|---|---|---|---|---|"]
+             "| kernel | max regs | min programs/SM | spilling | pipelined (cp.async) "
+             "| 128-bit access fraction |",
+             "|---|---|---|---|---|---|"]
     for k, v in s.items():
         if isinstance(v, dict):
             lines.append(f"| {k} | {v['max_registers']} | {v['min_programs_per_sm']} | "
-                         f"{v['spilling']} | {v['vector128_fraction']:.2f} |")
+                         f"{v['spilling']} | {v['pipelined']} | {v['vector128_fraction']:.2f} |")
     lines += ["", "| target | kernel | BLOCK_D | single pass | warps | regs | stack | spill st/ld "
               "| programs/SM | first case |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
@@ -268,6 +278,9 @@ def build_parser():
                    type=output_folder, help="output folder (default: bench/results/compile)")
     p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="compile processes (default: up to 4)")
+    p.add_argument("--bwd-row-stages", type=positive_int, default=1,
+                   help="software-pipelining stages of the steering backward's row loop "
+                        "(kernels/config.py BWD_ROW_STAGES; default: 1, the launchers' own)")
     p.add_argument("--no-fail", action="store_true",
                    help="exit 0 even when a specialization spills or fails to compile")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -280,7 +293,8 @@ def main(argv=None):
         print("steerops bench compile: unset TRITON_INTERPRET (the check compiles with the "
               "Triton JIT, not the interpreter)", file=sys.stderr)
         return 2
-    result = run(args.subset, args.out, args.workers, progress=not args.no_progress)
+    result = run(args.subset, args.out, args.workers, progress=not args.no_progress,
+                 bwd_row_stages=args.bwd_row_stages)
     print(markdown(result).split("\n\n| target")[0])
     print(json.dumps({k: v for k, v in result["summary"].items() if not isinstance(v, dict)}))
     bad = result["summary"]["failed"] + result["summary"]["spilling"]

@@ -5,13 +5,16 @@
 #   bash bench/gpu_session.sh bench    # kernel benchmarks, attribution timings, hook overhead
 #   bash bench/gpu_session.sh lease    # one call of about 8 minutes for a 15-minute lease:
 #                                      # test_cuda, the kernel tests on CUDA, bf16 forward and
-#                                      # backward kernel benchmarks (quick grid, K = 1), the
-#                                      # op-call breakdown and the hook overhead; 7 files back
+#                                      # backward kernel benchmarks (quick grid, K = 1; the
+#                                      # backward also with its row loop pipelined:
+#                                      # steerops_pipelined), the op-call breakdown and the
+#                                      # hook overhead; 7 files back
 #
 # The tree sent to the GPU machine has no git checkout of its own (or a stale one): give
 # the commit as STEEROPS_COMMIT. Its size limit (64 MiB) is below the committed
 # checkpoints' and training states': move bench/checkpoints/standard,
-# bench/training_states, bench/results/attribution_v4, attribution_deep and compile out
+# bench/training_states, bench/results/attribution_v4, attribution_deep,
+# attribution_multitask and compile out
 # of the tree for the call (no part reads them) and back after it. That machine has no
 # network, so pip cannot install the package there: links lay it out instead.
 #
@@ -44,7 +47,7 @@ case "${1:-tests}" in
         | grep -v "^\.*\s*\[" | tee -a "$log"
     timeout 140 python3 -m steerops bench kernels --quick --dtypes bf16 --modes fwd --K 1 \
         --out "$OUT/kernels_fwd" 2>&1 | tail -3 | tee -a "$log"
-    timeout 70 python3 -m steerops bench kernels --quick --dtypes bf16 --modes bwd --ops steer \
+    timeout 90 python3 -m steerops bench kernels --quick --dtypes bf16 --modes bwd --ops steer \
         --K 1 --steer-modes add --out "$OUT/kernels_bwd" 2>&1 | tail -3 | tee -a "$log"
     timeout 60 python3 -m steerops bench overhead --op-call --device cuda --out /tmp/op_call \
         2>&1 | tee -a "$log"

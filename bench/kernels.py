@@ -23,7 +23,8 @@ import steerops
 from steerops.ops import modes as steering_modes
 from steerops.ops import _steer_call as steer_call
 from steerops.ops import reference as R
-from steerops.ops.custom_ops import intervene_impl
+from steerops.ops.custom_ops import intervene_backward_op, intervene_impl
+from steerops.kernels import config
 from steerops.app.cli_args import Parser, output_folder, positive_int
 
 from .kernels_report import markdown, plot, predict_markdown
@@ -90,7 +91,6 @@ def predicted_us(nbytes, copy_gbps, launches=1):
 
 def _launch_config(D, which):
     """(kernel, BLOCK_D, SINGLE_PASS, num_warps) the launchers pick for rows of D."""
-    from steerops.kernels import config
     if which == "fwd":
         block, single = config.row_block(D)
         return "_steer_fwd_kernel", block, single, config.row_warps(block)
@@ -213,15 +213,35 @@ def steer_cases(N, D, dtype, mode, K, which, autotune=False):
                 return lambda: torch.autograd.grad(out, [hg, vg, ag], g, retain_graph=True)
             return lambda: torch.autograd.grad(fn(hg, vg, ag), [hg, vg, ag], g)
     # steerops: the public op as users call it (validated: one host sync for the value
-    # checks); _unchecked: under steerops.unchecked(); _launch (forward): the op's kernel
-    # launch alone on arguments validated once. Apart, they show where a call's time goes.
+    # checks); _unchecked: under steerops.unchecked(); _launch: the forward's kernel launch,
+    # or the backward op, alone on arguments validated once. Apart, they show where a
+    # call's time goes.
     providers = {"steerops": make(ours), "steerops_unchecked": make(ours_unchecked)}
+    x, args = steer_call(h, v, alpha, mode, None, None, vi)
     if which == "fwd":
-        x, args = steer_call(h, v, alpha, mode, None, None, vi)
         providers["steerops_launch"] = lambda: intervene_impl(x, *args, None)
+    else:
+        # the backward op alone (kernel + second-stage sum of the vector-gradient
+        # partials), without autograd: how much of a backward the engine costs
+        if which == "bwd":
+            providers["steerops_launch"] = lambda: intervene_backward_op(
+                g, x, *args, need_dsource=False, need_dvector=True, need_dalpha=True)
+        # the backward's row loop software-pipelined (kernels/config.py BWD_ROW_STAGES)
+        providers["steerops_pipelined"] = _with_bwd_row_stages(make(ours_unchecked), 2)
     providers["eager"] = make(eager)
     providers.update({name: make(fn) for name, fn in _compiled(eager, autotune).items()})
     return providers, nbytes
+
+
+def _with_bwd_row_stages(run, stages):
+    """``run`` with the steering backward launched at ``stages`` row-loop stages."""
+    def staged():
+        saved, config.BWD_ROW_STAGES = config.BWD_ROW_STAGES, stages
+        try:
+            return run()
+        finally:
+            config.BWD_ROW_STAGES = saved
+    return staged
 
 
 def patch_cases(N, D, M, dtype, autotune=False):

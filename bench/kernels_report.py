@@ -40,6 +40,7 @@ PLOT_PROVIDERS = {
     "steerops": "steerops.steer (validated: one host sync)",
     "steerops_unchecked": "steerops.steer under unchecked()",
     "steerops_launch": "steerops kernel launch alone",
+    "steerops_pipelined": "steerops backward, row loop pipelined (unchecked)",
     "eager": "eager PyTorch",
     "compile": "torch.compile",
 }

@@ -32,6 +32,12 @@ LOOP_WARPS_BWD = {90: 8, 80: 8}
 # compile` over every combination found 18 of 1300 at D = 2048 / 8192). With the cap
 # it keeps everything in registers. 128 keeps 2+ programs per SM at 8 warps.
 MAXNREG_BWD = 128
+# Software pipelining of the backward's row loop (tl.range num_stages): 1 walks a
+# program's rows one after another; 2 issues the next row's loads (cp.async into
+# shared memory) while the current row reduces. Compiled for sm_90a, 2 takes the
+# pipeliner (`steerops bench compile --bwd-row-stages 2`); not yet timed on a GPU, so
+# 1 stays the default (`steerops bench kernels` times both: steerops_pipelined).
+BWD_ROW_STAGES = 1
 # The forward's 16-warp launch (rows of 8193..16384) gets the hardware's cap for a
 # 512-thread program (128): uncapped, ptxas aimed at 64 registers and spilled one
 # bf16 combination (weighted patch + residual, no steering).

@@ -242,7 +242,7 @@ def _steer_bwd_kernel(
     HAS_STEER: tl.constexpr, HAS_VIDX: tl.constexpr, HAS_ALPHA: tl.constexpr,
     HAS_MASK: tl.constexpr, NEED_DSRC: tl.constexpr, NEED_DVEC: tl.constexpr,
     NEED_DALPHA: tl.constexpr, ACC_IN_REGS: tl.constexpr,
-    BLOCK_D: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    BLOCK_D: tl.constexpr, SINGLE_PASS: tl.constexpr, ROW_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_prog
@@ -250,7 +250,7 @@ def _steer_bwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     acc_dv = tl.zeros([BLOCK_D], ACC)
     part_base = part_ptr + pid * stride_part_p
-    for row in range(row_start, row_end):
+    for row in tl.range(row_start, row_end, num_stages=ROW_STAGES):
         src_row, is_patched, w, k, a, sel = _row_params(
             row, psrc_ptr, pw_ptr, vidx_ptr, alpha_ptr, alpha_scalar, stride_alpha, mask_ptr,
             ACC, HAS_PATCH, HAS_PATCH_W, HAS_VIDX, HAS_ALPHA, HAS_MASK)
@@ -390,6 +390,7 @@ def steer_bwd(g, x, inputs=RowInputs(), need_dsource=False, need_dvector=False):
         **inputs.flags(x),
         NEED_DSRC=need_dsource, NEED_DVEC=need_dvector, NEED_DALPHA=need_dalpha,
         ACC_IN_REGS=acc_in_regs and need_dvector,
-        BLOCK_D=block, SINGLE_PASS=single, num_warps=warps, maxnreg=config.MAXNREG_BWD,
+        BLOCK_D=block, SINGLE_PASS=single, ROW_STAGES=config.BWD_ROW_STAGES,
+        num_warps=warps, maxnreg=config.MAXNREG_BWD,
     )
     return dx, dsrc, part, dalpha

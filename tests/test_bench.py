@@ -158,9 +158,15 @@ def test_kernel_benchmark_providers_run_and_count_bytes(monkeypatch):
     for which in ("fwd", "bwd", "fwdbwd"):
         providers, nbytes = kernels.steer_cases(8, 16, torch.float32, "norm_scaled", 3, which)
         assert set(providers) == {"steerops", "steerops_unchecked", "eager", "compile"} | (
-            {"steerops_launch"} if which == "fwd" else set())
+            {"steerops_launch"} if which == "fwd" else {"steerops_pipelined"} | (
+                {"steerops_launch"} if which == "bwd" else set()))
         rows += kernels._measure(fake_bench, providers, nbytes, 100.0, op="steer",
                                  mode="norm_scaled", pass_=which, dtype="fp32", N=8, D=16, K=3)
+    # the pipelined provider launches at 2 row stages and leaves the default as it was
+    from steerops.kernels import config
+    default = config.BWD_ROW_STAGES
+    assert kernels._with_bwd_row_stages(lambda: config.BWD_ROW_STAGES, 2)() == 2
+    assert config.BWD_ROW_STAGES == default == 1
     providers, nbytes = kernels.patch_cases(16, 16, 4, torch.float32)
     assert nbytes == 2 * 4 * 16 * 4 + 2 * 4 * 8
     rows += kernels._measure(fake_bench, providers, nbytes, 100.0, op="patch_", mode="full",
@@ -172,7 +178,7 @@ def test_kernel_benchmark_providers_run_and_count_bytes(monkeypatch):
     from steerops.bench.kernels_report import markdown
     table = markdown({"device": "cpu-test", "driver": None, "torch": "x", "triton": "y",
                       "commit": None, "copy_GBps": 100.0, "rows": rows})
-    assert table.count("\n| steer |") == 5 + 4 + 4 and table.count("| patch_ |") == 4
+    assert table.count("\n| steer |") == 5 + 6 + 5 and table.count("| patch_ |") == 4
 
 
 def test_kernel_benchmark_compiles_every_case_for_itself(monkeypatch):

@@ -212,3 +212,27 @@ def test_vector_gradient_is_deterministic(backend):
         results.append(torch.autograd.grad(out.square().sum(), [vector, alpha]))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("looped_rows", [False, True])
+def test_pipelined_backward_gives_the_same_gradients(backend, looped_rows, monkeypatch):
+    """kernels/config.py BWD_ROW_STAGES = 2 pipelines the backward's row loop (the next
+    row's loads issued while the current one reduces): the same arithmetic in the same
+    order, so the same bits as the default."""
+    from steerops.kernels import config
+    if looped_rows:
+        monkeypatch.setattr(config, "MAX_SINGLE_PASS_BLOCK_BWD", 32)
+        monkeypatch.setattr(config, "LOOP_BLOCK_BWD", 16)
+    hidden, vector, alpha, kw = _steer_case(29, 123, 3, torch.float32, True, True, True)
+    leaves = [hidden, vector, alpha, kw["residual"]]
+    g = rand(*hidden.shape)
+    results = []
+    for stages in (1, 2):
+        monkeypatch.setattr(config, "BWD_ROW_STAGES", stages)
+        out = steerops.steer(hidden, vector, alpha, mode="norm_scaled", **kw)
+        results.append(torch.autograd.grad(out, leaves, g))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    want, leaves64 = _reference_steer(hidden, vector, alpha, "norm_scaled", **kw)
+    for got, exp in zip(results[1], torch.autograd.grad(want, leaves64, g.double())):
+        assert_close(got, exp, torch.float32)

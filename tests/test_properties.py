@@ -50,10 +50,13 @@ def truth_patch_rows(h, s, w, direction):
 
 
 @contextlib.contextmanager
-def looped_kernels(on):
-    """Small limits so that the looped (multi-chunk) kernel variants run on small D."""
-    names = ("MAX_SINGLE_PASS_BLOCK", "MAX_SINGLE_PASS_BLOCK_BWD", "LOOP_BLOCK", "LOOP_BLOCK_BWD")
+def looped_kernels(on, bwd_row_stages=1):
+    """Small limits so that the looped (multi-chunk) kernel variants run on small D;
+    ``bwd_row_stages``: the backward's row-loop pipelining (kernels/config.py)."""
+    names = ("MAX_SINGLE_PASS_BLOCK", "MAX_SINGLE_PASS_BLOCK_BWD", "LOOP_BLOCK", "LOOP_BLOCK_BWD",
+             "BWD_ROW_STAGES")
     saved = {n: getattr(config, n) for n in names}
+    config.BWD_ROW_STAGES = bwd_row_stages
     if on:
         for n, value in zip(names, (32, 32, 32, 16)):
             setattr(config, n, value)
@@ -82,7 +85,7 @@ def steer_cases(draw):
                 residual=draw(st.booleans()), mask=draw(st.booleans()),
                 pad=draw(st.sampled_from([0, 5])), looped=draw(st.booleans()),
                 backend=draw(st.sampled_from(BACKENDS)),
-                seed=draw(st.integers(0, 2**31 - 1)))
+                seed=draw(st.integers(0, 2**31 - 1)), bwd_row_stages=draw(st.sampled_from([1, 2])))
 
 
 def _tol(dtype):
@@ -117,7 +120,7 @@ def _steer_inputs(c):
 def test_steer_matches_the_math_forward_and_backward(c):
     hidden, vector, alpha, kw, N = _steer_inputs(c)
     D, dtype = c["D"], c["dtype"]
-    with steerops.use_backend(c["backend"]), looped_kernels(c["looped"]):
+    with steerops.use_backend(c["backend"]), looped_kernels(c["looped"], c["bwd_row_stages"]):
         out = steerops.steer(hidden, vector, alpha, **kw)
         g = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
         leaves = [t for t in (hidden, vector, alpha, kw.get("residual"))
