@@ -285,8 +285,13 @@ def markdown(results):
     lines = _title(results)
     if results.get("partial"):
         miss = results["missing_runs"]
+        by_model = {}
+        for task, seed, _ in miss:
+            by_model[(task, seed)] = by_model.get((task, seed), 0) + 1
+        models = ", ".join(f"{t} seed {s} ({n})" for (t, s), n in sorted(by_model.items()))
         lines += [f"**Partial: {results['runs_done']} of {results['runs_total']} runs** "
-                  f"(missing {len(miss)}; rerun the same command to complete them).", ""]
+                  f"(missing {len(miss)}: {models}; rerun the same command to complete them, "
+                  f"training first any of these models not yet trained).", ""]
     lines += scope_lines(results) + excluded_lines(results)
     if results.get("left_out_small_star"):
         lines += [("Left out of the headline (|S*| < 10): " if results["headline_rule_met"]

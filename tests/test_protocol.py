@@ -423,3 +423,4 @@ def test_models_below_95_percent_are_excluded_and_report_only_is_partial(tmp_pat
     assert report["partial"] and report["missing_runs"] == [
         ["pronoun", 0, A.split_seeds("pronoun", 0, settings)[0]]]  # nested split seeds (v4)
     assert report["runs_done"] == 1 and "Partial: 1 of 2 runs" in table
+    assert "(missing 1: pronoun seed 0 (1); rerun the same command" in table  # which model
