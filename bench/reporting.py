@@ -2,6 +2,7 @@
 verdict table first, then each family's methods, every task, the models (with
 their weight hashes), compute at realistic sizes. Plots: ``bench.plots``."""
 import json
+from collections import Counter
 
 import numpy as np
 
@@ -285,9 +286,7 @@ def markdown(results):
     lines = _title(results)
     if results.get("partial"):
         miss = results["missing_runs"]
-        by_model = {}
-        for task, seed, _ in miss:
-            by_model[(task, seed)] = by_model.get((task, seed), 0) + 1
+        by_model = Counter((task, seed) for task, seed, _ in miss)
         models = ", ".join(f"{t} seed {s} ({n})" for (t, s), n in sorted(by_model.items()))
         lines += [f"**Partial: {results['runs_done']} of {results['runs_total']} runs** "
                   f"(missing {len(miss)}: {models}; rerun the same command to complete them, "
