@@ -21,7 +21,7 @@ import torch
 
 import steerops
 from steerops.ops import modes as steering_modes
-from steerops.ops import _steer_call as steer_call
+from steerops.ops.validation import steer_call
 from steerops.ops import reference as R
 from steerops.ops.custom_ops import intervene_backward_op, intervene_impl
 from steerops.kernels import config

@@ -188,7 +188,7 @@ def op_call_cost(N=64, D=4096, mode="norm_scaled", device="cpu", dtype=torch.flo
     times every variant over ``calls`` calls after a warm-up, synchronising the device
     before and after; the rounds are interleaved."""
     import steerops
-    from steerops.ops import _steer_call
+    from steerops.ops.validation import steer_call
     from steerops.ops import reference as R
     from steerops.ops.custom_ops import intervene_impl
     device = torch.device(device)
@@ -196,7 +196,7 @@ def op_call_cost(N=64, D=4096, mode="norm_scaled", device="cpu", dtype=torch.flo
     h = torch.randn(N, D, generator=gen).to(device=device, dtype=dtype)
     v = torch.randn(D, generator=gen).to(device)
     alpha = torch.rand(N, generator=gen).to(device)
-    x, args = _steer_call(h, v, alpha, mode, None, None, None)
+    x, args = steer_call(h, v, alpha, mode, None, None, None)
 
     def unchecked():
         with steerops.unchecked():
@@ -204,7 +204,7 @@ def op_call_cost(N=64, D=4096, mode="norm_scaled", device="cpu", dtype=torch.flo
     variants = {
         "eager": lambda: R.intervene_forward(h, vector=v, alpha=alpha, mode=mode),
         "launch": lambda: intervene_impl(x, *args, None),
-        "validation": lambda: _steer_call(h, v, alpha, mode, None, None, None),
+        "validation": lambda: steer_call(h, v, alpha, mode, None, None, None),
         "validated": lambda: steerops.steer(h, v, alpha, mode=mode),
         "unchecked": unchecked,
     }

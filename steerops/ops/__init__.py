@@ -29,19 +29,6 @@ def _dispatch_directly(*tensors):
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
 
 
-def _steer_call(hidden, vector, alpha, mode, residual, mask, vector_index):
-    validation.check_hidden(hidden)
-    validation.check_residual(residual, hidden)
-    checks = validation.ValueChecks()
-    vec, alpha_rows, alpha_scalar, mask, vidx = validation.steer_args(
-        hidden, vector, alpha, mode, mask, vector_index, checks)
-    checks.run()
-    D = hidden.shape[-1]
-    x = validation.rows_2d("hidden", hidden, D)
-    res = None if residual is None else validation.rows_2d("residual", residual, D)
-    return x, (res, None, None, None, vec, alpha_rows, alpha_scalar, mask, vidx, mode)
-
-
 def steer(hidden, vector, alpha=1.0, *, mode="add", residual=None, mask=None, vector_index=None):
     """Steer hidden states along a direction; returns a new tensor.
 
@@ -55,7 +42,7 @@ def steer(hidden, vector, alpha=1.0, *, mode="add", residual=None, mask=None, ve
         mask: optional bool tensor over rows (hidden.shape[:-1] or (N,)).
         vector_index: (N,) integer, row -> vector row; required when K > 1.
     """
-    x, args = _steer_call(hidden, vector, alpha, mode, residual, mask, vector_index)
+    x, args = validation.steer_call(hidden, vector, alpha, mode, residual, mask, vector_index)
     if _dispatch_directly(hidden, vector, alpha, residual):
         return cops.intervene_impl(x, *args, None).view(hidden.shape)
     return cops.intervene_op(x, *args).view(hidden.shape)
@@ -88,7 +75,7 @@ def steer_(hidden, vector, alpha=1.0, *, mode="add", residual=None, mask=None, v
     requires grad.
     """
     _reject_grad("steer_", hidden, vector, alpha, residual)
-    x, args = _steer_call(hidden, vector, alpha, mode, residual, mask, vector_index)
+    x, args = validation.steer_call(hidden, vector, alpha, mode, residual, mask, vector_index)
     rows = _inplace_rows(hidden)
     direct = _dispatch_directly()
     if rows is None:  # not viewable as rows: compute out of place, copy back

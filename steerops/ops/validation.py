@@ -316,3 +316,19 @@ def patch_args(hidden, source, dst_index, src_index, weight, direction, residual
         check_nonzero_rows(checks, "direction", direction.reshape(1, D),
                            "directional patching cannot normalise")
     return src_rows, dst, src, weight, direction
+
+
+def steer_call(hidden, vector, alpha, mode, residual, mask, vector_index):
+    """Validate a steering call and lay it out for the custom ops: hidden as (N, D) rows
+    and the op's argument tuple. Shared by steer, steer_ and the benchmarks that time
+    the launch apart from the validation."""
+    check_hidden(hidden)
+    check_residual(residual, hidden)
+    checks = ValueChecks()
+    vec, alpha_rows, alpha_scalar, mask, vidx = steer_args(
+        hidden, vector, alpha, mode, mask, vector_index, checks)
+    checks.run()
+    D = hidden.shape[-1]
+    x = rows_2d("hidden", hidden, D)
+    res = None if residual is None else rows_2d("residual", residual, D)
+    return x, (res, None, None, None, vec, alpha_rows, alpha_scalar, mask, vidx, mode)
