@@ -6,6 +6,9 @@ from setuptools import setup
 # second environment). Raise the ceiling after the suite passes on a new release.
 TRANSFORMERS = "transformers>=4.48,<5.25"
 TRANSFORMERS_LOWEST = "4.48.3"
+# The oldest torch declared, with the triton it ships with (torch 2.10: triton 3.6):
+# the whole suite was run on it (README, "Supported torch"); CI runs the newest
+TORCH_LOWEST = "2.10.0"
 
 setup(
     name="steerops",
@@ -19,7 +22,7 @@ setup(
     packages=["steerops", "steerops.ops", "steerops.model", "steerops.sweeps", "steerops.app",
               "steerops.kernels", "steerops.bench"],
     package_dir={"steerops": "steerops", "steerops.kernels": "kernels", "steerops.bench": "bench"},
-    install_requires=["torch>=2.5", "triton>=3.2", "numpy"],
+    install_requires=["torch>=2.10", "triton>=3.6", "numpy"],
     package_data={"steerops.bench": ["checkpoints/*.safetensors"]},
     entry_points={"console_scripts": ["steerops=steerops.app.cli:main"]},
     extras_require={

@@ -280,14 +280,15 @@ def test_stage_memory_is_read_outside_the_flop_counter():
     def s2():
         return M.optimise_s2(model, fit, 1, 2.0, init, 3, "cpu")
 
-    # torch 2.13 reads 1.30 MB under the counter and 0.99 MB alone; the ledger must
-    # give the reading alone whether or not a later torch still differs
+    # torch 2.13 reads 1.30 MB under the counter and 0.99 MB alone, the same every run;
+    # torch 2.10's profiler reads the stage alone at 1.07-1.13 MB from run to run. The
+    # ledger must give the reading alone: within 10% of it, well short of the counter's
     alone = profiled_peak_mb(s2)[1]
     ledger = Ledger(model.config)
     ledger.run("s2", s2, sequences=8 * 3, tokens=task.seq_len, backward=True, repeats=0)
     ledger.run("s2 unread", s2, sequences=8 * 3, tokens=task.seq_len, repeats=0, memory=False)
     first, second = ledger.stages
-    assert first.peak_memory_mb == pytest.approx(alone, rel=1e-6)
+    assert first.peak_memory_mb == pytest.approx(alone, rel=0.1)
     assert first.counted_flops > 0 and second.peak_memory_mb is None
 
 
