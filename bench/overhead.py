@@ -161,6 +161,10 @@ def decode_hook_cost(hidden=256, layers=4, batch=1, new_tokens=32, repeats=3, co
     with steering:
         out["eager_hook_python_calls"] = _python_calls(generate, "steer_site")
     if compile:
+        # empty caches: dynamo counts recompiles per code object, shared with any llama
+        # compiled earlier in this process, and past its limit it runs layers (and the
+        # hook's Python) eagerly, which this reading would then count
+        torch.compiler.reset()
         model.compile(backend=backend, dynamic=True)
         generate()  # compile unsteered
         with steering:

@@ -141,8 +141,9 @@ def test_a_state_saved_under_another_plan_is_set_aside_not_continued(tmp_path, m
 # honours MKL_CBWR=AVX2 on Intel CPUs only (on AMD it falls back to its AUTO branch), so
 # one recorded digest cannot hold on every machine CI lands on (Xeon: 415ca8ea...,
 # AMD EPYC: 6793594...). What must hold everywhere: the same weights from two pinned
-# processes, here, and from both ends of the transformers range on one machine, which
-# .ci/run checks by running `python -m steerops.bench.repro_check` in both environments.
+# processes, here, and from every CI environment on one machine (both ends of the
+# transformers range, both ends of the torch range), which .ci/run checks by running
+# `python -m steerops.bench.repro_check` in each of its three environments.
 def test_pinned_training_gives_the_same_weights_in_two_pinned_processes():
     from steerops.bench import repro_check
     first = repro_check.pinned_digest()

@@ -296,6 +296,10 @@ def test_compiled_decode_path_runs_no_hook_code_and_matches_eager():
         assert _python_calls(generate, "steer_site") == 6  # one per forward (6 tokens), eager
     plain = generate()
     assert not torch.equal(plain, eager)  # the steering changes the tokens
+    # dynamo keeps its compiled code (and counts recompiles against its limit) per code
+    # object, shared by every llama in the process: start from empty caches, so that
+    # models compiled by earlier tests do not use up this one's recompiles
+    torch.compiler.reset()
     try:
         model.compile(backend="eager", dynamic=True)
         with warnings.catch_warnings():
