@@ -1,4 +1,6 @@
 """Tiny randomly initialised Hugging Face models of several architectures (no downloads)."""
+import inspect
+
 import torch
 import transformers as T
 
@@ -33,6 +35,20 @@ def causal_lm(arch, seed=0, dtype=torch.float32):
             setattr(cfg, key, 0)
     model = T.AutoModelForCausalLM.from_config(cfg).to(dtype)  # 4.x and 5.x alike
     return model.eval()
+
+
+def cache_kwargs(model, cache):
+    """The KV cache passed as a caller on the installed release would: transformers 5.25
+    renamed the keyword `past_key_values` to `cache` (the old one is deprecated)."""
+    takes_cache = "cache" in inspect.signature(model.forward).parameters
+    return {"cache" if takes_cache else "past_key_values": cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned (`cache` from transformers 5.25, else
+    `past_key_values`)."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.past_key_values
 
 
 def bert(seed=0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import steerops
-from hf_models import CAUSAL, V, bert, causal_lm, prompts
+from hf_models import CAUSAL, V, bert, cache_kwargs, causal_lm, output_cache, prompts
 from steerops.model.blocks import find_layers
 
 ARCHS = list(CAUSAL)
@@ -242,7 +242,7 @@ def test_steering_under_kv_cache_hits_the_right_positions():
         out = model(ids, use_cache=True)
         torch.testing.assert_close(out.logits, base)  # the prompt is not steered
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        step = model(nxt, past_key_values=out.past_key_values, use_cache=True).logits
+        step = model(nxt, **cache_kwargs(model, output_cache(out)), use_cache=True).logits
     with torch.no_grad():
         plain = model(torch.cat([ids, nxt], 1)).logits[:, -1:]
     assert not torch.allclose(step, plain, atol=1e-4)  # the new token is steered

@@ -11,7 +11,7 @@ import torch
 
 import steerops
 from steerops.model import blocks
-from hf_models import V, causal_lm, prompts
+from hf_models import V, cache_kwargs, causal_lm, prompts
 from steerops.model.decode import DecodeOffsetError, decode_offset
 
 # torch before 2.13: see the compiled decode path's test
@@ -63,7 +63,7 @@ def test_model_called_with_an_unmeasurable_cache_is_an_error():
     model = causal_lm("llama")
     with steerops.Steering(model, 1, torch.randn(32), positions="prompt"):
         with pytest.raises(DecodeOffsetError):
-            model(prompts(), past_key_values=object())
+            model(prompts(), **cache_kwargs(model, object()))
 
 
 def test_two_generations_in_one_block_each_use_their_own_prompt():
