@@ -246,7 +246,7 @@ def optimize_vector(model, inputs, layer, init, metric, *, mode="add", alpha=1.0
             m = metric(model_output(model(**inputs)), pair_index).float().mean()
             if not bool(torch.isfinite(m)):
                 raise ValueError(f"metric is NaN or Inf at optimisation step {step} (mean over "
-                                 f"the pairs {float(m)}); the vector would be NaN. Use a "
+                                 f"the pairs {float(m.detach())}); the vector would be NaN. Use a "
                                  f"metric that stays finite, or a smaller lr / alpha.")
             loss = -m + weight_decay * v.pow(2).sum()
             (grad,) = torch.autograd.grad(loss, [v])  # no gradients into the model
