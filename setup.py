@@ -5,8 +5,9 @@ from setuptools import setup
 # root, kernels/__init__.py hands the bare name to Hugging Face's `kernels`).
 # The supported transformers range; .ci/run tests both ends (the lowest in a
 # second environment). Raise the ceiling after the suite passes on a new release.
-TRANSFORMERS = "transformers>=4.48,<5.26"
+# The floor is the release CI tests, so the two cannot drift apart.
 TRANSFORMERS_LOWEST = "4.48.3"
+TRANSFORMERS = f"transformers>={TRANSFORMERS_LOWEST},<5.26"
 # The oldest torch declared, with the triton it ships with (torch 2.10: triton 3.6):
 # the whole suite was run on it (README, "Supported torch"); CI runs the newest
 TORCH_LOWEST = "2.10.0"
@@ -23,7 +24,7 @@ setup(
     packages=["steerops", "steerops.ops", "steerops.model", "steerops.sweeps", "steerops.app",
               "steerops.kernels", "steerops.bench"],
     package_dir={"steerops": "steerops", "steerops.kernels": "kernels", "steerops.bench": "bench"},
-    install_requires=["torch>=2.10", "triton>=3.6", "numpy"],
+    install_requires=[f"torch>={TORCH_LOWEST}", "triton>=3.6", "numpy"],
     package_data={"steerops.bench": ["checkpoints/*.safetensors"]},
     entry_points={"console_scripts": ["steerops=steerops.app.cli:main"]},
     extras_require={
