@@ -1,3 +1,5 @@
+import json
+
 import torch
 
 MODES = ["add", "norm_scaled", "ablate", "clamp"]
@@ -44,3 +46,16 @@ def toy_steering_case(task_name="ioi", pairs=3, seed=0):
     vectors = torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size)
     sites = np.zeros((len(vectors), task.seq_len), bool)
     return model, task, sampled, vectors, sites
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def read_json(path):
+    return json.loads(read_text(path))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in read_text(path).splitlines()]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from browser import dump_dom, screenshot
+from helpers import read_json, read_jsonl, read_text
 from steerops.app.tiny import TEMPLATE
 
 CLEAN = TEMPLATE.format(a="Mary", b="John", place="store", obj="drink")
@@ -35,7 +36,7 @@ def patch_run(tiny_folder, tmp_path_factory):
 def test_patch_outputs(patch_run, tiny):
     run, out = patch_run
     assert sorted(os.listdir(out)) == [".lock", "patching.json", "patching.png", "report.html"]
-    rec = json.load(open(os.path.join(out, "patching.json")))
+    rec = read_json(os.path.join(out, "patching.json"))
     tokens = CLEAN.split()
     assert rec["labels"] == tokens and rec["tokens"]["clean"] == [tokens]
     assert rec["tokens"]["corrupt"] == [CORRUPT.split()]
@@ -62,7 +63,7 @@ def test_png_labels_come_from_the_json(patch_run, tmp_path):
     """The PNG's tick labels are the JSON record's labels (redrawn from the file)."""
     from steerops.app.report import write_png
     _, out = patch_run
-    rec = json.load(open(os.path.join(out, "patching.json")))
+    rec = read_json(os.path.join(out, "patching.json"))
     drawn = write_png([rec], str(tmp_path / "again.png"))
     assert drawn == [{"x": rec["labels"], "y": [str(l) for l in rec["layers"]],
                       "colorbar": rec["value_name"]}]
@@ -78,11 +79,11 @@ def _cells(dom):
 
 def test_html_in_chromium(patch_run, tmp_path):
     _, out = patch_run
-    html = open(os.path.join(out, "report.html")).read()
+    html = read_text(os.path.join(out, "report.html"))
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "") \
         and "https://" not in html and "<link" not in html  # self-contained
     dom = dump_dom(os.path.join(out, "report.html"))
-    rec = json.load(open(os.path.join(out, "patching.json")))
+    rec = read_json(os.path.join(out, "patching.json"))
     cells = _cells(dom)
     assert len(cells) == len(rec["layers"]) * len(rec["positions"])
     for layer, pos, token in cells:
@@ -102,9 +103,9 @@ def test_attribute_compare_pairs_file(tiny_folder, tmp_path):
                        os.path.join(tiny_folder, "pairs.jsonl"), "--compare", "--out", out,
                        "--no-progress")
     assert run.returncode == 0, run.stderr
-    atp = json.load(open(os.path.join(out, "attribution.json")))
-    sweep = json.load(open(os.path.join(out, "patching.json")))
-    pairs = [json.loads(line) for line in open(os.path.join(tiny_folder, "pairs.jsonl"))]
+    atp = read_json(os.path.join(out, "attribution.json"))
+    sweep = read_json(os.path.join(out, "patching.json"))
+    pairs = read_jsonl(os.path.join(tiny_folder, "pairs.jsonl"))
     assert len(atp["tokens"]["clean"]) == len(pairs) == 8
     assert atp["tokens"]["clean"][3] == pairs[3]["clean"].split()
     assert atp["agreement"]["spearman"] > 0.5 and "Spearman" in run.stdout
@@ -123,14 +124,14 @@ def test_steer_command(tiny_folder, tmp_path):
     assert run.returncode == 0, run.stderr
     assert re.search(r"unsteered\s+\| Tom", run.stdout)
     assert re.search(r"alpha 4\s+\| Mary", run.stdout)
-    saved = json.load(open(tmp_path / "steer.json"))
+    saved = read_json(tmp_path / "steer.json")
     assert saved["unsteered"] == "Tom" and [s["alpha"] for s in saved["steered"]] == [1.0, 4.0]
     # a saved vector file works the same way
     import steerops
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_folder)
     tok = AutoTokenizer.from_pretrained(tiny_folder)
-    rows = [json.loads(line) for line in open(os.path.join(tiny_folder, "steer_pairs.jsonl"))]
+    rows = read_jsonl(os.path.join(tiny_folder, "steer_pairs.jsonl"))
     v = steerops.learn_steering_vector(model, [r["positive"] for r in rows],
                                        [r["negative"] for r in rows], 2, tokenizer=tok)
     v.save(str(tmp_path / "v.safetensors"))
@@ -342,7 +343,7 @@ def test_patch_and_attribute_heads_and_neurons(tiny_folder, tmp_path):
                        "--answer", "Mary", "--wrong", "John", "--sites", "head_out", "--out",
                        out, "--no-progress")
     assert run.returncode == 0, run.stderr
-    rec = json.load(open(os.path.join(out, "patching.json")))
+    rec = read_json(os.path.join(out, "patching.json"))
     L, H = 4, len(rec["row_labels"]) // 4
     assert rec["sites"] == "head_out" and rec["axes"] == ["block", "head", "position"]
     assert rec["row_labels"][:2] == ["0.0", "0.1"] and H > 1
@@ -361,7 +362,7 @@ def test_patch_and_attribute_heads_and_neurons(tiny_folder, tmp_path):
                        CORRUPT, "--answer", "Mary", "--wrong", "John", "--sites", "neuron",
                        "--layers", "1", "2", "--out", out)
     assert run.returncode == 0, run.stderr
-    rec = json.load(open(os.path.join(out, "attribution.json")))
+    rec = read_json(os.path.join(out, "attribution.json"))
     assert rec["axes"] == ["block", "position", "neuron"] and rec["layers"] == [1, 2]
     assert {"block", "position", "neuron", "token"} <= set(rec["top_sites"][0])
     assert rec["note"] == "summed over neurons"
@@ -391,14 +392,14 @@ def test_commands_tokenise_each_prompt_once(tiny_folder, tmp_path, monkeypatch):
     load = commands.load_tokenizer
     monkeypatch.setattr(commands, "load_tokenizer",
                         lambda folder: CountingTokenizer(load(folder), calls))
-    pairs = [json.loads(line) for line in open(os.path.join(tiny_folder, "pairs.jsonl"))]
+    pairs = read_jsonl(os.path.join(tiny_folder, "pairs.jsonl"))
     assert cli.main(["attribute", "--model", tiny_folder, "--pairs",
                      os.path.join(tiny_folder, "pairs.jsonl"), "--out", str(tmp_path / "a"),
                      "--no-progress"]) == 0
     prompts = [p[k] for p in pairs for k in ("clean", "corrupt")]
     assert sorted(c for c in calls if c in prompts) == sorted(prompts)
     calls.clear()
-    rows = [json.loads(line) for line in open(os.path.join(tiny_folder, "steer_pairs.jsonl"))]
+    rows = read_jsonl(os.path.join(tiny_folder, "steer_pairs.jsonl"))
     learn = [r[k] for r in rows for k in ("positive", "negative")]
     assert cli.main(["steer", "--model", tiny_folder, "--prompt", CLEAN, "--learn-from",
                      os.path.join(tiny_folder, "steer_pairs.jsonl"), "--layer", "2",
