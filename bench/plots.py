@@ -68,8 +68,12 @@ def _legend_right(fig, axes, path, below=False):
         fig.legend(handles, labels, loc="lower center", fontsize=8, ncol=2)
         fig.tight_layout(rect=(0, 0.2, 1, 1))
     else:
-        fig.legend(handles, labels, loc="center right", fontsize=8)
-        fig.tight_layout(rect=(0, 0, 0.84, 1))
+        legend = fig.legend(handles, labels, loc="center right", fontsize=8)
+        # the panels end where the legend begins: its width is measured, since a fixed
+        # fraction of a two-family figure is narrower than the longest label
+        fig.canvas.draw()
+        width = legend.get_window_extent().width / fig.bbox.width
+        fig.tight_layout(rect=(0, 0, 1 - width - 0.03, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
