@@ -38,14 +38,14 @@ def causal_lm(arch, seed=0, dtype=torch.float32):
 
 
 def cache_kwargs(model, cache):
-    """The KV cache passed as a caller on the installed release would: transformers 5.25
-    renamed the keyword `past_key_values` to `cache` (the old one is deprecated)."""
+    """The KV cache passed as a caller on the installed release would: newer releases take
+    `cache` (5.24 and 5.25 do; 5.25 warns on `past_key_values`), 4.x `past_key_values`."""
     takes_cache = "cache" in inspect.signature(model.forward).parameters
     return {"cache" if takes_cache else "past_key_values": cache}
 
 
 def output_cache(out):
-    """The KV cache a forward returned (`cache` from transformers 5.25, else
+    """The KV cache a forward returned (`cache` on newer releases, else
     `past_key_values`)."""
     cache = out.get("cache")
     return cache if cache is not None else out.past_key_values
