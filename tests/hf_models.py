@@ -39,7 +39,7 @@ def causal_lm(arch, seed=0, dtype=torch.float32):
 
 def cache_kwargs(model, cache):
     """The KV cache passed as a caller on the installed release would: newer releases take
-    `cache` (5.24 and 5.25 do; 5.25 warns on `past_key_values`), 4.x `past_key_values`."""
+    `cache` (5.24 and 5.25 do, and warn on `past_key_values`), 4.x `past_key_values`."""
     takes_cache = "cache" in inspect.signature(model.forward).parameters
     return {"cache" if takes_cache else "past_key_values": cache}
 
