@@ -237,7 +237,6 @@ def run_config(name, kind, T, pairs, repeats, device, memory_budget_mb=1024):
     out["floor_s"] = out["flops_floor"] / rate
     for form in ("auto", "reuse"):
         out["forms"][form]["over_floor_s"] = out["forms"][form]["median_s"] / out["floor_s"]
-    del model
     return out
 
 
